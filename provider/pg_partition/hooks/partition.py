@@ -1,0 +1,48 @@
+"""PartitionHook: hands the engine a plain psycopg 3 connection built from an Airflow Postgres connection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from airflow.providers.postgres.hooks.postgres import PostgresHook
+from psycopg.rows import tuple_row
+
+APPLICATION_NAME = "pg_partition"
+
+
+class PartitionHook(PostgresHook):
+    """A PostgresHook whose connections are what ``pg_partition.core`` expects.
+
+    The engine reads rows as tuples and manages its own transactions, so a ``cursor`` extra on the Airflow
+    connection (dict rows) is overridden, and the session is tagged ``application_name = pg_partition`` so
+    DBAs can tell our sessions apart in ``pg_stat_activity`` and lock reports.
+    """
+
+    hook_name = "PG Partition"
+
+    @contextmanager
+    def open(self, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
+        conn = self.get_conn()
+        if not isinstance(conn, psycopg.Connection):  # pragma: no cover - psycopg2 is never used on Airflow 3.3
+            raise TypeError("pg-partition needs psycopg 3 (install psycopg[binary] and SQLAlchemy 2)")
+        try:
+            conn.row_factory = tuple_row  # type: ignore[assignment]
+            conn.autocommit = autocommit
+            conn.execute("SELECT set_config('application_name', %s, false)", (APPLICATION_NAME,))
+            if not autocommit:
+                conn.commit()
+            yield conn
+        finally:
+            conn.close()
+
+    def conninfo(self) -> str:
+        """A libpq connection string for the same connection (for async triggers and subprocesses)."""
+        c = self.connection  # the Airflow Connection (DbApiHook's cached property)
+        parts = {
+            "host": c.host or "localhost", "port": c.port or 5432, "user": c.login, "password": c.password,
+            "dbname": self.database or c.schema, "application_name": APPLICATION_NAME,
+        }
+        return psycopg.conninfo.make_conninfo(**{k: v for k, v in parts.items() if v not in (None, "")})

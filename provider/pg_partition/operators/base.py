@@ -1,0 +1,78 @@
+"""What every pg-partition operator shares: connection, dry run, lock settings, logging of the exact SQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from airflow.sdk import BaseOperator
+
+from pg_partition.core.catalog import QualifiedName
+from pg_partition.core.execute import Executor
+from pg_partition.hooks.partition import PartitionHook
+
+
+def as_bool(value: Any) -> bool:
+    """Template-rendered params arrive as strings ('False'); accept real booleans and the usual spellings."""
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return False
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on", "y", "t"}:
+        return True
+    if text in {"0", "false", "no", "off", "n", "f", "", "none"}:
+        return False
+    raise ValueError(f"expected a boolean, got {value!r}")
+
+
+class PartitionBaseOperator(BaseOperator):
+    """Base for operators that act on one table through ``pg_partition.core``.
+
+    Subclasses implement ``execute`` with ``self.executor()``: the executor logs every statement (the exact SQL)
+    and in dry-run mode only logs. Keep subclasses thin: parse arguments, call core, log, return XCom.
+    """
+
+    template_fields: Sequence[str] = ("conn_id", "table", "dry_run", "lock_timeout", "lock_retries")
+    ui_color = "#d7e9f7"
+
+    def __init__(
+        self,
+        *,
+        conn_id: str,
+        table: str,
+        dry_run: bool | str = False,
+        lock_timeout: str = "2s",
+        lock_retries: int | str = 5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.conn_id = conn_id
+        self.table = table
+        self.dry_run = dry_run
+        self.lock_timeout = lock_timeout
+        self.lock_retries = lock_retries
+
+    @property
+    def is_dry_run(self) -> bool:
+        return as_bool(self.dry_run)
+
+    @property
+    def qualified_table(self) -> QualifiedName:
+        return QualifiedName.parse(self.table)
+
+    def hook(self) -> PartitionHook:
+        return PartitionHook(postgres_conn_id=self.conn_id)
+
+    @contextmanager
+    def connection(self, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
+        with self.hook().open(autocommit=autocommit) as conn:
+            yield conn
+
+    def executor(self, conn: psycopg.Connection[Any]) -> Executor:
+        return Executor(conn, dry_run=self.is_dry_run)
+
+    def lock_kwargs(self) -> dict[str, Any]:
+        return {"lock_timeout": str(self.lock_timeout), "retries": int(self.lock_retries)}

@@ -145,3 +145,51 @@ def airflow_db() -> Path:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_TMP, ignore_errors=True)
+
+
+@dataclass
+class DagRunResult:
+    """What a ``dag.test()`` run left in the metadata DB: final states and XCom return values per task."""
+
+    dag_id: str
+    run_id: str
+    state: str
+    task_states: dict[str, str]
+    returns: dict[str, Any]
+
+    def xcom(self, task_id: str, map_index: int = -1) -> Any:
+        return self.returns.get(task_id if map_index < 0 else f"{task_id}[{map_index}]")
+
+
+def load_dag(dag_id: str) -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors, f"import errors in dags/: {bag.import_errors}"
+    assert dag_id in bag.dags, f"no DAG {dag_id!r} in dags/ (found {sorted(bag.dags)})"
+    return bag.dags[dag_id]
+
+
+@pytest.fixture
+def run_dag(airflow_db: Path) -> Any:
+    """``run_dag(dag_id, conf)`` runs a DAG from dags/ with ``dag.test()`` (real metadata DB, real task runner)."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    def _run(dag_id: str, conf: dict[str, Any] | None = None) -> DagRunResult:
+        dag = load_dag(dag_id)
+        dr = dag.test(run_conf=conf or {})
+        with create_session() as session:
+            tis = session.query(TaskInstance).filter(
+                TaskInstance.dag_id == dag_id, TaskInstance.run_id == dr.run_id).all()
+            states = {(ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state)
+                      for ti in tis}
+            returns: dict[str, Any] = {}
+            for x in session.query(XComModel).filter(
+                    XComModel.dag_id == dag_id, XComModel.run_id == dr.run_id, XComModel.key == "return_value"):
+                key = x.task_id if x.map_index < 0 else f"{x.task_id}[{x.map_index}]"
+                returns[key] = XComModel.deserialize_value(x)
+        return DagRunResult(dag_id, dr.run_id, str(dr.state), states, returns)
+
+    return _run

@@ -1,0 +1,43 @@
+# pg-partition: developer and demo entry points. Every target installs what it needs into .venv first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BENCH_ROWS ?= 2000000
+FAULT_SEED ?= 1
+FAULT_TRIALS ?= 3
+
+.PHONY: venv demo demo-clean test lint typecheck bench faults clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v uv >/dev/null 2>&1 || $(PY) -m pip install --quiet uv || { \
+	  echo "ERROR: could not install uv with pip. Check the network to the Python package index (PyPI) or install uv yourself."; exit 1; }
+	@[ -x $(VPY) ] || uv venv --quiet --python $(PY) $(VENV)
+	@uv pip install --quiet --python $(VPY) -e '.[dev]' || { \
+	  echo "ERROR: installing the dependencies failed. Check the network to the Python package index (PyPI)."; exit 1; }
+	@touch $(STAMP)
+
+demo: venv
+	$(VPY) -m tools.demo run
+
+demo-clean:
+	@[ -x $(VPY) ] && $(VPY) -m tools.demo clean || rm -rf .demo
+
+test: venv
+	$(VPY) -m pytest tests
+
+lint: venv
+	$(VENV)/bin/ruff check provider tests dags bench tools
+	$(VENV)/bin/mypy
+
+bench: venv
+	BENCH_ROWS=$(BENCH_ROWS) $(VPY) -m bench.run
+
+faults: venv
+	FAULT_SEED=$(FAULT_SEED) FAULT_TRIALS=$(FAULT_TRIALS) $(VPY) -m pytest tests/faults -m faults -q
+
+clean: demo-clean
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

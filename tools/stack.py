@@ -296,7 +296,7 @@ class S3Server:
                 raise StackError(f"the moto S3 server exited at start; see {self.logfile}. "
                                  "How to fix: install the dev extras (moto[server]).")
             with contextlib.suppress(OSError):
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)  # noqa: S310 (loopback)
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
                 return
             time.sleep(0.2)
         self.stop()

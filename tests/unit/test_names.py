@@ -1,4 +1,5 @@
 from datetime import date, datetime, timedelta, timezone
+from itertools import pairwise
 
 import pytest
 
@@ -36,7 +37,7 @@ def test_window_crosses_year_end_and_month_lengths() -> None:
     got = window(date(2024, 1, 31), Period.MONTH, past=2, future=1)
     assert [r.start for r in got] == [date(2023, 11, 1), date(2023, 12, 1), date(2024, 1, 1), date(2024, 2, 1)]
     assert got[-1].end == date(2024, 3, 1)
-    assert all(a.end == b.start for a, b in zip(got, got[1:], strict=False))
+    assert all(a.end == b.start for a, b in pairwise(got))
 
 
 def test_covering_includes_both_ends() -> None:

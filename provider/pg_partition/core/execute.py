@@ -28,7 +28,7 @@ from pg_partition.core.errors import LockTimeoutExhausted
 log = logging.getLogger("pg_partition")
 
 T = TypeVar("T")
-Query = str | sql.Composable
+Query = str | sql.SQL | sql.Composed
 
 
 def render(conn: psycopg.Connection[Any], stmt: Query) -> str:

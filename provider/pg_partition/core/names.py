@@ -57,11 +57,12 @@ class ColumnKind(str, Enum):
 
     @classmethod
     def from_type(cls, type_name: str) -> ColumnKind | None:
-        for kind in cls:
-            if type_name == kind.value or type_name.startswith(kind.value.split(" ")[0] + "(") and (
-                ("with time zone" in type_name) == (kind is ColumnKind.TIMESTAMPTZ)
-            ):
-                return kind
+        """``format_type()`` text -> kind; precision modifiers (``timestamp(3) with time zone``) are accepted."""
+        t = type_name.lower()
+        if t == "date":
+            return cls.DATE
+        if t.startswith("timestamp"):
+            return cls.TIMESTAMPTZ if t.endswith(" with time zone") else cls.TIMESTAMP
         return None
 
 

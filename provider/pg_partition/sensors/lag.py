@@ -1,0 +1,118 @@
+"""ReplicationLagSensor: hold a DAG until physical standbys and logical slots are within lag limits.
+
+Why: steps that write a lot of WAL (fill, index builds, swap) should start only when replicas and the warehouse
+feed have caught up, so the replicas stay usable and no slot retains WAL until the disk fills. Deferrable by
+default: the wait happens in the triggerer (:class:`~pg_partition.triggers.lag.ReplicationLagTrigger`), not in a
+worker slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import BaseSensorOperator, Context
+from airflow.sdk.bases.sensor import PokeReturnValue
+
+from pg_partition.core.errors import InvalidInputError
+from pg_partition.core.lag import LagMeasurementError, LagThresholds, LagVerdict, measure
+from pg_partition.hooks.partition import PartitionHook
+from pg_partition.operators.base import as_bool
+from pg_partition.triggers.lag import ReplicationLagTrigger
+
+
+class ReplicationLagSensor(BaseSensorOperator):
+    """Succeed once replication lag on ``conn_id`` is within ``max_lag_bytes`` and/or ``max_lag_seconds``.
+
+    :param conn_id: Postgres connection to the primary (or to a standby, to watch its own replay delay).
+    :param max_lag_bytes: limit for standby replay lag, a standby's own replay delay and slots' unconfirmed WAL;
+        a number or "100MB". ``None``: no byte limit.
+    :param max_lag_seconds: limit for standby replay lag in seconds (and logical walsenders'); ``None``: none.
+        With neither limit the sensor succeeds at once (gating disabled) and says so.
+    :param standbys: application_names (Aurora: instance ids) of the standbys to watch; ``None``: all connected.
+        A named standby that is not connected fails the task (its lag is unknown, not zero).
+    :param watch_slots: replication slot names to watch; ``None``: every slot; ``[]``: none. ``slots`` is an
+        alias. A named slot that does not exist, or a lost one, fails the task.
+    :param deferrable: wait in the triggerer (default) instead of poking in a worker slot.
+    Standard sensor options (``poke_interval``, ``timeout``, ``soft_fail``, ``mode``...) apply; in deferrable
+    mode ``timeout`` bounds the deferral and ``soft_fail`` turns a timeout into a skip.
+    """
+
+    template_fields: Sequence[str] = ("conn_id", "max_lag_bytes", "max_lag_seconds", "standbys", "watch_slots",
+                                      "deferrable")
+    ui_color = "#f0e4d7"
+
+    def __init__(
+        self,
+        *,
+        conn_id: str,
+        max_lag_bytes: int | str | None = None,
+        max_lag_seconds: float | str | None = None,
+        standbys: Sequence[str] | str | None = None,
+        watch_slots: Sequence[str] | str | None = None,
+        slots: Sequence[str] | str | None = None,
+        deferrable: bool | str = True,
+        poke_interval: timedelta | float = 30,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(poke_interval=poke_interval, **kwargs)
+        if watch_slots is not None and slots is not None:
+            raise InvalidInputError("both watch_slots and slots were given", where=f"task {self.task_id}",
+                                    fix="slots is an alias of watch_slots; give only one")
+        self.conn_id = conn_id
+        self.max_lag_bytes = max_lag_bytes
+        self.max_lag_seconds = max_lag_seconds
+        self.standbys = standbys
+        self.watch_slots = watch_slots if watch_slots is not None else slots
+        self.deferrable = deferrable
+
+    def thresholds(self) -> LagThresholds:
+        """Parse the (rendered) arguments; bad values raise InvalidInputError before anything is polled."""
+        return LagThresholds.parse(max_lag_bytes=self.max_lag_bytes, max_lag_seconds=self.max_lag_seconds,
+                                   standbys=self.standbys, slots=self.watch_slots)
+
+    def _check(self, thresholds: LagThresholds) -> LagVerdict:
+        with PartitionHook(postgres_conn_id=self.conn_id).open(autocommit=True) as conn:
+            verdict = thresholds.evaluate(measure(conn))
+        if verdict.ok:
+            self.log.info("%s", verdict.summary())
+        else:
+            self.log.info("Replication lag over threshold (%s): %s", thresholds.describe(), verdict.summary())
+        return verdict
+
+    @staticmethod
+    def _result(verdict: LagVerdict) -> dict[str, Any]:
+        return {"ok": verdict.ok, "worst_bytes": verdict.worst_bytes, "worst_seconds": verdict.worst_seconds,
+                "measured_at": verdict.report.measured_at}
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        verdict = self._check(self.thresholds())
+        return PokeReturnValue(verdict.ok, self._result(verdict) if verdict.ok else None)
+
+    def execute(self, context: Context) -> Any:
+        thresholds = self.thresholds()
+        if not thresholds.enabled:
+            self.log.info("No max_lag_bytes / max_lag_seconds given: not gating on replication lag")
+            return {"ok": True, "gated": False}
+        if not as_bool(self.deferrable):
+            return super().execute(context)
+        verdict = self._check(thresholds)  # the common case (no lag) never defers
+        if verdict.ok:
+            return self._result(verdict)
+        self.log.info("Deferring to ReplicationLagTrigger (poll every %.0fs, timeout %.0fs)",
+                      self.poke_interval, self.timeout)
+        self.defer(
+            trigger=ReplicationLagTrigger.from_thresholds(self.conn_id, thresholds, poll_interval=self.poke_interval),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=self.timeout),
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
+        if event and event.get("status") == "ok":
+            self.log.info("Replication lag back within limits after %s trigger poll(s): %s",
+                          event.get("polls"), event.get("summary"))
+            return event.get("result")
+        message = (event or {}).get("message", "the replication-lag trigger ended without an event")
+        raise LagMeasurementError(f"replication-lag trigger: {message}", where=f"connection {self.conn_id!r}",
+                                  fix="see the message above; the task can be retried once it is fixed")

@@ -21,7 +21,7 @@ from typing import Any
 from tools.stack import PgCluster, S3Server, StackError, free_port, postgres_conn_json
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / ".demo"
+DEMO = Path(os.environ.get("DEMO_DIR", REPO / ".demo")).resolve()
 DB = "demo"
 BUCKET = "pg-partition-demo"
 
@@ -33,6 +33,11 @@ class Step:
     seconds: float = 0.0
     ok: bool = False
     notes: list[str] = field(default_factory=list)
+
+
+def _port(var: str) -> int | None:
+    value = os.environ.get(var)
+    return int(value) if value else None
 
 
 def _env(cluster: PgCluster, s3: S3Server) -> dict[str, str]:
@@ -68,8 +73,9 @@ def run(rows: int) -> int:
     steps: list[Step] = []
     try:
         print(f"[demo] starting PostgreSQL primary + standby under {DEMO / 'pg'} ...", flush=True)
-        cluster = PgCluster.create(DEMO / "pg")
-        s3 = S3Server(free_port(), DEMO / "moto.log")
+        cluster = PgCluster.create(DEMO / "pg", primary_port=_port("DEMO_PG_PORT"),
+                                   standby_port=_port("DEMO_STANDBY_PORT"))
+        s3 = S3Server(_port("DEMO_S3_PORT") or free_port(), DEMO / "moto.log")
         s3.start()
         s3.client().create_bucket(Bucket=BUCKET)
         print(f"[demo] primary :{cluster.primary.port}, standby :{cluster.standby.port if cluster.standby else '-'},"
@@ -106,6 +112,7 @@ def run(rows: int) -> int:
         return 0 if steps and all(s.ok for s in steps) else 1
     except StackError as exc:
         print(f"[demo] ERROR: {exc}", file=sys.stderr)
+        print("[demo] stopped everything the demo had started.", file=sys.stderr)
         return 2
     finally:
         if s3:

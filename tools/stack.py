@@ -39,9 +39,16 @@ def port_in_use(port: int) -> bool:
 
 def pg_bindir() -> Path:
     """Where initdb/pg_ctl/postgres live: $PG_BINDIR, then Debian's newest /usr/lib/postgresql/N/bin, then PATH."""
-    candidates: list[Path] = []
     if os.environ.get("PG_BINDIR"):
-        candidates.append(Path(os.environ["PG_BINDIR"]))
+        given = Path(os.environ["PG_BINDIR"])
+        if not all((given / exe).exists() for exe in ("initdb", "pg_ctl", "postgres")):
+            raise StackError(
+                f"PG_BINDIR={given} does not hold initdb, pg_ctl and postgres.\n"
+                "How to fix: point PG_BINDIR at the server's bin folder (for example /usr/lib/postgresql/15/bin) "
+                "or unset it to search the usual places."
+            )
+        return given
+    candidates: list[Path] = []
     candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"),
                          key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
     which = shutil.which("pg_ctl")

@@ -14,13 +14,13 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-SCHEMA = "pg_partition"
+SCHEMA = "pgpartition"  # not "pg_partition": PostgreSQL reserves the "pg_" prefix for system schemas
 
-# Append-only list of migrations; each runs once, in order, recorded in pg_partition.migrations.
+# Append-only list of migrations; each runs once, in order, recorded in pgpartition.migrations.
 MIGRATIONS: list[str] = [
     # 1: jobs and checkpoints (conversion, rotation and archive steps all record progress here)
     """
-    CREATE TABLE pg_partition.jobs (
+    CREATE TABLE pgpartition.jobs (
         job_id     text PRIMARY KEY,
         kind       text NOT NULL,
         target     text NOT NULL,
@@ -29,8 +29,8 @@ MIGRATIONS: list[str] = [
         created_at timestamptz NOT NULL DEFAULT now(),
         updated_at timestamptz NOT NULL DEFAULT now()
     );
-    CREATE TABLE pg_partition.checkpoints (
-        job_id     text NOT NULL REFERENCES pg_partition.jobs ON DELETE CASCADE,
+    CREATE TABLE pgpartition.checkpoints (
+        job_id     text NOT NULL REFERENCES pgpartition.jobs ON DELETE CASCADE,
         step       text NOT NULL,
         part       text NOT NULL DEFAULT '',
         value      jsonb NOT NULL,
@@ -40,7 +40,7 @@ MIGRATIONS: list[str] = [
     """,
     # 2: tables waiting to be archived (detached partitions, retired tables) and what happened to them
     """
-    CREATE TABLE pg_partition.archive_queue (
+    CREATE TABLE pgpartition.archive_queue (
         id            bigserial PRIMARY KEY,
         schema_name   text NOT NULL,
         table_name    text NOT NULL,
@@ -70,14 +70,14 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('pg_partition.state'))")
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
         conn.execute(
-            "CREATE TABLE IF NOT EXISTS pg_partition.migrations "
+            "CREATE TABLE IF NOT EXISTS pgpartition.migrations "
             "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        applied = {r[0] for r in conn.execute("SELECT version FROM pg_partition.migrations")}
+        applied = {r[0] for r in conn.execute("SELECT version FROM pgpartition.migrations")}
         for version, ddl in enumerate(MIGRATIONS, start=1):
             if version not in applied:
                 conn.execute(ddl)
-                conn.execute("INSERT INTO pg_partition.migrations (version) VALUES (%s)", (version,))
+                conn.execute("INSERT INTO pgpartition.migrations (version) VALUES (%s)", (version,))
 
 
 def start_job(conn: psycopg.Connection[Any], job_id: str, kind: str, target: str,
@@ -85,7 +85,7 @@ def start_job(conn: psycopg.Connection[Any], job_id: str, kind: str, target: str
     """Record a job, or return the existing one's config (a retried task must continue the same job)."""
     ensure_schema(conn)
     row = conn.execute(
-        """INSERT INTO pg_partition.jobs (job_id, kind, target, config) VALUES (%s, %s, %s, %s)
+        """INSERT INTO pgpartition.jobs (job_id, kind, target, config) VALUES (%s, %s, %s, %s)
            ON CONFLICT (job_id) DO UPDATE SET updated_at = now() RETURNING config""",
         (job_id, kind, target, Jsonb(config)),
     ).fetchone()
@@ -94,13 +94,13 @@ def start_job(conn: psycopg.Connection[Any], job_id: str, kind: str, target: str
 
 
 def set_status(conn: psycopg.Connection[Any], job_id: str, status: str) -> None:
-    conn.execute("UPDATE pg_partition.jobs SET status = %s, updated_at = now() WHERE job_id = %s",
+    conn.execute("UPDATE pgpartition.jobs SET status = %s, updated_at = now() WHERE job_id = %s",
                  (status, job_id))
 
 
 def get_checkpoint(conn: psycopg.Connection[Any], job_id: str, step: str, part: str = "") -> Any:
     row = conn.execute(
-        "SELECT value FROM pg_partition.checkpoints WHERE job_id = %s AND step = %s AND part = %s",
+        "SELECT value FROM pgpartition.checkpoints WHERE job_id = %s AND step = %s AND part = %s",
         (job_id, step, part),
     ).fetchone()
     return None if row is None else row[0]
@@ -109,7 +109,7 @@ def get_checkpoint(conn: psycopg.Connection[Any], job_id: str, step: str, part: 
 def put_checkpoint(conn: psycopg.Connection[Any], job_id: str, step: str, value: Any, part: str = "") -> None:
     """Upsert a checkpoint. Call it inside the transaction of the work it records."""
     conn.execute(
-        """INSERT INTO pg_partition.checkpoints (job_id, step, part, value) VALUES (%s, %s, %s, %s)
+        """INSERT INTO pgpartition.checkpoints (job_id, step, part, value) VALUES (%s, %s, %s, %s)
            ON CONFLICT (job_id, step, part) DO UPDATE SET value = excluded.value, updated_at = now()""",
         (job_id, step, part, Jsonb(value)),
     )
@@ -117,7 +117,7 @@ def put_checkpoint(conn: psycopg.Connection[Any], job_id: str, step: str, value:
 
 def checkpoints(conn: psycopg.Connection[Any], job_id: str, step: str) -> dict[str, Any]:
     rows = conn.execute(
-        "SELECT part, value FROM pg_partition.checkpoints WHERE job_id = %s AND step = %s", (job_id, step)
+        "SELECT part, value FROM pgpartition.checkpoints WHERE job_id = %s AND step = %s", (job_id, step)
     ).fetchall()
     return {r[0]: r[1] for r in rows}
 

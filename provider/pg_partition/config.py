@@ -42,7 +42,7 @@ from pg_partition.core.names import Period
 
 ENV_VAR = "PG_PARTITION_CONFIG"
 DEFAULT_FILENAME = "pg_partition.yaml"
-ARCHIVE_SCHEMA = "pg_partition_archive"
+ARCHIVE_SCHEMA = "pgpartition_archive"  # "pg_" schema names are reserved by PostgreSQL
 
 PeriodName = Literal["day", "week", "month", "quarter", "year"]
 DefaultPolicy = Literal["none", "keep_empty", "move_rows"]
@@ -109,7 +109,7 @@ class TableConfig(BaseModel):
         "have no DEFAULT partition.")
     archive: ArchivePolicy | None = Field(None, description="Archive policy for detached partitions.")
     archive_schema: str = Field(ARCHIVE_SCHEMA, min_length=1, max_length=63,
-                                description="Schema that detached partitions are moved to.")
+                                description="Schema that detached partitions are moved to (not pg_*).")
     schedule: str | None = Field(
         None, description="Cron expression: the entry only runs in DAG runs whose interval contains a tick "
         "(manual runs run every entry). null: every run.")
@@ -135,6 +135,13 @@ class TableConfig(BaseModel):
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
         return _check_schedule(value)
+
+    @field_validator("archive_schema")
+    @classmethod
+    def _archive_schema(cls, value: str) -> str:
+        if value.lower().startswith("pg_"):
+            raise ValueError(f"{value!r}: PostgreSQL reserves schema names starting with pg_")
+        return value
 
     @property
     def qualified(self) -> QualifiedName:

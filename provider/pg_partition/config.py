@@ -241,7 +241,10 @@ def parse_config(text: str, *, source: str = "<string>") -> FleetConfig:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f", line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}{line}: invalid YAML: {exc.problem or exc}",
+        context = ""
+        if exc.context and exc.context_mark and mark and exc.context_mark.line != mark.line:
+            context = f" ({exc.context} at line {exc.context_mark.line + 1})"
+        raise ConfigError(f"{source}{line}: invalid YAML: {exc.problem or exc}{context}",
                           fix="fix the YAML syntax at that line (indentation, quotes, colons)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}", fix="fix the YAML syntax") from None

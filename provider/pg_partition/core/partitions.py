@@ -107,6 +107,11 @@ def create_partition(
                 "CREATE TABLE {child} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
                 "INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS)"
             ).format(child=child.ident, parent=parent.name.ident))
+            # LIKE ... INCLUDING STATISTICS copies extended statistics only, not per-column targets.
+            for col in parent.columns:
+                if col.stats_target is not None:
+                    ex.run(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STATISTICS {}").format(
+                        child.ident, sql.Identifier(col.name), sql.Literal(col.stats_target)))
             if parent.tablespace:
                 ex.run(sql.SQL("ALTER TABLE {} SET TABLESPACE {}").format(
                     child.ident, sql.Identifier(parent.tablespace)))

@@ -26,7 +26,7 @@ import psycopg
 import yaml
 from psycopg import sql
 
-from pg_partition.core import catalog
+from pg_partition.core import catalog, state
 from pg_partition.core.catalog import QualifiedName, TableInfo
 from pg_partition.core.names import ColumnKind, Period, covering, parse_bound_day
 
@@ -34,7 +34,8 @@ GB = 1024**3
 MB = 1024**2
 INTEGER_TYPES = {"smallint", "integer", "bigint"}
 # Schemas that never hold conversion candidates: the system's and our own (state, detached partitions).
-EXCLUDED_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast", "pg_partition", "pg_partition_archive")
+# (pg_partition.config.ARCHIVE_SCHEMA is the state schema's name + "_archive"; core does not import config.)
+EXCLUDED_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast", state.SCHEMA, f"{state.SCHEMA}_archive")
 # Columns that change on every UPDATE: partitioning on them would move rows between partitions.
 MUTABLE_TIME_COLUMNS = {"updated_at", "modified_at", "last_modified", "changed_at"}
 

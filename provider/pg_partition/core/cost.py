@@ -5,7 +5,7 @@ $0.025: "1 TB: RDS $115, S3 $25, 78% less"). After a conversion and after every 
 
 * the table in the database (heap + indexes + TOAST, partitions summed, via ``core.catalog.sizes``),
 * what still sits in the database on its way out: the ``<table>_retired`` table left by a conversion and
-  detached partitions queued for archive (``pg_partition.archive_queue``) that have not been dropped yet,
+  detached partitions queued for archive (the state schema's ``archive_queue``) that have not been dropped yet,
 * the bytes already archived in S3 (object sizes under the table's archive prefix),
 
 and prices them per month. Each measurement is recorded as a checkpoint of the job ``cost:<schema.table>`` in the
@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from pg_partition.core import catalog, state
 from pg_partition.core.advisor import GB, human_bytes
@@ -166,18 +167,24 @@ def _rel(conn: psycopg.Connection[Any], name: QualifiedName, bound: str = "") ->
     return RelationSize.of(name, sizes, catalog.row_estimate(conn, oid), bound)
 
 
+def _state_table_exists(conn: psycopg.Connection[Any], name: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                       (sql.Identifier(state.SCHEMA, name).as_string(conn),)).fetchone()
+    return bool(row and row[0])
+
+
 def detached_pending(conn: psycopg.Connection[Any], table: QualifiedName) -> list[QualifiedName]:
     """Tables queued for archive from ``table`` that still exist in the database (not dropped yet, or kept).
 
     (Not a catalog question: only the archive queue knows which standalone tables used to be partitions.)
     """
-    row = conn.execute("SELECT to_regclass('pg_partition.archive_queue') IS NOT NULL").fetchone()
-    if not row or not row[0]:
+    if not _state_table_exists(conn, "archive_queue"):
         return []
     rows = conn.execute(
-        """SELECT schema_name, table_name FROM pg_partition.archive_queue
-           WHERE parent_schema = %s AND parent_table = %s
-           ORDER BY range_from NULLS LAST, table_name""",
+        sql.SQL("""SELECT schema_name, table_name FROM {}
+                   WHERE parent_schema = %s AND parent_table = %s
+                   ORDER BY range_from NULLS LAST, table_name""").format(
+            sql.Identifier(state.SCHEMA, "archive_queue")),
         (table.schema, table.name),
     ).fetchall()
     retired = table.sibling(derived_name(table.name, "retired"))  # queued too, but measured on its own
@@ -220,8 +227,7 @@ def record(conn: psycopg.Connection[Any], snap: Snapshot, snapshot_id: str) -> N
 def history(conn: psycopg.Connection[Any], table: QualifiedName, *, exclude: str | None = None) -> list[Snapshot]:
     """Recorded snapshots of ``table``, oldest first (empty when none or the state schema does not exist);
     ``exclude`` leaves out one snapshot id (a retried task's own earlier attempt)."""
-    row = conn.execute("SELECT to_regclass('pg_partition.checkpoints') IS NOT NULL").fetchone()
-    if not row or not row[0]:
+    if not _state_table_exists(conn, "checkpoints"):
         return []
     snaps = [Snapshot.from_dict(v) for k, v in state.checkpoints(conn, job_id(table), SNAPSHOT_STEP).items()
              if k != exclude]

@@ -36,7 +36,7 @@ class CostReportOperator(BaseOperator):
     :param s3_prefixes: override the archive folder(s) to sum (default ``<prefix>/<db>/<schema>/<table>/``).
     :param price_database, price_backups, price_s3: USD per GB-month (talk's defaults 0.115 / 0.095 / 0.025).
     :param before_bytes: the "before" database size, if known better than the recorded history.
-    :param record: store this measurement for the time series (in ``pg_partition.checkpoints``).
+    :param record: store this measurement for the time series (in the state schema's ``checkpoints``).
     Returns the report as a dict (``cost.CostReport.as_dict()`` plus ``chart_uri`` / ``markdown_uri``).
     """
 

@@ -8,8 +8,8 @@ up retains WAL until the primary's disk fills. Every bulk loop (fill, replay, ar
 What is measured (all read-only, works without superuser given ``pg_monitor``):
 
 * on a primary, every physical standby in ``pg_stat_replication``: sent/write/flush/replay lag in bytes
-  (``pg_wal_lsn_diff`` against ``pg_current_wal_lsn()``) and write/flush/replay lag in seconds (PostgreSQL's own
-  lag tracker, which keeps growing while a standby's replay is stuck);
+  (``pg_wal_lsn_diff`` against the insert position ``pg_current_wal_insert_lsn()``) and write/flush/replay lag
+  in seconds (PostgreSQL's own lag tracker, which keeps growing while a standby's replay is stuck);
 * on a standby, this server's replay delay: bytes received but not replayed, and seconds since the last replayed
   commit -- zero when everything received is replayed, so an idle primary does not look like lag;
 * every replication slot: WAL retained (``restart_lsn``) and not yet confirmed by its consumer
@@ -197,9 +197,11 @@ PROBE_SQL = sql.SQL(
     "to_regproc('aurora_replica_status') IS NOT NULL, clock_timestamp()"
 )
 
-# The WAL position lag is measured against: the primary's write position, or on a standby what it has replayed
-# (a standby's own cascaded standbys and slots cannot be ahead of that).
-CURRENT_LSN_PRIMARY = sql.SQL("pg_current_wal_lsn()")
+# The WAL position lag is measured against: on a primary its insert position -- not pg_current_wal_lsn(), the
+# write position, which trails by whatever sits in WAL buffers (megabytes right after a big batch with
+# synchronous_commit=off), so a gate checking just after a batch would under-count; on a standby what it has
+# replayed (its own cascaded standbys and slots cannot be ahead of that).
+CURRENT_LSN_PRIMARY = sql.SQL("pg_current_wal_insert_lsn()")
 CURRENT_LSN_STANDBY = sql.SQL("pg_last_wal_replay_lsn()")
 
 # Physical standbys only: walsenders that serve a logical slot are reported with that slot, base backups are not

@@ -84,6 +84,7 @@ class ReplicationLagTrigger(BaseTrigger):
         self.slots = None if slots is None else [str(s) for s in slots]
         self.poll_interval = float(poll_interval)
         self.max_connect_failures = int(max_connect_failures)
+        self.polls = 0  # measurements taken by run(); not serialized (observability for logs and tests)
 
     @classmethod
     def from_thresholds(cls, conn_id: str, thresholds: LagThresholds, *, poll_interval: float = 30.0,
@@ -125,11 +126,10 @@ class ReplicationLagTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         thresholds = self.thresholds
-        polls = 0
         try:
             conninfo = await self.conninfo()
         except Exception as exc:  # any failure to resolve the connection is reported as an event
-            yield self._error(exc, polls)
+            yield self._error(exc, self.polls)
             return
         self.log.info("Waiting for replication lag on %r to be within %s (poll every %.0fs)",
                       self.conn_id, thresholds.describe(), self.poll_interval)
@@ -140,26 +140,26 @@ class ReplicationLagTrigger(BaseTrigger):
                     failures = 0
                     while True:
                         verdict = await acheck(aconn, thresholds)
-                        polls += 1
+                        self.polls += 1
                         if verdict.ok:
-                            self.log.info("Replication lag OK after %d poll(s): %s", polls, verdict.summary())
+                            self.log.info("Replication lag OK after %d poll(s): %s", self.polls, verdict.summary())
                             yield TriggerEvent({
-                                "status": "ok", "polls": polls, "summary": verdict.summary(),
+                                "status": "ok", "polls": self.polls, "summary": verdict.summary(),
                                 "result": {"ok": True, "worst_bytes": verdict.worst_bytes,
                                            "worst_seconds": verdict.worst_seconds,
                                            "measured_at": verdict.report.measured_at},
                             })
                             return
                         self.log.info("Replication lag over threshold (poll %d), next check in %.0fs: %s",
-                                      polls, self.poll_interval, verdict.summary())
+                                      self.polls, self.poll_interval, verdict.summary())
                         await asyncio.sleep(self.poll_interval)
             except LagMeasurementError as exc:
-                yield self._error(exc, polls)
+                yield self._error(exc, self.polls)
                 return
             except psycopg.OperationalError as exc:
                 failures += 1
                 if failures >= self.max_connect_failures:
-                    yield self._error(exc, polls)
+                    yield self._error(exc, self.polls)
                     return
                 self.log.warning("Lag check on %r failed (%d/%d in a row), retrying in %.0fs: %s",
                                  self.conn_id, failures, self.max_connect_failures, self.poll_interval, exc)

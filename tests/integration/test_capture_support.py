@@ -196,7 +196,7 @@ class Writer(threading.Thread):
                 "INSERT INTO {} (trackable_type, trackable_id, owner_type, owner_id, key, parameters, "
                 "recipient_type, recipient_id, created_at, updated_at) VALUES ('Job', 1, 'User', 2, 'w.insert', "
                 "%s, 'Company', 3, now()::timestamp - %s * interval '1 day', now()::timestamp)").format(t) + ret,
-                (token, self.rng.randint(0, 300))).fetchall()
+                (token, self.rng.randint(0, 100))).fetchall()
             self._record(kind, rows)
         elif kind == "update":
             rows = conn.execute(sql.SQL(

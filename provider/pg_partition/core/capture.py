@@ -183,6 +183,34 @@ def status(conn: psycopg.Connection[Any], source: QualifiedName) -> dict[str, An
     }
 
 
+def should_capture(conn: psycopg.Connection[Any], source: QualifiedName,
+                   setting: bool | str | None = "auto") -> tuple[bool, str]:
+    """Decide ``capture_changes``: an explicit true/false wins; ``auto`` (or None) turns capture on when the
+    table has seen UPDATE or DELETE since statistics were last reset (pg_stat_user_tables n_tup_upd/n_tup_del).
+
+    Why auto means "has it ever been updated": the cost of capture is a few percent of write throughput, the cost
+    of skipping it on a table that does get updates is silently lost changes. Returns (decision, reason).
+    """
+    if isinstance(setting, str) and setting.strip().lower() not in ("", "auto", "none"):
+        text = setting.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            setting = True
+        elif text in ("0", "false", "no", "off"):
+            setting = False
+        else:
+            raise InvalidInputError(f"capture_changes={setting!r} is not true, false or auto",
+                                    fix="use true, false, or auto (on when the table has seen UPDATE/DELETE)")
+    if isinstance(setting, bool):
+        return setting, f"capture_changes={str(setting).lower()} (explicit)"
+    info = catalog.describe(conn, source)
+    upd, dele = info.stats.get("n_tup_upd", 0), info.stats.get("n_tup_del", 0)
+    if upd or dele:
+        return True, (f"auto: {source} has seen {upd} updated and {dele} deleted rows (pg_stat_user_tables), "
+                      "so changes are captured")
+    return False, (f"auto: {source} looks append-only (no UPDATE/DELETE in pg_stat_user_tables); the fill and "
+                   "catch-up suffice. Pass capture_changes=true if the application may still update or delete")
+
+
 def backlog(conn: psycopg.Connection[Any], source: QualifiedName) -> int:
     """Committed changelog entries not yet replayed (0 when capture is not installed)."""
     cl = changelog_name(source)

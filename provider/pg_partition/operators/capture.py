@@ -1,0 +1,148 @@
+"""Change-capture operators for the conversion DAG: install, replay, verify, remove.
+
+Thin on purpose: each parses its arguments, opens a connection, calls :mod:`pg_partition.core.capture` or
+:mod:`pg_partition.core.verify`, logs, and returns a JSON-able dict for XCom. The destination is always the
+conversion's ``<table>_intermediate`` (before the swap) and the source ``<table>_retired`` after it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from airflow.sdk import Context
+
+from pg_partition.core import capture, catalog, verify
+from pg_partition.core.catalog import QualifiedName
+from pg_partition.core.errors import InvalidInputError
+from pg_partition.core.execute import Executor
+from pg_partition.core.names import derived_name
+from pg_partition.operators.base import PartitionBaseOperator, as_bool
+
+
+def _sibling(table: QualifiedName, role: str) -> QualifiedName:
+    return table.sibling(derived_name(table.name, role))
+
+
+def _sql(op: PartitionBaseOperator, conn: psycopg.Connection[Any]) -> Executor:
+    """``PartitionBaseOperator.executor()`` is shadowed by Airflow's ``BaseOperator.executor`` attribute (the
+    Airflow executor name, None by default), so build the SQL executor here."""
+    return Executor(conn, dry_run=op.is_dry_run)
+
+
+class InstallCaptureOperator(PartitionBaseOperator):
+    """Install change capture on the table before the fill (``capture_changes``: true, false or auto).
+
+    ``auto`` installs it when pg_stat_user_tables shows the table has seen UPDATE/DELETE. Idempotent: a retry
+    finds it installed. Waits for in-flight writers under ``lock_timeout`` with ``lock_retries``.
+    """
+
+    template_fields: Sequence[str] = (*PartitionBaseOperator.template_fields, "capture_changes")
+    ui_color = "#f3e2c7"
+
+    def __init__(self, *, capture_changes: bool | str = "auto", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.capture_changes = capture_changes
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        table = self.qualified_table
+        with self.connection() as conn:
+            wanted, reason = capture.should_capture(conn, table, self.capture_changes)
+            self.log.info("%s", reason)
+            if not wanted:
+                return {"capture": False, "reason": reason, "installed": capture.is_installed(conn, table)}
+            ex = _sql(self, conn)
+            created = capture.install(ex, table, _sibling(table, "intermediate"), **self.lock_kwargs())
+            return {"capture": True, "reason": reason, "created": created, "dry_run": self.is_dry_run,
+                    "statements": ex.statements, **capture.status(conn, table)}
+
+
+class ReplayChangesOperator(PartitionBaseOperator):
+    """Apply the captured changes to the intermediate until fewer than ``until_backlog_below`` are waiting.
+
+    A no-op (with a log line) when capture is not installed, so the DAG can always run it. ``sleep_seconds``
+    pauses between batches to leave room for the application.
+    """
+
+    template_fields: Sequence[str] = (*PartitionBaseOperator.template_fields, "batch_size", "until_backlog_below",
+                                      "sleep_seconds")
+    ui_color = "#f3e2c7"
+
+    def __init__(self, *, batch_size: int | str = 5000, until_backlog_below: int | str = 1000,
+                 sleep_seconds: float | str = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.batch_size = batch_size
+        self.until_backlog_below = until_backlog_below
+        self.sleep_seconds = sleep_seconds
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        table = self.qualified_table
+        try:
+            batch, below, pause = int(self.batch_size), int(self.until_backlog_below), float(self.sleep_seconds)
+        except ValueError as exc:
+            raise InvalidInputError(f"invalid replay setting: {exc}",
+                                    fix="batch_size and until_backlog_below are integers, sleep_seconds a number"
+                                    ) from None
+        with self.connection() as conn:
+            if not capture.is_installed(conn, table):
+                self.log.info("no change capture on %s: nothing to replay", table)
+                return {"skipped": True, "reason": "capture not installed"}
+            throttle = (lambda: time.sleep(pause)) if pause > 0 else None
+            stats = capture.replay(_sql(self, conn), table, _sibling(table, "intermediate"), batch_size=batch,
+                                   until_backlog_below=below, throttle=throttle)
+            return stats.as_dict()
+
+
+class VerifyConversionOperator(PartitionBaseOperator):
+    """Compare per partition (row count + content hash) and fail naming the partition and key ranges.
+
+    ``against="intermediate"`` (before the swap): ``<table>`` vs ``<table>_intermediate``, keys with pending
+    captured changes excluded. ``against="retired"`` (after): ``<table>_retired`` vs ``<table>``; pass
+    ``exclude_keys`` for keys the application changed since the swap.
+    """
+
+    template_fields: Sequence[str] = (*PartitionBaseOperator.template_fields, "against", "exclude_keys",
+                                      "fail_on_mismatch")
+    ui_color = "#d5f0e3"
+
+    def __init__(self, *, against: str = "intermediate", exclude_keys: Sequence[Any] | None = None,
+                 max_ranges: int = 20, fail_on_mismatch: bool | str = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.against = against
+        self.exclude_keys = exclude_keys
+        self.max_ranges = max_ranges
+        self.fail_on_mismatch = fail_on_mismatch
+
+    def pair(self) -> tuple[QualifiedName, QualifiedName]:
+        table = self.qualified_table
+        if self.against == "intermediate":
+            return table, _sibling(table, "intermediate")
+        if self.against == "retired":
+            return _sibling(table, "retired"), table
+        raise InvalidInputError(f"against={self.against!r}", fix="use 'intermediate' (before swap) or 'retired'")
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        source, dest = self.pair()
+        with self.connection() as conn:
+            if self.is_dry_run and not (catalog.exists(conn, source) and catalog.exists(conn, dest)):
+                self.log.info("[dry run] would verify %s against %s", dest, source)
+                return {"dry_run": True, "source": str(source), "dest": str(dest)}
+            report = verify.verify(conn, source, dest, exclude_keys=list(self.exclude_keys or []) or None,
+                                   max_ranges=self.max_ranges)
+        if as_bool(self.fail_on_mismatch):
+            report.raise_if_mismatch()
+        return report.as_dict()
+
+
+class RemoveCaptureOperator(PartitionBaseOperator):
+    """Remove capture triggers, function and changelog (unprep/unswap cleanup). Idempotent."""
+
+    ui_color = "#f3e2c7"
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        table = self.qualified_table
+        with self.connection() as conn:
+            removed = capture.uninstall(_sql(self, conn), table, **self.lock_kwargs())
+            return {"removed": removed, "dry_run": self.is_dry_run, **capture.status(conn, table)}

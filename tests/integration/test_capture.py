@@ -91,7 +91,8 @@ def test_install_records_every_kind_of_change(conn, prepared) -> None:
     assert capture.uninstall(Executor(conn), SRC) is True
     assert not capture.is_installed(conn, SRC)
     assert capture.status(conn, SRC) == {"table": "public.activities", "triggers": [], "changelog": None,
-                                         "function": None, "installed": False, "backlog": 0}
+                                         "function": None, "installed": False, "backlog": 0,
+                                         "publications_including_changelog": []}
     assert capture.uninstall(Executor(conn), SRC) is False
     conn.execute("DROP OWNED BY app_writer")
     conn.execute("DROP ROLE app_writer")
@@ -253,3 +254,16 @@ def same_columns_hash_any(conn, a: QualifiedName, b: QualifiedName) -> tuple[obj
             "FROM {}").format(t.ident)).fetchone())
     return out[0], out[1]
 
+
+
+def test_warns_when_a_publication_would_publish_the_changelog(conn, prepared, caplog) -> None:
+    conn.execute("CREATE PUBLICATION feed_all FOR ALL TABLES")
+    conn.execute("CREATE PUBLICATION feed_one FOR TABLE activities")
+    try:
+        capture.install(Executor(conn), SRC, prepared)
+        assert capture.publishing_changelog(conn, SRC) == ["feed_all"]
+        assert capture.status(conn, SRC)["publications_including_changelog"] == ["feed_all"]
+        assert "publication feed_all publishes every table" in caplog.text
+    finally:
+        conn.execute("DROP PUBLICATION feed_all")
+        conn.execute("DROP PUBLICATION feed_one")

@@ -179,6 +179,7 @@ def status(conn: psycopg.Connection[Any], source: QualifiedName) -> dict[str, An
         "function": str(function_name(source)) if _function_exists(conn, function_name(source)) is not None
         else None,
         "installed": is_installed(conn, source),
+        "publications_including_changelog": publishing_changelog(conn, source),
         "backlog": backlog(conn, source) if has_cl else 0,
     }
 
@@ -325,9 +326,27 @@ def install(
             ex.run(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(source.ident, sql.Identifier(name)))
 
     ex.with_lock_timeout(body, lock_timeout=lock_timeout, retries=retries, what=f"install change capture on {source}")
+    for pub in publishing_changelog(conn, source):
+        ex.logger.warning(
+            "publication %s publishes every table of %s (FOR ALL TABLES / TABLES IN SCHEMA), so it also publishes "
+            "the changelog %s: a subscriber without that table stops applying changes. Create an empty %s with "
+            "the same columns on each subscriber, or publish the tables explicitly, before the fill starts",
+            pub, source.schema, cl, cl)
     ex.logger.info("change capture installed on %s: changelog %s, triggers %s", source, cl,
                    ", ".join(TRIGGERS.values()))
     return True
+
+
+def publishing_changelog(conn: psycopg.Connection[Any], source: QualifiedName) -> list[str]:
+    """Publications that will also publish the changelog (FOR ALL TABLES, or TABLES IN SCHEMA of its schema)."""
+    rows = conn.execute("SELECT pubname FROM pg_publication WHERE puballtables ORDER BY 1").fetchall()
+    names = [r[0] for r in rows]
+    if conn.info.server_version >= 150000:
+        names += [r[0] for r in conn.execute(
+            """SELECT p.pubname FROM pg_publication_namespace pn JOIN pg_publication p ON p.oid = pn.pnpubid
+               JOIN pg_namespace n ON n.oid = pn.pnnspid WHERE n.nspname = %s ORDER BY 1""",
+            (source.schema,)).fetchall()]
+    return sorted(set(names))
 
 
 def uninstall(ex: Executor, source: QualifiedName, *, lock_timeout: str = "2s", retries: int = 5) -> bool:

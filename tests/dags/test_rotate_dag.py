@@ -180,3 +180,51 @@ def test_sample_config_builds_the_dag(airflow_db) -> None:
     assert {t.task_id for t in dag.tasks} == {"select_entries", "rotate.premake", "rotate.detach", "rotate.health",
                                               "announce_archive"}
     assert "pg-partition" in dag.tags and "public.activities" in (dag.doc_md or "")
+
+
+def test_a_table_converted_by_pg_partition_convert_is_then_rotated(db, tmp_path, monkeypatch, run_dag) -> None:
+    """The users' path: pg_partition_convert (with a DEFAULT partition, pgslice's per-partition key), then the
+    rotate DAG premakes further (copying the key), detaches past the retention (plain DETACH: a DEFAULT exists)
+    and queues them; nothing is lost."""
+    from datetime import datetime, timezone
+
+    from pg_partition.core import catalog
+    from pg_partition.core.catalog import QualifiedName
+    from pg_partition.core.names import Period, floor, shift
+    from pg_partition.core.seed import seed_activities
+
+    with db.connect() as c:
+        seed_activities(c, "public.activities", rows=20_000, timestamptz=True)
+        checksum = "SELECT count(*), md5(string_agg(md5(t::text), '' ORDER BY id)) FROM ({}) t"
+        before = c.execute(checksum.format("SELECT * FROM activities")).fetchone()
+    converted = run_dag("pg_partition_convert", {"conn_id": db.conn_id, "table": "public.activities",
+                                                 "column": "created_at", "period": "month", "future": 2,
+                                                 "default_partition": True})
+    assert converted.state == "success", converted.task_states
+
+    write_config(tmp_path, monkeypatch, f"""
+tables:
+  - conn_id: {db.conn_id}
+    table: public.activities
+    premake: 5
+    retention: 24
+""")
+    result = run_dag("pg_partition_rotate", {})
+    assert result.state == "success", result.task_states
+    premade = result.xcom("rotate.premake", 0)["created"]
+    detach = result.xcom("rotate.detach", 0)
+    assert len(premade) == 3  # the conversion made 2 future partitions, premake wants 5
+    assert len(detach["detached"]) >= 1 and len(detach["fallbacks"]) == len(detach["detached"])
+    assert result.xcom("rotate.health", 0)["ok"] is True
+    with db.connect() as c:
+        info = catalog.describe(c, QualifiedName("public", "activities"))
+        this_month = floor(datetime.now(timezone.utc).date(), Period.MONTH)
+        starts = {p.start_day for p in info.partitions if not p.is_default}
+        assert {shift(this_month, Period.MONTH, i) for i in range(6)} <= starts  # current + premake 5
+        assert min(starts) == shift(this_month, Period.MONTH, -24)  # retention 24 full months kept
+        newest = catalog.describe(c, QualifiedName.parse(premade[-1]))
+        assert newest.primary_key is not None and newest.primary_key.columns == ("id",)
+        assert {i.columns for i in newest.indexes} >= {("created_at",), ("trackable_type", "trackable_id")}
+        archived = " UNION ALL ".join(f"SELECT * FROM {name}" for name in detach["detached"])
+        after = c.execute(checksum.format(f"SELECT * FROM activities UNION ALL {archived}")).fetchone()
+        assert after == before

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pg_partition.config import ConfigError, is_due, load_config, parse_config
+from pg_partition.config import ConfigError, is_due, load_config, parse_config, previous_tick
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,11 +122,32 @@ def test_policy_checks() -> None:
 
 def test_entry_schedule_decides_which_runs_include_it() -> None:
     utc = timezone.utc
-    day = (datetime(2024, 11, 20, tzinfo=utc), datetime(2024, 11, 21, tzinfo=utc))
+    day = (datetime(2024, 11, 19, tzinfo=utc), datetime(2024, 11, 20, tzinfo=utc))  # (Tue, Wed 00:00]
     assert is_due(None, *day)
     assert is_due("0 3 * * *", *day)
-    assert not is_due("0 3 * * 0", *day)  # Sundays only; 2024-11-20 is a Wednesday
-    assert is_due("0 0 * * 3", *day)  # a tick exactly at the start of the interval counts
-    assert not is_due("@monthly", *day) and is_due("@monthly", datetime(2024, 12, 1, tzinfo=utc),
-                                                   datetime(2024, 12, 2, tzinfo=utc))
-    assert is_due("0 3 * * 0", None, None)  # a manual run without an interval runs every entry
+    assert not is_due("0 3 * * 0", *day)  # Sundays only
+    assert is_due("0 0 * * 3", *day)  # a tick exactly at the run's logical date counts
+    assert not is_due("0 0 * * 2", *day)  # ... and one exactly at the window's start belongs to the run before
+    assert not is_due("@monthly", *day)
+    assert is_due("@monthly", datetime(2024, 11, 30, tzinfo=utc), datetime(2024, 12, 1, tzinfo=utc))
+    assert is_due("0 3 * * 0", None, None)  # a manual run without a window runs every entry
+    assert previous_tick("@daily", day[1]) == day[0]
+    assert previous_tick(None, day[1]) is None
+
+
+def test_rotate_dag_selects_due_entries() -> None:
+    from pg_partition.dag_factory.rotate import select_due
+
+    entries = [{"conn_id": "a", "schedule": None}, {"conn_id": "b", "schedule": "0 3 * * 0"},
+               {"conn_id": "c", "schedule": "0 3 * * *"}]
+    wednesday = datetime(2024, 11, 20, tzinfo=timezone.utc)
+    monday = datetime(2024, 11, 18, tzinfo=timezone.utc)  # the run after Sunday 03:00
+    pick = [e["conn_id"] for e in select_due(entries, dag_schedule="@daily", run_type="scheduled",
+                                             logical_date=wednesday)]
+    assert pick == ["a", "c"]
+    assert [e["conn_id"] for e in select_due(entries, dag_schedule="@daily", run_type="scheduled",
+                                             logical_date=monday)] == ["a", "b", "c"]
+    assert [e["conn_id"] for e in select_due(entries, dag_schedule="@daily", run_type="manual",
+                                             logical_date=wednesday)] == ["a", "b", "c"]
+    assert [e["conn_id"] for e in select_due(entries, dag_schedule="@daily", run_type="manual",
+                                             logical_date=wednesday, conn_ids=["b"])] == ["b"]

@@ -62,6 +62,7 @@ __all__ = [
     "fill_status",
     "format_report",
     "index_plan",
+    "is_swapped",
     "load_spec",
     "plan_fill",
     "preflight",
@@ -551,7 +552,7 @@ def _capture_triggers(conn: psycopg.Connection[Any], table: QualifiedName) -> li
         (oid, CAPTURE_TRIGGER_PREFIX + "%"))]
 
 
-def _is_swapped(conn: psycopg.Connection[Any], spec: ConvertSpec) -> bool:
+def is_swapped(conn: psycopg.Connection[Any], spec: ConvertSpec) -> bool:
     job = recorded_job(conn, spec.table)
     if job is None or job.status != SWAPPED:
         return False
@@ -581,7 +582,7 @@ def swap(
     re-grant, ``NOTIFY pg_partition, '<table>'`` and record the swap. Logs how long the lock was held.
     """
     conn = ex.conn
-    if not ex.dry_run and _is_swapped(conn, spec):
+    if not ex.dry_run and is_swapped(conn, spec):
         ex.logger.info("%s is already swapped in; nothing to do", spec.table)
         return {"already_swapped": True, **(checkpoint(conn, spec, "swap") or {})}
     if not catalog.exists(conn, spec.intermediate) and not ex.dry_run:
@@ -623,7 +624,7 @@ def swap(
         if triggers:
             from pg_partition.core import capture  # issue 4's module; imported only when its triggers exist
 
-            capture.finish_in_swap(ex, source=spec.table, dest=spec.intermediate)  # type: ignore[attr-defined]
+            capture.finish_in_swap(ex, source=spec.table, dest=spec.intermediate)
         synced = copy_missing_locked(ex, plan, spec.table, spec.intermediate, low=low) \
             if sync and plan and not ex.dry_run else {"rows": 0, "outside_rows": 0, "high_water": low}
         new_info = None if ex.dry_run else catalog.describe(conn, spec.intermediate)
@@ -670,7 +671,7 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
     that existed before it are not carried back (append-only mode).
     """
     conn = ex.conn
-    if not _is_swapped(conn, spec):
+    if not is_swapped(conn, spec):
         if catalog.exists(conn, spec.intermediate) and not catalog.describe(conn, spec.table).is_partitioned:
             ex.logger.info("%s is not swapped; nothing to unswap", spec.table)
             return {"already_unswapped": True}
@@ -720,7 +721,7 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
 def unprep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: int = 5) -> dict[str, Any]:
     """Drop the intermediate table (with its partitions) and forget the conversion. Refused while swapped."""
     conn = ex.conn
-    if _is_swapped(conn, spec):
+    if is_swapped(conn, spec):
         raise StateError(f"{spec.table} is the swapped-in partitioned table; unprep would drop live data",
                          fix="run unswap first")
     dropped = False
@@ -754,7 +755,7 @@ def _count(conn: psycopg.Connection[Any], table: QualifiedName, exact: bool) -> 
 
 def report(conn: psycopg.Connection[Any], spec: ConvertSpec, *, exact_below: int = 5_000_000) -> dict[str, Any]:
     """Rows and size before/after, per-partition rows and bytes, time per step, swap lock time, rows left out."""
-    swapped = _is_swapped(conn, spec)
+    swapped = is_swapped(conn, spec)
     new = spec.table if swapped else spec.intermediate
     old = spec.retired if swapped else spec.table
     out: dict[str, Any] = {"table": str(spec.table), "swapped": swapped, "before": None, "after": None}

@@ -1,0 +1,278 @@
+"""Thin operators over :mod:`pg_partition.core.convert`: one per conversion step, each idempotent and retryable.
+
+Every argument a user fills is a templated field (DAG params arrive as strings: they are parsed here), every
+statement is logged by the engine's Executor, and ``dry_run`` makes every step log its SQL and change nothing.
+Each operator returns its step's result as a JSON-able dict for XCom; :class:`ConvertPlanFillOperator` returns
+the list of fill items that :class:`ConvertFillOperator` is mapped over (one task per partition).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from airflow.sdk import Context
+
+from pg_partition.core import convert
+from pg_partition.core.convert_spec import ConvertSpec
+from pg_partition.core.execute import Executor
+from pg_partition.operators.base import PartitionBaseOperator, as_bool
+
+SPEC_FIELDS = ("column", "period", "primary_key", "default_partition", "tablespace", "defer_indexes")
+
+
+def _blank(value: Any) -> bool:
+    return value is None or str(value).strip() in ("", "None", "null")
+
+
+def _int(value: Any, default: int | None = None) -> int | None:
+    return default if _blank(value) else int(str(value).strip())
+
+
+def _float(value: Any, default: float = 0.0) -> float:
+    return default if _blank(value) else float(str(value).strip())
+
+
+def _text(value: Any) -> str | None:
+    return None if _blank(value) else str(value)
+
+
+class ConvertBaseOperator(PartitionBaseOperator):
+    """Shared arguments: the options that shape the conversion (they must be the same on every step)."""
+
+    template_fields: Sequence[str] = (*PartitionBaseOperator.template_fields, *SPEC_FIELDS)
+    ui_color = "#d7e9f7"
+
+    def __init__(self, *, column: str, period: str = "month", primary_key: str = "per_partition",
+                 default_partition: bool | str = False, tablespace: str | None = None,
+                 defer_indexes: bool | str = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.column = column
+        self.period = period
+        self.primary_key = primary_key
+        self.default_partition = default_partition
+        self.tablespace = tablespace
+        self.defer_indexes = defer_indexes
+
+    def spec(self) -> ConvertSpec:
+        return ConvertSpec.create(
+            self.qualified_table, str(self.column), period=str(self.period), primary_key=str(self.primary_key),
+            default_partition=as_bool(self.default_partition), tablespace=_text(self.tablespace),
+            defer_indexes=as_bool(self.defer_indexes),
+        )
+
+    @contextmanager
+    def run_step(self) -> Iterator[tuple[Any, ConvertSpec]]:
+        """A connection's executor and the spec; logs whether this is a rehearsal."""
+        spec = self.spec()
+        with self.connection() as conn:
+            # not self.executor(): Airflow 3's BaseOperator.__init__ sets an ``executor`` attribute (the task's
+            # Airflow executor) that shadows PartitionBaseOperator.executor()
+            ex = Executor(conn, dry_run=self.is_dry_run)
+            if ex.dry_run:
+                self.log.info("DRY RUN: statements are logged, nothing is changed")
+            yield ex, spec
+
+
+class ConvertPreflightOperator(ConvertBaseOperator):
+    """Refuse unsafe conversions (the task fails with what/where/how to fix) or report rows, size, rows per
+    period, append-only, publications and replication slots. Reads only."""
+
+    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "where")
+
+    def __init__(self, *, where: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.where = where
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with self.run_step() as (ex, spec):
+            report = convert.preflight(ex.conn, spec, where=_text(self.where))
+        self.log.info("preflight of %s: %s rows, %.1f MiB, append-only: %s, %d period(s), resuming: %s",
+                      report["table"], f"{report['rows']:,}", report["size"]["total"] / 2**20,
+                      report["append_only"], len(report["rows_per_period"]), report["resuming"])
+        for warning in report["warnings"]:
+            self.log.warning("%s", warning)
+        return report
+
+
+class ConvertPrepOperator(ConvertBaseOperator):
+    """Create (or complete) ``<table>_intermediate``, mirroring the source."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with self.run_step() as (ex, spec):
+            return convert.prep(ex, spec, **self.lock_kwargs())
+
+
+class ConvertAddPartitionsOperator(ConvertBaseOperator):
+    """Partitions for ``past``/``future`` periods and (``cover_data``) every period holding data."""
+
+    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "past", "future", "cover_data",
+                                      "where", "target")
+
+    def __init__(self, *, past: int | str = 0, future: int | str = 0, cover_data: bool | str = False,
+                 where: str | None = None, target: str = "intermediate", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.past = past
+        self.future = future
+        self.cover_data = cover_data
+        self.where = where
+        self.target = target
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with self.run_step() as (ex, spec):
+            return convert.add_partitions(
+                ex, spec, past=_int(self.past, 0) or 0, future=_int(self.future, 0) or 0,
+                cover_data=as_bool(self.cover_data), where=_text(self.where), target=str(self.target),
+                **self.lock_kwargs())
+
+
+class ConvertPlanFillOperator(ConvertBaseOperator):
+    """Plan the fill (safe high-water mark, one item per partition) and return the items to map over."""
+
+    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "where", "batch_size", "start",
+                                      "stop", "replan", "wait_timeout")
+
+    def __init__(self, *, where: str | None = None, batch_size: int | str = 10_000, start: int | str | None = None,
+                 stop: int | str | None = None, replan: bool | str = False, wait_timeout: float | str = 3600,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.where = where
+        self.batch_size = batch_size
+        self.start = start
+        self.stop = stop
+        self.replan = replan
+        self.wait_timeout = wait_timeout
+
+    def execute(self, context: Context) -> list[dict[str, Any]]:
+        with self.run_step() as (ex, spec):
+            plan = convert.plan_fill(
+                ex, spec, where=_text(self.where), batch_size=_int(self.batch_size, 10_000) or 10_000,
+                start=_int(self.start), stop=_int(self.stop), replan=as_bool(self.replan),
+                wait_timeout=_float(self.wait_timeout, 3600.0))
+        self.log.info("fill plan: %s strategy, %d items, %s rows, %s outside every partition, high-water id %s",
+                      plan["strategy"], len(plan["items"]), f"{plan['rows']:,}", f"{plan['outside_rows']:,}",
+                      plan["high_water"])
+        return list(plan["items"])
+
+
+class ConvertFillOperator(ConvertBaseOperator):
+    """Fill one planned item (mapped: one task per partition), resuming from its checkpoint.
+
+    ``max_lag_bytes`` / ``max_lag_seconds`` pause between batches while a standby or replication slot lags
+    (``pg_partition.core.lag.LagGate``); a pause longer than ``max_pause_seconds`` fails the try, and the retry
+    resumes from the checkpoint.
+    """
+
+    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "batch_size", "sleep_seconds",
+                                      "max_lag_bytes", "max_lag_seconds", "max_pause_seconds")
+
+    def __init__(self, *, item: dict[str, Any] | str | None = None, batch_size: int | str | None = None,
+                 sleep_seconds: float | str = 0, max_lag_bytes: Any = None, max_lag_seconds: Any = None,
+                 max_pause_seconds: Any = 600, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.item = item
+        self.batch_size = batch_size
+        self.sleep_seconds = sleep_seconds
+        self.max_lag_bytes = max_lag_bytes
+        self.max_lag_seconds = max_lag_seconds
+        self.max_pause_seconds = max_pause_seconds
+
+    @contextmanager
+    def throttle(self) -> Iterator[Callable[[], None] | None]:
+        if _blank(self.max_lag_bytes) and _blank(self.max_lag_seconds):
+            yield None
+            return
+        from pg_partition.core.lag import LagGate
+
+        gate = LagGate.from_params(max_lag_bytes=self.max_lag_bytes, max_lag_seconds=self.max_lag_seconds,
+                                   max_pause_seconds=self.max_pause_seconds)
+        with self.connection() as gate_conn:  # its own connection: never pause inside the batch transaction
+            yield gate.bind(gate_conn)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with self.run_step() as (ex, spec), self.throttle() as throttle:
+            return convert.fill(ex, spec, self.item, batch_size=_int(self.batch_size),
+                                sleep_seconds=_float(self.sleep_seconds), throttle=throttle)
+
+
+class ConvertIndexesOperator(ConvertBaseOperator):
+    """Build deferred indexes per partition and attach them (no-op without ``defer_indexes``)."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with self.run_step() as (ex, spec):
+            return convert.build_indexes(ex, spec)
+
+
+class ConvertAnalyzeOperator(ConvertBaseOperator):
+    """ANALYZE every partition and the parent."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with self.run_step() as (ex, spec):
+            return convert.analyze(ex, spec)
+
+
+class ConvertCatchUpOperator(ConvertBaseOperator):
+    """Copy rows the fill could not see (before the swap: into the intermediate; after: from the retired
+    table). Safe to repeat."""
+
+    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "batch_size", "full", "wait_timeout")
+
+    def __init__(self, *, batch_size: int | str = 10_000, full: bool | str = False,
+                 wait_timeout: float | str = 3600, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.batch_size = batch_size
+        self.full = full
+        self.wait_timeout = wait_timeout
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with self.run_step() as (ex, spec):
+            return convert.catch_up(ex, spec, batch_size=_int(self.batch_size, 10_000) or 10_000,
+                                    full=as_bool(self.full), wait_timeout=_float(self.wait_timeout, 3600.0))
+
+
+class ConvertSwapOperator(ConvertBaseOperator):
+    """Catch up (outside any lock), then swap in one short transaction under ``lock_timeout`` with retries."""
+
+    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "batch_size", "catch_up_first")
+
+    def __init__(self, *, batch_size: int | str = 10_000, catch_up_first: bool | str = True,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.batch_size = batch_size
+        self.catch_up_first = catch_up_first
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with self.run_step() as (ex, spec):
+            caught: dict[str, Any] | None = None
+            if as_bool(self.catch_up_first) and not convert.is_swapped(ex.conn, spec):
+                caught = convert.catch_up(ex, spec, batch_size=_int(self.batch_size, 10_000) or 10_000)
+            result = convert.swap(ex, spec, **self.lock_kwargs())
+        return {**result, "catch_up_before": caught}
+
+
+class ConvertUnswapOperator(ConvertBaseOperator):
+    """Roll the swap back (rows written since are copied back first)."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with self.run_step() as (ex, spec):
+            return convert.unswap(ex, spec, **self.lock_kwargs())
+
+
+class ConvertUnprepOperator(ConvertBaseOperator):
+    """Drop the intermediate table and forget the conversion (refused while swapped)."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with self.run_step() as (ex, spec):
+            return convert.unprep(ex, spec, **self.lock_kwargs())
+
+
+class ConvertReportOperator(ConvertBaseOperator):
+    """Rows and size before/after, per-partition counts, time per step, swap lock time."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with self.run_step() as (ex, spec):
+            report = convert.report(ex.conn, spec)
+        for line in convert.format_report(report).splitlines():
+            self.log.info("%s", line)
+        return report

@@ -1,0 +1,56 @@
+"""The pg_partition_convert DAG end to end with dag.test(): mapped fill per partition, swap, report; a dry run
+that changes nothing; a preflight refusal that stops the run before anything changes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pg_partition.core.catalog import QualifiedName
+from pg_partition.core.seed import seed_activities
+from tests.integration.test_convert_support import row_hash, snapshot
+
+DAG_ID = "pg_partition_convert"
+
+
+def _conf(db: Any, **extra: Any) -> dict[str, Any]:
+    return {"conn_id": db.conn_id, "table": "public.activities", "column": "created_at", "period": "month",
+            "future": 2, "cover_data": True, "batch_size": 2_000, **extra}
+
+
+def test_convert_dag_end_to_end(db, conn, run_dag) -> None:
+    seed_activities(conn, QualifiedName("public", "activities"), rows=20_000, timestamptz=True)
+    before = row_hash(conn, "activities")
+    result = run_dag(DAG_ID, _conf(db, defer_indexes=True, where="created_at > '2000-01-01'"))
+    assert result.state == "success", result.task_states
+    assert set(result.task_states.values()) == {"success"}, result.task_states
+    items = result.xcom("plan_fill")
+    fills = [k for k in result.task_states if k.startswith("fill[")]
+    assert len(items) >= 26 and len(fills) == len(items)
+    assert sum(result.xcom("fill", i)["rows"] for i in range(len(items))) == 20_000
+    assert row_hash(conn, "activities") == before == row_hash(conn, "activities_retired")
+    report = result.xcom("report")
+    assert report["swapped"] is True and report["after"]["rows"] == 20_000
+    assert report["swap"]["lock_ms"] > 0
+    assert {"prep", "swap", "indexes", "analyze"} <= set(report["timings"])
+    assert result.xcom("preflight")["rows"] == 20_000
+    # triggering it again after a finished conversion is refused by preflight, nothing else runs
+    again = run_dag(DAG_ID, _conf(db))
+    assert again.state == "failed" and again.task_states["preflight"] == "failed"
+    assert again.task_states.get("prep") in ("upstream_failed", None)
+    assert row_hash(conn, "activities") == before
+
+
+def test_convert_dag_dry_run_changes_nothing(db, conn, run_dag) -> None:
+    seed_activities(conn, QualifiedName("public", "activities"), rows=3_000, timestamptz=True)
+    before, hashed = snapshot(conn), row_hash(conn, "activities")
+    result = run_dag(DAG_ID, _conf(db, dry_run=True, default_partition=True))
+    assert result.state == "success", result.task_states
+    assert snapshot(conn) == before and row_hash(conn, "activities") == hashed
+
+
+def test_convert_dag_preflight_refusal_stops_the_run(db, conn, run_dag) -> None:
+    conn.execute("CREATE TABLE activities (id bigint, created_at timestamptz NOT NULL)")  # no primary key
+    before = snapshot(conn)
+    result = run_dag(DAG_ID, _conf(db))
+    assert result.state == "failed" and result.task_states["preflight"] == "failed"
+    assert snapshot(conn) == before

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import itertools
 import json
 import logging
 import threading
@@ -453,3 +454,89 @@ async def test_long_pause_raises_then_trigger_fires_when_consumed_and_loop_resum
             reader.join()
         assert c.execute(HASH.format("src")).fetchone() == c.execute(HASH.format("dst")).fetchone()
         assert state.get_checkpoint(c, "job1", "fill") == 30_000
+
+
+def test_unconsumed_slot_holds_the_real_convert_fill_and_consuming_releases_it(db, caplog) -> None:
+    """The same with the conversion's own fill (core.fill via core.convert), the gate bound as its throttle."""
+    from pg_partition.core import convert
+    from pg_partition.core.convert_spec import ConvertSpec
+    from pg_partition.core.execute import Executor
+    from pg_partition.core.seed import seed_activities
+    from tests.integration.test_convert_support import row_hash
+
+    spec = ConvertSpec.create("activities", "created_at", period="month")
+    limit = MB // 2
+    with db.connect() as c, db.connect() as lag_conn, db.connect() as watcher, db.connect() as consumer:
+        seed_activities(c, "public.activities", rows=20_000, months=3, timestamptz=True)
+        ex = Executor(c)
+        convert.prep(ex, spec)
+        convert.add_partitions(ex, spec, cover_data=True, future=1)
+        plan = convert.plan_fill(ex, spec, batch_size=500)
+        assert len(plan["items"]) >= 3
+        consumer.execute("SELECT pg_create_logical_replication_slot('s', 'test_decoding')")
+        paused = threading.Event()
+
+        def sleep(seconds: float) -> None:
+            paused.set()
+            time.sleep(seconds)
+
+        gate = LagGate(LagThresholds(max_lag_bytes=limit, standbys=(), slots=("s",)), check_every=0,
+                       poll_interval=0.1, max_pause_seconds=None, sleep=sleep)
+        gated = gate.bind(lag_conn)
+        events: list[tuple[str, int]] = []
+
+        def throttle() -> None:  # record what the slot holds after each batch, then gate
+            events.append(("check", unconfirmed(watcher, "s")))
+            gated()
+
+        errors: list[BaseException] = []
+
+        def loop() -> None:
+            try:
+                for item in plan["items"]:  # as the mapped fill tasks run: gate before each, then the fill
+                    throttle()
+                    convert.fill(ex, spec, item, throttle=throttle)
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=loop)
+        with caplog.at_level(logging.INFO, logger="pg_partition"):
+            worker.start()
+            consumptions = 0
+            while worker.is_alive():
+                if paused.wait(0.1):
+                    paused.clear()
+                    events.append(("consume", 0))
+                    consume(consumer, "s")
+                    consumptions += 1
+                assert consumptions < 400, "the fill never finished"
+        worker.join()
+        assert not errors, errors
+        # exactly one batch runs between two checks; after a check that saw the slot over the limit the next
+        # thing must be a consumption (the gate held the fill), never another batch
+        for (kind, value), (next_kind, _) in itertools.pairwise(events):
+            if kind == "check" and value > limit:
+                assert next_kind == "consume", f"the fill ran a batch with the slot over the limit: {events}"
+        assert gate.pauses >= 2 and consumptions >= 2
+        assert row_hash(c, "activities_intermediate") == row_hash(c, "activities")
+        assert convert.fill_status(c, spec)["pending"] == []
+    assert "Pausing: replication lag over threshold" in caplog.text and "logical slot 's'" in caplog.text
+
+
+def test_defer_until_lag_ok_hands_a_long_pause_to_the_trigger() -> None:
+    from airflow.sdk import BaseOperator
+
+    from pg_partition.core.lag import LagReport, LagVerdict
+    from pg_partition.triggers.lag import defer_until_lag_ok
+
+    thresholds = LagThresholds(max_lag_bytes=MB, standbys=(), slots=("feed",))
+    verdict = LagVerdict(False, ("logical slot 'feed' (inactive) unconfirmed: 5.0 MB behind > max 1.0 MB",),
+                         LagReport(False, 150000, False, "2024-01-01T00:00:00+00:00"))
+    exc = LagPauseTooLong(verdict, paused_seconds=600.0, max_pause_seconds=600.0, thresholds=thresholds)
+    with pytest.raises(TaskDeferred) as deferred:
+        defer_until_lag_ok(BaseOperator(task_id="fill"), exc, conn_id="pg_main", method_name="execute",
+                           poll_interval=20, timeout=timedelta(hours=6))
+    assert deferred.value.method_name == "execute" and deferred.value.timeout == timedelta(hours=6)
+    assert deferred.value.trigger.serialize() == ("pg_partition.triggers.lag.ReplicationLagTrigger", {
+        "conn_id": "pg_main", "max_lag_bytes": MB, "max_lag_seconds": None, "standbys": [], "slots": ["feed"],
+        "poll_interval": 20.0, "max_connect_failures": 10})

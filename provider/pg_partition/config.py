@@ -68,11 +68,23 @@ class ArchivePolicy(BaseModel):
     aws_conn_id: ConnId = Field("aws_default", description="Airflow AWS connection id.")
     sse: Literal["AES256", "aws:kms"] | None = Field(None, description="Server-side encryption.")
     kms_key_id: str | None = Field(None, description="KMS key id when sse is aws:kms.")
+    # Tuning understood by the archive engine (pg_partition.core.archive.ArchivePolicy); null: its default.
+    mode: Literal["stream", "rds"] | None = Field(
+        None, description="stream (through the worker) or rds (aws_s3.query_export_to_s3 on RDS/Aurora, csv).")
+    storage_class: str | None = Field(None, description="S3 storage class, e.g. STANDARD_IA, GLACIER_IR.")
+    compress: int | None = Field(None, ge=0, le=9, description="pg_dump compression level.")
+    part_size: int | None = Field(None, ge=5 * 1024 * 1024, description="Multipart upload part size, bytes.")
+    max_inflight: int | None = Field(None, ge=1, le=64, description="Parts uploaded at once.")
+    parquet_compression: str | None = Field(None, description="Parquet codec (snappy, zstd, gzip, none).")
+    region: str | None = Field(None, description="AWS region of the bucket (rds mode).")
 
     @model_validator(mode="after")
-    def _kms_needs_sse(self) -> ArchivePolicy:
+    def _consistent(self) -> ArchivePolicy:
         if self.kms_key_id and self.sse != "aws:kms":
             raise ValueError("kms_key_id is only used with sse: aws:kms (set it, or remove kms_key_id)")
+        if self.mode == "rds" and self.format != "csv":
+            raise ValueError("mode: rds exports with aws_s3.query_export_to_s3, which writes csv only "
+                             "(set format: csv, or mode: stream)")
         return self
 
 
@@ -158,7 +170,8 @@ class TableConfig(BaseModel):
 
     def archive_row(self) -> dict[str, Any]:
         """What goes into ``archive_queue.archive`` for a partition detached from this table."""
-        return {"policy": self.archive.model_dump() if self.archive else None, "conn_id": self.conn_id}
+        return {"policy": self.archive.model_dump(exclude_none=True) if self.archive else None,
+                "conn_id": self.conn_id}
 
 
 class DagSettings(BaseModel):
@@ -431,20 +444,32 @@ def _duplicate_keys(node: yaml.Node | None, source: str, path: str = "") -> list
 
 
 def is_due(schedule: str | None, start: datetime | None, end: datetime | None) -> bool:
-    """Whether an entry with cron ``schedule`` runs in a DAG run covering ``[start, end)``.
+    """Whether an entry with cron ``schedule`` runs in a DAG run covering ``(start, end]``.
 
-    ``None`` schedule, or a run without a data interval (manual trigger), means every run: a person who
-    triggers the DAG by hand expects every table to be looked at.
+    The DAG passes the previous tick of its own schedule as ``start`` and the run's logical date as ``end``, so
+    an entry runs on the first DAG run at or after each of its own ticks. ``None`` schedule, or no window (a
+    manual trigger), means every run: a person who triggers the DAG by hand expects every table looked at.
     """
     if schedule is None or start is None or end is None or end <= start:
         return True
     from croniter import croniter
 
-    expr = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@weekly": "0 0 * * 0",
-            "@monthly": "0 0 1 * *", "@quarterly": "0 0 1 */3 *", "@yearly": "0 0 1 1 *",
-            "@annually": "0 0 1 1 *"}.get(schedule, schedule)
-    # The first tick at or after start: croniter's get_next is strictly after its base, so step back a second.
-    from datetime import timedelta
+    nxt: datetime = croniter(cron_expression(schedule), start).get_next(datetime)  # strictly after start
+    return nxt <= end
 
-    nxt: datetime = croniter(expr, start - timedelta(seconds=1)).get_next(datetime)
-    return start <= nxt < end
+
+def cron_expression(schedule: str) -> str:
+    """A cron preset (``@daily``) as the five-field expression croniter understands everywhere."""
+    return {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@weekly": "0 0 * * 0",
+            "@monthly": "0 0 1 * *", "@quarterly": "0 0 1 */3 *", "@yearly": "0 0 1 1 *",
+            "@annually": "0 0 1 1 *"}.get(schedule.strip(), schedule.strip())
+
+
+def previous_tick(schedule: str | None, moment: datetime) -> datetime | None:
+    """The tick of ``schedule`` strictly before ``moment`` (None for an unscheduled DAG)."""
+    if schedule is None:
+        return None
+    from croniter import croniter
+
+    prev: datetime = croniter(cron_expression(schedule), moment).get_prev(datetime)
+    return prev

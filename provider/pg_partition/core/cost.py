@@ -316,16 +316,22 @@ def build_report(conn: psycopg.Connection[Any], table: QualifiedName, *, s3: S3U
     return report
 
 
-def _usd(v: float) -> str:
-    return f"${v:,.2f}"
+def _usd(v: float, digits: int = 2) -> str:
+    return f"${v:,.{digits}f}"
 
 
-def _change(before: float, after: float, money: bool = False) -> str:
+def _change(before: float, after: float, money: int | None = None) -> str:
     delta = after - before
-    text = (_usd(abs(delta)) if money else human_bytes(abs(delta)))
+    text = _usd(abs(delta), money) if money is not None else human_bytes(abs(delta))
     sign = "+" if delta > 0 else ("-" if delta < 0 else "±")
     pct = f" ({delta / before:+.0%})" if before else ""
     return f"{sign}{text}{pct}"
+
+
+def _digits(*amounts: float) -> int:
+    """Cents for real money; six decimals when a small table's whole bill is under a dollar (else every cell
+    would read $0.00). One precision per report, so the columns compare."""
+    return 2 if max(amounts, default=0) >= 1 else 6
 
 
 def render_markdown(r: CostReport) -> str:
@@ -334,6 +340,7 @@ def render_markdown(r: CostReport) -> str:
     ab = a.breakdown()
     bb = b.breakdown or {}
     cb, ca = r.cost_before, r.cost_after
+    d = _digits(cb.total, ca.total)
 
     def row(label: str, before: int | None, after: int) -> str:
         bt = "-" if before is None else human_bytes(before)
@@ -343,8 +350,8 @@ def render_markdown(r: CostReport) -> str:
     lines = [
         f"### Cost report: {r.table} at {a.taken_at}",
         "",
-        f"Before = {b.source}. Prices per GB-month: database {_usd(r.prices.database)}, backups "
-        f"{_usd(r.prices.backups)}, S3 {_usd(r.prices.s3)}.",
+        f"Before = {b.source}. Prices per GB-month: database {_usd(r.prices.database, 3)}, backups "
+        f"{_usd(r.prices.backups, 3)}, S3 {_usd(r.prices.s3, 3)}.",
         "",
         "| | before | after | change |",
         "|---|---:|---:|---:|",
@@ -362,12 +369,12 @@ def render_markdown(r: CostReport) -> str:
                      f"{human_bytes(sum(d.total for d in a.detached))} | |")
     lines += [
         row(f"**in S3** ({a.s3_objects} objects)", b.s3_bytes, a.s3_bytes),
-        f"| database storage / month | {_usd(cb.database)} | {_usd(ca.database)} | "
-        f"{_change(cb.database, ca.database, True)} |",
-        f"| backups / month | {_usd(cb.backups)} | {_usd(ca.backups)} | {_change(cb.backups, ca.backups, True)} |",
-        f"| S3 / month | {_usd(cb.s3)} | {_usd(ca.s3)} | {_change(cb.s3, ca.s3, True)} |",
-        f"| **total / month** | **{_usd(cb.total)}** | **{_usd(ca.total)}** | "
-        f"**{_change(cb.total, ca.total, True)}** |",
+        f"| database storage / month | {_usd(cb.database, d)} | {_usd(ca.database, d)} | "
+        f"{_change(cb.database, ca.database, d)} |",
+        f"| backups / month | {_usd(cb.backups, d)} | {_usd(ca.backups, d)} | {_change(cb.backups, ca.backups, d)} |",
+        f"| S3 / month | {_usd(cb.s3, d)} | {_usd(ca.s3, d)} | {_change(cb.s3, ca.s3, d)} |",
+        f"| **total / month** | **{_usd(cb.total, d)}** | **{_usd(ca.total, d)}** | "
+        f"**{_change(cb.total, ca.total, d)}** |",
     ]
     if a.partitions:
         lines += ["", f"{len(a.partitions)} partitions:", "", "| partition | rows (est.) | size | bound |",
@@ -411,12 +418,18 @@ def render_chart(r: CostReport) -> bytes:
     ax1.legend(fontsize=8)
 
     points = r.history or [a]
+    peak = max([s.database_bytes for s in points] + [s.s3_bytes for s in points] + [r.before.database_bytes])
+    unit, scale = ("GiB", float(GB)) if peak >= 10 * GB else ("MiB", float(mib))
     times = [datetime.fromisoformat(s.taken_at) for s in points]
-    ax2.plot(times, [s.database_bytes / mib for s in points], marker="o", label="database", color="#e15759")
-    ax2.plot(times, [s.s3_bytes / mib for s in points], marker="s", label="S3 archive", color="#76b7b2")
-    ax2.set_ylabel("MiB")
-    ax2.set_title(f"database vs S3 over time; monthly cost now {_usd(r.cost_after.total)} "
-                  f"(before {_usd(r.cost_before.total)})")
+    ax2.plot(times, [s.database_bytes / scale for s in points], marker="o", label="database", color="#e15759")
+    ax2.plot(times, [s.s3_bytes / scale for s in points], marker="s", label="S3 archive", color="#76b7b2")
+    ax2.axhline(r.before.database_bytes / scale, linestyle="--", color="#bab0ac", label="database before")
+    ax2.set_ylabel(unit)
+    ax2.set_ylim(bottom=0)
+    d = _digits(r.cost_before.total, r.cost_after.total)
+    # "$" would start matplotlib mathtext: escape it
+    now, before = (_usd(v, d).replace("$", r"\$") for v in (r.cost_after.total, r.cost_before.total))
+    ax2.set_title(f"database vs S3 over time; monthly cost now {now} (before {before})")
     ax2.legend(fontsize=8)
     ax2.tick_params(axis="x", labelsize=8, rotation=30)
     fig.tight_layout()
@@ -432,6 +445,6 @@ def _short_label(name: str, table: str) -> str:
 
 def report_key(prefix: str, table: QualifiedName, at: datetime, ext: str = "png") -> str:
     """``<prefix>/reports/<schema>.<table>/cost-<UTC timestamp>.<ext>``: beside the archive's manifests."""
-    stamp = at.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = at.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")  # two runs in one second: two charts
     base = "/".join(p for p in (prefix.strip("/"), "reports", f"{table.schema}.{table.name}") if p)
     return f"{base}/cost-{stamp}.{ext}"

@@ -1,6 +1,6 @@
 """The ``pg_partition_advisor`` DAG (which tables to partition, and how) and ``pg_partition_cost_report``
 (what partitioning and archiving saved). Both only read the database (the cost report also records its own
-measurement in the ``pg_partition`` state schema, for its time series)."""
+measurement in the state schema, for its time series)."""
 
 from __future__ import annotations
 

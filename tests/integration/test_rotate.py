@@ -205,6 +205,27 @@ def test_premake_batched_move_with_concurrent_inserts(db, conn) -> None:
     assert errors == []
 
 
+def test_premake_resumes_a_move_interrupted_between_batches(conn) -> None:
+    """A worker killed after some committed batches: the standalone table holds them, the next run continues."""
+    make_events(conn, ["2024-11"], default=True)
+    fill(conn, "2024-12-01", "2024-12-31", 1_000)
+    before = row_hash(conn)
+    config = cfg(batch_size=100)
+    info = rotate.describe_managed(conn, config)
+    child = QualifiedName("public", "events_202412")
+    rng = rotate.desired_ranges(config, date(2024, 11, 20))[1]
+    rotate._create_standalone(Executor(conn), config, info, rng, child, None)
+    conn.execute("WITH moved AS (DELETE FROM events_default WHERE ctid = ANY (ARRAY(SELECT ctid FROM "
+                 "events_default LIMIT 300)) RETURNING id, created_at, payload) "
+                 "INSERT INTO events_202412 SELECT * FROM moved")  # ... and then the worker died
+    assert conn.execute("SELECT count(*) FROM events").fetchone() == (700,)  # moved rows are not visible yet
+
+    result = rotate.premake(Executor(conn), config, date(2024, 11, 20))
+    assert result.moved_rows == 700 and "public.events_202412" in result.created
+    assert row_hash(conn) == before
+    assert conn.execute("SELECT count(*) FROM ONLY events_202412").fetchone() == (1_000,)
+
+
 def test_premake_refuses_default_rows_with_keep_empty_and_changes_nothing(conn) -> None:
     make_events(conn, ["2024-11"], default=True)
     fill(conn, "2024-12-05", "2024-12-20", 10)

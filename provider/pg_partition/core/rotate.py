@@ -384,7 +384,7 @@ def move_default_rows_and_attach(ex: Executor, cfg: TableConfig, info: TableInfo
 
     # 1. The standalone table, with the CHECK that later lets ATTACH skip its scan (create_partition's DDL).
     if ex.dry_run or not catalog.exists(ex.conn, child):
-        _create_standalone(ex, info, cfg.column, rng, child, primary_key)
+        _create_standalone(ex, cfg, info, rng, child, primary_key)
 
     # 2. Large moves: committed batches straight into the standalone table (keeps the locked step short).
     if total > cfg.batch_size and not info.publications:
@@ -434,9 +434,14 @@ def move_default_rows_and_attach(ex: Executor, cfg: TableConfig, info: TableInfo
     return moved
 
 
-def _create_standalone(ex: Executor, info: TableInfo, column: str, rng: Range, child: QualifiedName,
+def _create_standalone(ex: Executor, cfg: TableConfig, info: TableInfo, rng: Range, child: QualifiedName,
                        primary_key: tuple[str, ...] | None) -> None:
-    """The same standalone table create_partition builds (LIKE + bounds CHECK + key + grants), not attached."""
+    """The same standalone table create_partition builds (LIKE + bounds CHECK + key + grants), not attached.
+
+    ``LIKE`` takes only ACCESS SHARE on the parent, but even that must not queue behind a pending ACCESS
+    EXCLUSIVE for long, hence lock_timeout here too.
+    """
+    column = cfg.column
     kind = column_kind(info, column)
 
     def body() -> None:
@@ -453,8 +458,8 @@ def _create_standalone(ex: Executor, info: TableInfo, column: str, rng: Range, c
                 child.ident, sql.SQL(", ").join(map(sql.Identifier, primary_key))))
         copy_grants(ex, info.grants, child)
 
-    with ex.transaction():
-        body()
+    ex.with_lock_timeout(body, lock_timeout=cfg.lock_timeout, retries=cfg.lock_retries,
+                         what=f"create {child} for rows of the DEFAULT partition")
 
 
 # --------------------------------------------------------------------------------------------------- retention

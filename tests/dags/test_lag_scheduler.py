@@ -110,7 +110,6 @@ def airflow_stack(airflow_db: Path, db, tmp_path: Path) -> Iterator[Airflow]:
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__TRIGGERER__CAPACITY": "10",
         "PGP_LAG_TEST_CONN_ID": db.conn_id,
-        "PGP_LAG_TEST_MAX_LAG_BYTES": "1MB",
     })
     stack = Airflow(home, env)
     try:

@@ -1,7 +1,9 @@
 """Test DAG for tests/dags/test_lag_scheduler.py: one deferrable ReplicationLagSensor, run by a real scheduler.
 
-The connection id and thresholds come from the environment the test gives the scheduler's processes, so the DAG
-file stays static; ``schedule="@once"`` makes the scheduler start a run as soon as the DAG is parsed.
+Its arguments are templated from DAG params exactly as pg_partition_convert wires them (``{{ params.x }}`` renders
+None as "None" and lists as "['a']", which the sensor parses). The connection id default comes from the
+environment the test gives the scheduler's processes; ``schedule="@once"`` makes the scheduler start a run as
+soon as the DAG is parsed.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import os
 from datetime import datetime
 
-from airflow.sdk import DAG
+from airflow.sdk import DAG, Param
 
 from pg_partition.sensors.lag import ReplicationLagSensor
 
@@ -20,13 +22,20 @@ with DAG(
     catchup=False,
     is_paused_upon_creation=False,
     tags=["pg-partition-test"],
+    params={
+        "conn_id": Param(os.environ.get("PGP_LAG_TEST_CONN_ID", "postgres_default"), type="string"),
+        "max_lag_bytes": Param(1024 * 1024, type=["null", "integer"], minimum=0),
+        "max_lag_seconds": Param(None, type=["null", "number"], minimum=0),
+        "watch_slots": Param([], type=["null", "array"], items={"type": "string"}),
+    },
 ):
     ReplicationLagSensor(
         task_id="wait_for_replicas",
-        conn_id=os.environ.get("PGP_LAG_TEST_CONN_ID", "postgres_default"),
-        max_lag_bytes=os.environ.get("PGP_LAG_TEST_MAX_LAG_BYTES", "1MB"),
+        conn_id="{{ params.conn_id }}",
+        max_lag_bytes="{{ params.max_lag_bytes }}",
+        max_lag_seconds="{{ params.max_lag_seconds }}",
+        watch_slots="{{ params.watch_slots }}",
         standbys=["standby1"],
-        watch_slots=[],
         poke_interval=1,
         timeout=600,
     )

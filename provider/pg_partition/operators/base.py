@@ -31,7 +31,7 @@ def as_bool(value: Any) -> bool:
 class PartitionBaseOperator(BaseOperator):
     """Base for operators that act on one table through ``pg_partition.core``.
 
-    Subclasses implement ``execute`` with ``self.executor()``: the executor logs every statement (the exact SQL)
+    Subclasses implement ``execute`` with ``self.sql_executor(conn)``: it logs every statement (the exact SQL)
     and in dry-run mode only logs. Keep subclasses thin: parse arguments, call core, log, return XCom.
     """
 
@@ -71,7 +71,8 @@ class PartitionBaseOperator(BaseOperator):
         with self.hook().open(autocommit=autocommit) as conn:
             yield conn
 
-    def executor(self, conn: psycopg.Connection[Any]) -> Executor:
+    def sql_executor(self, conn: psycopg.Connection[Any]) -> Executor:
+        """Not named ``executor``: Airflow's BaseOperator.__init__ sets ``self.executor`` (the executor name)."""
         return Executor(conn, dry_run=self.is_dry_run)
 
     def lock_kwargs(self) -> dict[str, Any]:

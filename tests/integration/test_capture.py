@@ -87,6 +87,15 @@ def test_install_records_every_kind_of_change(conn, prepared) -> None:
         conn.execute("SET LOCAL ROLE app_writer")
         conn.execute("UPDATE activities SET key = 'app' WHERE id = 70")
     assert 70 in changelog_keys(conn, SRC)
+    # nothing in the SECURITY DEFINER function depends on the caller's search_path
+    conn.execute("CREATE SCHEMA evil")
+    conn.execute("CREATE TABLE evil.activities_changelog (id bigint)")
+    with conn.transaction():
+        conn.execute("SET LOCAL search_path = evil, pg_temp")
+        conn.execute("UPDATE public.activities SET key = 'path' WHERE id = 80")
+    assert 80 in changelog_keys(conn, SRC)
+    assert conn.execute("SELECT count(*) FROM evil.activities_changelog").fetchone() == (0,)
+    conn.execute("DROP SCHEMA evil CASCADE")
 
     assert capture.uninstall(Executor(conn), SRC) is True
     assert not capture.is_installed(conn, SRC)

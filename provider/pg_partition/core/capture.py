@@ -14,7 +14,8 @@ Objects, all removed by :func:`finish_in_swap` (in the swap's transaction) or :f
 - ``<schema>.<table>_changelog``: one row per changed key (the source's primary-key columns, no index, so the
   trigger's cost is one heap append per changed row; consumed in physical order by ``ctid``).
 - ``<schema>.<table>_capture()``: the trigger function, ``SECURITY DEFINER`` owned by the role that installed it,
-  so the application's roles need no privilege on the changelog.
+  so the application's roles need no privilege on the changelog (and written so the caller's search_path cannot
+  redirect anything in it).
 - Triggers on the source named ``pg_partition_capture_{insert,update,delete,truncate}`` (the swap recognises
   capture by the ``pg_partition_capture`` prefix). Statement-level with transition tables: one INSERT into the
   changelog per statement, however many rows it touched. ``ENABLE ALWAYS`` so they also fire for sessions with
@@ -228,22 +229,27 @@ def _cols(names: Sequence[str], prefix: str | None = None) -> sql.Composable:
 
 def _function_sql(source: QualifiedName, key: Sequence[str], conn: psycopg.Connection[Any]) -> sql.Composed:
     """The trigger function. One INSERT per statement; an UPDATE records old and new keys (UNION drops the
-    duplicate when the key did not change)."""
+    duplicate when the key did not change).
+
+    SECURITY DEFINER (the application's roles need no privilege on the changelog) without a ``SET search_path``
+    clause, which would cost a GUC save/restore on every statement of the application: instead nothing in the
+    body depends on the caller's search_path (schema-qualified changelog, transition tables resolved before the
+    catalog, ``OPERATOR(pg_catalog.=)``, ``pg_catalog.format``), so a caller cannot redirect it."""
     cl = changelog_name(source).ident
     cols = _cols(key)
     body = sql.SQL(
         """
 BEGIN
-  IF TG_OP = 'INSERT' THEN
+  IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
     INSERT INTO {cl} ({cols}) SELECT {cols} FROM {new};
-  ELSIF TG_OP = 'UPDATE' THEN
+  ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
     INSERT INTO {cl} ({cols}) SELECT {cols} FROM {new} UNION SELECT {cols} FROM {old};
-  ELSIF TG_OP = 'DELETE' THEN
+  ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
     INSERT INTO {cl} ({cols}) SELECT {cols} FROM {old};
   ELSE
     RAISE EXCEPTION USING
-      MESSAGE = format('TRUNCATE of %s is refused: pg_partition is converting it and captures changes row by row',
-                       {table}),
+      MESSAGE = pg_catalog.format(
+        'TRUNCATE of %s is refused: pg_partition is converting it and captures changes row by row', {table}),
       HINT = 'remove the capture first (unprep, or pg_partition RemoveCaptureOperator), or wait for the swap';
   END IF;
   RETURN NULL;
@@ -252,8 +258,7 @@ END
     ).format(cl=cl, cols=cols, new=sql.Identifier(NEW_TABLE), old=sql.Identifier(OLD_TABLE),
              table=sql.Literal(str(source)))
     return sql.SQL(
-        "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
-        "SET search_path = pg_catalog, pg_temp AS {body}"
+        "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS {body}"
     ).format(fn=function_name(source).ident, body=sql.Literal(body.as_string(conn)))
 
 

@@ -151,6 +151,10 @@ def test_advise_one_table_create_index_statements_rebuild_the_indexes(db: Any,
     assert after == before
     text = advisor.render(a)
     assert "CREATE INDEX statements" in text and "pg_partition_convert params" in text
+    # the plain assess() the demo calls: same verdict, no recommendations attached
+    plain = advisor.assess(conn, APPEND, memory_gb=MEMORY_GB / 4)
+    assert plain.candidate and plain.total_bytes == a.total_bytes and plain.convert_params is None
+    assert "verdict: CANDIDATE" in advisor.render(plain)
 
 
 def test_advise_partitioned_table_row_counts_and_sizes(db: Any, conn: psycopg.Connection[Any]) -> None:
@@ -219,3 +223,21 @@ def test_advisor_convert_params_convert_the_candidate(db: Any, conn: psycopg.Con
     after = advisor.advise(conn, APPEND, conn_id=db.conn_id)
     assert after.is_partitioned and after.period == params["period"]
     assert after.config_entry is not None and after.config_entry["column"] == params["column"]
+
+
+def test_rules_without_a_database() -> None:
+    th = Thresholds()
+    assert advisor.classify_writes({}, th) == "no writes recorded"
+    assert advisor.classify_writes({"n_tup_ins": 1000, "n_tup_upd": 10}, th) == "append-only"
+    assert advisor.classify_writes({"n_tup_ins": 1000, "n_tup_del": 50}, th) == "mixed"
+    assert advisor.classify_writes({"n_tup_ins": 1000, "n_tup_upd": 100}, th) == "update-heavy"
+    assert advisor.classify_writes({"n_tup_upd": 1}, th) == "update-heavy"
+    gb = advisor.GB
+    assert [advisor.period_for(v).value for v in (None, 39 * gb, 40 * gb, 299 * gb, 300 * gb)] == [
+        "month", "month", "week", "week", "day"]
+    assert advisor.retention_periods(24, advisor.Period.MONTH) == 24
+    assert advisor.retention_periods(24, advisor.Period.WEEK) == 105
+    assert advisor.retention_periods(24, advisor.Period.DAY) == 731
+    assert advisor.retention_periods(None, advisor.Period.DAY) is None
+    assert advisor.periods_covering("2024-01-31 23:00:00", "2024-03-01 00:00:00", advisor.Period.MONTH) == 3
+    assert advisor.human_bytes(1536) == "1.5 KiB" and advisor.human_bytes(12) == "12 B"

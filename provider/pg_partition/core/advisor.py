@@ -358,7 +358,7 @@ def _parse_moment(text: str) -> date | datetime:
 
 
 def retention_periods(months: int | None, period: Period) -> int | None:
-    """``retention_months`` expressed in periods of the table (rounded up): 24 months -> 104 weeks, 730 days."""
+    """``retention_months`` expressed in periods of the table (rounded up): 24 months -> 105 weeks, 731 days."""
     if not months:
         return None
     per_month = {Period.DAY: 30.44, Period.WEEK: 30.44 / 7, Period.MONTH: 1.0, Period.QUARTER: 1 / 3,

@@ -327,3 +327,40 @@ def test_keep_policy_and_sse_kms(db, conn, bucket) -> None:
     head = bucket.client().head_object(Bucket=bucket.name, Key=result["key"])
     assert head["ServerSideEncryption"] == "aws:kms" and "alias/archive" in head.get("SSEKMSKeyId", "")
     assert queue(conn, s.queue_id).archive["verification"]["sse"] == "aws:kms"
+
+
+def test_restore_resumes_after_a_crash_between_create_and_load(db, conn, bucket) -> None:
+    """A worker killed after the standalone table was created (marker comment set) but before its load committed:
+    the next restore reloads it and attaches it; a same-named table without the marker is refused."""
+    s = partitioned_activities(conn, policy=policy(bucket))
+    out = archive.archive_queued(Executor(conn), bucket.client(), s.queue_id)
+    manifest = archive.get_manifest(bucket.client(), bucket.name, out["key"])
+    child = PARENT.sibling("activities_202401")
+
+    conn.execute("CREATE TABLE public.activities_202401 (LIKE public.activities)")
+    with pytest.raises(PreflightError, match="already exists and is not a restore of this archive"):
+        archive.restore(Executor(conn), bucket.client(), manifest)
+
+    # what the first transaction of a restore leaves: the empty table, its CHECK and the marker
+    conn.execute("ALTER TABLE public.activities_202401 ADD CONSTRAINT activities_202401_bounds CHECK "
+                 "(created_at >= '2024-01-01 00:00+00' AND created_at < '2024-02-01 00:00+00')")
+    conn.execute("INSERT INTO public.activities_202401 SELECT * FROM public.activities LIMIT 0")
+    conn.execute(f"COMMENT ON TABLE public.activities_202401 IS '{archive.MARKER}s3://{bucket.name}/{out['key']} "
+                 f"sha256={manifest['sha256']}'")
+    result = archive.restore(Executor(conn), bucket.client(), manifest)
+    assert result["status"] == "restored"
+    assert row_hash(conn, child) == s.hash and row_hash(conn, PARENT) == s.parent_hash
+
+
+def test_dry_run_restore_lists_statements_and_changes_nothing(db, conn, bucket) -> None:
+    s = partitioned_activities(conn, policy=policy(bucket))
+    out = archive.archive_queued(Executor(conn), bucket.client(), s.queue_id)
+    manifest = archive.get_manifest(bucket.client(), bucket.name, out["key"])
+    before = catalog_snapshot(conn)
+    result = archive.restore(Executor(conn, dry_run=True), bucket.client(), manifest)
+    assert result["status"] == "dry run"
+    text = "\n".join(result["statements"])
+    assert 'ATTACH PARTITION "public"."activities_202401" FOR VALUES FROM' in text
+    assert 'ADD CONSTRAINT "activities_202401_bounds" CHECK' in text
+    assert 'ALTER TABLE "public"."activities_202401" ADD PRIMARY KEY ("id", "created_at")' in text
+    assert catalog_snapshot(conn) == before

@@ -691,7 +691,7 @@ def _select_list(columns: list[ExportColumn], *, text_casts: bool) -> sql.Compos
     return sql.SQL(", ").join(items)
 
 
-def _rows_per_group(conn: psycopg.Connection[Any], table: QualifiedName, budget: int = 24 * MiB) -> int:
+def _rows_per_group(conn: psycopg.Connection[Any], table: QualifiedName, budget: int = 16 * MiB) -> int:
     """Row-group size that keeps one group's Python objects to a few tens of MB, from the average row width."""
     row = conn.execute("SELECT pg_relation_size(c.oid), greatest(c.reltuples, 0) FROM pg_class c WHERE c.oid = %s",
                        (catalog.table_oid(conn, table),)).fetchone()

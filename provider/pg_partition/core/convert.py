@@ -45,6 +45,7 @@ from pg_partition.core.fill import (
     fill,
     fill_status,
     plan_fill,
+    prepare_locked_copy,
     recorded_plan,
     wait_for_writers,
 )
@@ -512,11 +513,13 @@ def _sequence_state(conn: psycopg.Connection[Any], seq: QualifiedName) -> int:
     return int(row[0]) + 1 if row[1] else int(row[0])
 
 
-def _move_sequences(ex: Executor, old_info: TableInfo, new_info: TableInfo, old_name: QualifiedName,
-                    new_name: QualifiedName) -> list[str]:
+def _move_sequences(ex: Executor, old_info: TableInfo, new_info: TableInfo, new_name: QualifiedName, *,
+                    top: int) -> list[str]:
     """Carry id generation from the table that stops being live (``old``) to the one that becomes live (``new``),
-    both already renamed. Serial: the shared sequence changes owner. Identity: the new table's own identity is
-    restarted past every id either table handed out, and the sequences swap names."""
+    both already renamed; ``top`` is the largest id the new live table holds. Serial: the shared sequence
+    changes owner. Identity: the new table's own identity is restarted past every id either side handed out,
+    and the two sequences swap names. Both TableInfos are read before the lock; only the sequences' positions
+    are read under it."""
     conn = ex.conn
     done: list[str] = []
     for col, old_seq in old_info.sequences.items():
@@ -527,10 +530,7 @@ def _move_sequences(ex: Executor, old_info: TableInfo, new_info: TableInfo, old_
             new_seq = new_info.sequences.get(col)
             if new_seq is None:
                 raise StateError(f"{new_name}.{col} has no identity sequence", fix="re-create it with prep")
-            top = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(col), new_name.ident)
-                               ).fetchone()
-            restart = max(_sequence_state(conn, old_seq), _sequence_state(conn, new_seq),
-                          int(top[0]) + 1 if top and top[0] is not None else 1)
+            restart = max(_sequence_state(conn, old_seq), _sequence_state(conn, new_seq), top + 1)
             ex.run(sql.SQL("ALTER TABLE {} ALTER COLUMN {} RESTART WITH {}").format(
                 new_name.ident, sql.Identifier(col), sql.Literal(restart)))
             parked = old_seq.sibling(fit_identifier(old_seq.name, "_swap"))
@@ -612,6 +612,10 @@ def swap(
                              fix="run the indexes step (build_indexes) first")
     explicit, every = _publications(conn, spec.table)
     low = _safe_low(conn, spec, plan) if plan else 0
+    # every catalog read happens here, before the lock: the locked transaction only acts
+    new_info = None if ex.dry_run else catalog.describe(conn, spec.intermediate)
+    prepared = prepare_locked_copy(conn, plan, spec.table, spec.intermediate, low=low) \
+        if sync and plan and not ex.dry_run else None
     lock_started: list[float] = []
     outcome: dict[str, Any] = {}
 
@@ -625,9 +629,8 @@ def swap(
             from pg_partition.core import capture  # issue 4's module; imported only when its triggers exist
 
             capture.finish_in_swap(ex, source=spec.table, dest=spec.intermediate)
-        synced = copy_missing_locked(ex, plan, spec.table, spec.intermediate, low=low) \
-            if sync and plan and not ex.dry_run else {"rows": 0, "outside_rows": 0, "high_water": low}
-        new_info = None if ex.dry_run else catalog.describe(conn, spec.intermediate)
+        synced = copy_missing_locked(ex, prepared) if prepared is not None else {
+            "rows": 0, "outside_rows": 0, "high_water": low}
         ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.table.ident, sql.Identifier(spec.retired.name)))
         ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.intermediate.ident,
                                                             sql.Identifier(spec.table.name)))
@@ -638,7 +641,8 @@ def swap(
                 spec.table.sibling(m["source"]).ident, sql.Identifier(m["retired"])))
             ex.run(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
                 spec.table.sibling(m["temp"]).ident, sql.Identifier(m["source"])))
-        seqs = _move_sequences(ex, src, new_info, spec.retired, spec.table) if new_info is not None else []
+        seqs = _move_sequences(ex, src, new_info, spec.table, top=int(synced["high_water"])) \
+            if new_info is not None else []
         _move_publications(ex, explicit, every, spec.retired, spec.table, via_root=True)
         copy_grants(ex, src.grants, spec.table)
         _notify(ex, spec)
@@ -686,6 +690,7 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
     new_info = catalog.describe(conn, spec.table)
     old_info = catalog.describe(conn, spec.retired)
     explicit, _ = _publications(conn, spec.table)
+    prepared = prepare_locked_copy(conn, back, spec.table, spec.retired, low=int(pre["high_water"]))
     lock_started: list[float] = []
     outcome: dict[str, Any] = {}
 
@@ -693,7 +698,7 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
         lock_started.clear()
         ex.run(sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(spec.table.ident, spec.retired.ident))
         lock_started.append(time.monotonic())
-        synced = copy_missing_locked(ex, back, spec.table, spec.retired, low=int(pre["high_water"]))
+        synced = copy_missing_locked(ex, prepared)
         ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.table.ident,
                                                             sql.Identifier(spec.intermediate.name)))
         ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.retired.ident, sql.Identifier(spec.table.name)))
@@ -704,7 +709,10 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
                 spec.table.sibling(m["source"]).ident, sql.Identifier(m["temp"])))
             ex.run(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
                 spec.table.sibling(m["retired"]).ident, sql.Identifier(m["source"])))
-        seqs = _move_sequences(ex, new_info, old_info, spec.intermediate, spec.table)
+        top = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(
+            sql.Identifier(plan["key"]), spec.table.ident)).fetchone()
+        seqs = _move_sequences(ex, new_info, old_info, spec.table,
+                               top=max(int(synced["high_water"]), int(top[0]) if top and top[0] else 0))
         _move_publications(ex, explicit, [], spec.intermediate, spec.table, via_root=False)
         _notify(ex, spec)
         if not ex.dry_run:

@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -538,7 +539,7 @@ def copy_missing(
     top_row = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(key), src.ident)).fetchone()
     top = int(top_row[0]) if top_row and top_row[0] is not None else low
     cols = copy_columns(info)
-    override = needs_override(catalog.describe(conn, dst)) or needs_override(info)
+    override = needs_override(info) or (catalog.exists(conn, dst) and needs_override(catalog.describe(conn, dst)))
     where_sql = validate_where(conn, src, plan.get("where"))
     copied = outside = 0
     cursor = low
@@ -566,20 +567,35 @@ def copy_missing(
             "scanned_from": low, "scanned_to": top}
 
 
-def copy_missing_locked(ex: Executor, plan: dict[str, Any], src: QualifiedName, dst: QualifiedName, *,
-                        low: int) -> dict[str, Any]:
-    """The last anti-join, in the caller's transaction (under the swap's exclusive lock): one statement."""
-    conn = ex.conn
+@dataclass(frozen=True)
+class LockedCopy:
+    """Everything the last anti-join needs, read from the catalog *before* the exclusive lock is taken, so the
+    locked transaction runs only the copy itself (the swap's lock time is what the application feels)."""
+
+    insert: sql.Composed
+    count_outside: sql.Composed | None
+    top: sql.Composed
+    low: int
+
+
+def prepare_locked_copy(conn: psycopg.Connection[Any], plan: dict[str, Any], src: QualifiedName,
+                        dst: QualifiedName, *, low: int) -> LockedCopy:
     info = catalog.describe(conn, src)
     cols = copy_columns(info)
-    override = needs_override(catalog.describe(conn, dst)) or needs_override(info)
+    override = needs_override(info) or (catalog.exists(conn, dst) and needs_override(catalog.describe(conn, dst)))
     where_sql = validate_where(conn, src, plan.get("where"))
     insert, count_outside = _missing_rows_insert(plan, src, dst, cols, override, where_sql, low, None)
-    cur = ex.run(insert)
-    n = max(cur.rowcount, 0) if cur is not None else 0
-    out_row = conn.execute(count_outside).fetchone()
-    top_row = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(plan["key"]), src.ident)
-                           ).fetchone()
-    top = int(top_row[0]) if top_row and top_row[0] is not None else low
-    return {"rows": n, "outside_rows": int(out_row[0]) if out_row else 0, "high_water": max(top, low)}
+    top = sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(plan["key"]), src.ident)
+    return LockedCopy(insert, None if plan["has_default"] else count_outside, top, low)
 
+
+def copy_missing_locked(ex: Executor, prepared: LockedCopy) -> dict[str, Any]:
+    """The last anti-join, in the caller's transaction (under the swap's exclusive lock): one INSERT, plus a
+    count of rows outside every partition and the source's largest id."""
+    conn = ex.conn
+    cur = ex.run(prepared.insert)
+    n = max(cur.rowcount, 0) if cur is not None else 0
+    outside = conn.execute(prepared.count_outside).fetchone() if prepared.count_outside is not None else None
+    top_row = conn.execute(prepared.top).fetchone()
+    top = int(top_row[0]) if top_row and top_row[0] is not None else prepared.low
+    return {"rows": n, "outside_rows": int(outside[0]) if outside else 0, "high_water": max(top, prepared.low)}

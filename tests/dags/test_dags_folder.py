@@ -28,6 +28,7 @@ def test_provider_is_registered() -> None:
 
 def test_advisor_dag_reports_size_and_candidacy(db, conn, run_dag) -> None:
     seed_activities(conn, "public.activities", rows=30_000)
+    conn.execute("SELECT pg_stat_force_next_flush()")  # counters reach pg_stat_user_tables asynchronously
     result = run_dag("pg_partition_advisor", {"conn_id": db.conn_id, "table": "public.activities",
                                               "memory_gb": 0.001, "min_gb": 100})
     assert result.state == "success", result.task_states

@@ -92,7 +92,9 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
             GROUP, "pgbench insert+update tps with capture installed", cap, "tps", baseline=base,
             baseline_name="without capture", goal=">= 0.85x", met=cap / base >= 0.85,
             note=f"median of {rounds} alternating {seconds}s rounds, {clients} clients; each transaction updates "
-            "one random existing row and inserts one",
+            "one random existing row and inserts one; per-round ratios "
+            + ", ".join(f"{c / w:.2f}" for w, c in zip(without, with_capture, strict=True))
+            + f" (median {statistics.median(c / w for w, c in zip(without, with_capture, strict=True)):.2f})",
         ))
 
         # the application's view during a conversion: capture plus a replay loop draining the changelog

@@ -11,25 +11,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import psycopg
 from airflow.sdk import Context
 
 from pg_partition.core import capture, catalog, verify
 from pg_partition.core.catalog import QualifiedName
 from pg_partition.core.errors import InvalidInputError
-from pg_partition.core.execute import Executor
 from pg_partition.core.names import derived_name
 from pg_partition.operators.base import PartitionBaseOperator, as_bool
 
 
 def _sibling(table: QualifiedName, role: str) -> QualifiedName:
     return table.sibling(derived_name(table.name, role))
-
-
-def _sql(op: PartitionBaseOperator, conn: psycopg.Connection[Any]) -> Executor:
-    """``PartitionBaseOperator.executor()`` is shadowed by Airflow's ``BaseOperator.executor`` attribute (the
-    Airflow executor name, None by default), so build the SQL executor here."""
-    return Executor(conn, dry_run=op.is_dry_run)
 
 
 class InstallCaptureOperator(PartitionBaseOperator):
@@ -53,7 +45,7 @@ class InstallCaptureOperator(PartitionBaseOperator):
             self.log.info("%s", reason)
             if not wanted:
                 return {"capture": False, "reason": reason, "installed": capture.is_installed(conn, table)}
-            ex = _sql(self, conn)
+            ex = self.sql_executor(conn)
             created = capture.install(ex, table, _sibling(table, "intermediate"), **self.lock_kwargs())
             return {"capture": True, "reason": reason, "created": created, "dry_run": self.is_dry_run,
                     "statements": ex.statements, **capture.status(conn, table)}
@@ -90,7 +82,7 @@ class ReplayChangesOperator(PartitionBaseOperator):
                 self.log.info("no change capture on %s: nothing to replay", table)
                 return {"skipped": True, "reason": "capture not installed"}
             throttle = (lambda: time.sleep(pause)) if pause > 0 else None
-            stats = capture.replay(_sql(self, conn), table, _sibling(table, "intermediate"), batch_size=batch,
+            stats = capture.replay(self.sql_executor(conn), table, _sibling(table, "intermediate"), batch_size=batch,
                                    until_backlog_below=below, throttle=throttle)
             return stats.as_dict()
 
@@ -144,5 +136,5 @@ class RemoveCaptureOperator(PartitionBaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         table = self.qualified_table
         with self.connection() as conn:
-            removed = capture.uninstall(_sql(self, conn), table, **self.lock_kwargs())
+            removed = capture.uninstall(self.sql_executor(conn), table, **self.lock_kwargs())
             return {"removed": removed, "dry_run": self.is_dry_run, **capture.status(conn, table)}

@@ -636,11 +636,6 @@ class ExportColumn:
 
 _ARROW_NATIVE = {"int2", "int4", "int8", "float4", "float8", "bool", "text", "varchar", "bpchar", "date",
                  "timestamp", "timestamptz", "time", "bytea", "numeric"}
-_TYPE_OIDS = {"int2": 21, "int4": 23, "int8": 20, "float4": 700, "float8": 701, "bool": 16, "text": 25,
-              "varchar": 1043, "bpchar": 1042, "date": 1082, "timestamp": 1114, "timestamptz": 1184, "time": 1083,
-              "bytea": 17, "numeric": 1700}
-
-
 def export_columns(conn: psycopg.Connection[Any], table: QualifiedName) -> list[ExportColumn]:
     """Columns that an export carries (generated columns are left out: restore recomputes them)."""
     oid = catalog.table_oid(conn, table)
@@ -691,17 +686,6 @@ def _select_list(columns: list[ExportColumn], *, text_casts: bool) -> sql.Compos
     return sql.SQL(", ").join(items)
 
 
-def _rows_per_group(conn: psycopg.Connection[Any], table: QualifiedName, budget: int = 16 * MiB) -> int:
-    """Row-group size that keeps one group's Python objects to a few tens of MB, from the average row width."""
-    row = conn.execute("SELECT pg_relation_size(c.oid), greatest(c.reltuples, 0) FROM pg_class c WHERE c.oid = %s",
-                       (catalog.table_oid(conn, table),)).fetchone()
-    width = 300
-    if row and row[1] and row[1] > 0:
-        width = max(int(row[0] / row[1]), 32)
-    # Python objects cost roughly 4x the on-disk width.
-    return max(1_000, min(100_000, budget // (width * 4)))
-
-
 def write_pg_dump(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload, pg_dump: PgTool, *,
                   snapshot: str, compress: int | None = None, lock_timeout: str = "2s",
                   chunk: int = MiB) -> None:
@@ -734,52 +718,111 @@ def write_pg_dump(conn: psycopg.Connection[Any], table: QualifiedName, sink: Mul
                              fix="see the pg_dump message above; the table was left in place and will be retried")
 
 
-def write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
-                  columns: list[ExportColumn], *, compression: str = "snappy",
-                  rows_per_group: int | None = None) -> int:
-    """Stream the table as Parquet into ``sink``: binary COPY, one row group per batch. Returns rows written.
+def _csv_read_plan(columns: list[ExportColumn]) -> tuple[sql.Composable, dict[str, Any]]:
+    """How each column travels from PostgreSQL to Arrow's C++ CSV parser, and the type it is parsed as.
 
-    Must run inside :func:`_snapshot`'s transaction (TimeZone UTC, the counted snapshot).
+    Text CSV is the one stream both sides agree on exactly: NULL is an unquoted empty field and '' a quoted one,
+    numerics keep every digit, floats print shortest-exact. Where Arrow's parser needs help the server reshapes
+    the value: timestamptz AT TIME ZONE 'UTC' (then tagged UTC), time as microseconds, bytea as hex.
     """
     import pyarrow as pa
+
+    items: list[sql.Composable] = []
+    types: dict[str, Any] = {}
+    target = arrow_schema(columns)
+    for c in columns:
+        ident = sql.Identifier(c.name)
+        if c.as_text:
+            items.append(sql.SQL("{}::text").format(ident))
+            types[c.name] = pa.string()
+        elif c.typname == "timestamptz":
+            items.append(sql.SQL("({} AT TIME ZONE 'UTC')").format(ident))
+            types[c.name] = pa.timestamp("us")
+        elif c.typname == "time":
+            items.append(sql.SQL("(extract(epoch FROM {}) * 1000000)::int8").format(ident))
+            types[c.name] = pa.int64()
+        elif c.typname == "bytea":
+            items.append(sql.SQL("encode({}, 'hex')").format(ident))
+            types[c.name] = pa.string()
+        else:
+            items.append(ident)
+            types[c.name] = target.field(c.name).type
+    return sql.SQL(", ").join(items), types
+
+
+def _to_target(batch: Any, schema: Any) -> Any:
+    """A parsed CSV batch -> the archive's Arrow schema (UTC tag, time64, binary from hex, nullability)."""
+    import pyarrow as pa
+
+    arrays = []
+    for i, f in enumerate(schema):
+        col = batch.column(i)
+        if pa.types.is_binary(f.type):
+            col = pa.array([None if v is None else bytes.fromhex(v) for v in col.to_pylist()], pa.binary())
+        elif not col.type.equals(f.type):
+            col = col.cast(f.type)
+        arrays.append(col)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
+                  columns: list[ExportColumn], *, compression: str = "snappy",
+                  block_size: int = 8 * MiB, group_bytes: int = 32 * MiB) -> int:
+    """Stream the table as Parquet into ``sink``; returns rows written.
+
+    ``COPY ... TO STDOUT (FORMAT csv)`` is parsed by Arrow's C++ CSV reader in ``block_size`` blocks (no Python
+    object per value: fast, and memory stays near ``group_bytes``), batches are converted to the archive schema
+    and written as row groups of about ``group_bytes`` of CSV. Must run inside :func:`_snapshot`'s transaction.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     schema = arrow_schema(columns)
-    group = rows_per_group or _rows_per_group(conn, table)
-    oids = [25 if c.as_text else _TYPE_OIDS[c.typname] for c in columns]
-    query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT BINARY)").format(
-        _select_list(columns, text_casts=True), table.ident)
+    select, read_types = _csv_read_plan(columns)
+    query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT csv)").format(select, table.ident)
     total = 0
     progress = Progress(f"parquet export of {table}", None, logger=log)
     writer = pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, compression=compression,
                               write_statistics=True, use_dictionary=True, version="2.6")
     try:
         with conn.cursor() as cur, cur.copy(query) as copy:
-            copy.set_types(oids)
-            batch: list[tuple[Any, ...]] = []
-            for row in copy.rows():
-                batch.append(row)
-                if len(batch) >= group:
-                    _write_batch(writer, schema, batch)
-                    total += len(batch)
-                    progress.add(len(batch))
-                    batch = []
-            if batch:
-                _write_batch(writer, schema, batch)
-                total += len(batch)
-                progress.add(len(batch))
+            source = io.BufferedReader(_IterReader(bytes(chunk) for chunk in copy), buffer_size=MiB)
+            reader = pacsv.open_csv(
+                source,
+                read_options=pacsv.ReadOptions(column_names=[c.name for c in columns], block_size=block_size,
+                                               use_threads=False),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=read_types, true_values=["t"], false_values=["f"], null_values=[""],
+                    strings_can_be_null=True, quoted_strings_can_be_null=False),
+            )
+            pending: list[Any] = []
+            size = 0
+            for batch in reader:
+                pending.append(_to_target(batch, schema))
+                size += batch.nbytes
+                if size >= group_bytes:
+                    written = _write_group(writer, pending)
+                    total += written
+                    progress.add(written)
+                    pending, size = [], 0
+            if pending:
+                written = _write_group(writer, pending)
+                total += written
+                progress.add(written)
     finally:
         writer.close()
     progress.add(0, force=True)
     return total
 
 
-def _write_batch(writer: Any, schema: Any, rows: list[tuple[Any, ...]]) -> None:
+def _write_group(writer: Any, batches: list[Any]) -> int:
     import pyarrow as pa
 
-    cols = list(zip(*rows, strict=True))
-    arrays = [pa.array(list(values), type=f.type) for values, f in zip(cols, schema, strict=True)]
-    writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema), row_group_size=len(rows))
+    tbl = pa.Table.from_batches(batches)
+    writer.write_table(tbl, row_group_size=max(tbl.num_rows, 1))
+    return int(tbl.num_rows)
 
 
 def write_csv_gzip(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,

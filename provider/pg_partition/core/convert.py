@@ -394,7 +394,10 @@ def build_indexes(ex: Executor, spec: ConvertSpec) -> dict[str, Any]:
 
 
 def analyze(ex: Executor, spec: ConvertSpec) -> dict[str, Any]:
-    """ANALYZE every partition, then the parent (inheritance statistics the planner uses for the whole table)."""
+    """Statistics for every partition and for the parent (the inheritance statistics the planner uses for the
+    whole table). Before PostgreSQL 17, ``ANALYZE parent`` already processes every partition, so one statement
+    does both (analyzing partitions first would sample everything twice); from 17, partitions one by one (with
+    a log line each) and then ``ANALYZE ONLY parent``."""
     conn = ex.conn
     with timed(ex, spec, "analyze") as info:
         parent_name = _live_parent(conn, spec)
@@ -404,9 +407,12 @@ def analyze(ex: Executor, spec: ConvertSpec) -> dict[str, Any]:
             ex.run(sql.SQL("ANALYZE {}").format(parent_name.ident))
             return info
         parent = catalog.describe(conn, parent_name)
-        for part in parent.partitions:
-            ex.run(sql.SQL("ANALYZE {}").format(part.name.ident))
-        ex.run(sql.SQL("ANALYZE {}").format(parent_name.ident))
+        if catalog.server_version_num(conn) >= 170000:
+            for part in parent.partitions:
+                ex.run(sql.SQL("ANALYZE {}").format(part.name.ident))
+            ex.run(sql.SQL("ANALYZE ONLY {}").format(parent_name.ident))
+        else:
+            ex.run(sql.SQL("ANALYZE {}").format(parent_name.ident))
         info["partitions"] = len(parent.partitions)
     return info
 
@@ -572,6 +578,7 @@ def swap(
     retries: int = 5,
     sync: bool = True,
     require_complete_fill: bool = True,
+    wait_timeout: float = 3600.0,
 ) -> dict[str, Any]:
     """Make the partitioned table live in one short transaction under ``lock_timeout`` with retries.
 
@@ -614,8 +621,14 @@ def swap(
     low = _safe_low(conn, spec, plan) if plan else 0
     # every catalog read happens here, before the lock: the locked transaction only acts
     new_info = None if ex.dry_run else catalog.describe(conn, spec.intermediate)
-    prepared = prepare_locked_copy(conn, plan, spec.table, spec.intermediate, low=low) \
+    prepared = prepare_locked_copy(conn, plan, spec.table, spec.intermediate) \
         if sync and plan and not ex.dry_run else None
+    last_pass: dict[str, Any] | None = None
+    if prepared is not None:
+        # one more catch-up just before locking: the locked anti-join then only sees the last milliseconds' rows
+        last_pass = copy_missing(ex, plan, spec.table, spec.intermediate, low=low, live=True,
+                                 wait_timeout=wait_timeout)
+        low = max(low, int(last_pass["high_water"]))
     lock_started: list[float] = []
     outcome: dict[str, Any] = {}
 
@@ -629,7 +642,7 @@ def swap(
             from pg_partition.core import capture  # issue 4's module; imported only when its triggers exist
 
             capture.finish_in_swap(ex, source=spec.table, dest=spec.intermediate)
-        synced = copy_missing_locked(ex, prepared) if prepared is not None else {
+        synced = copy_missing_locked(ex, prepared, low=low) if prepared is not None else {
             "rows": 0, "outside_rows": 0, "high_water": low}
         ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.table.ident, sql.Identifier(spec.retired.name)))
         ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.intermediate.ident,
@@ -658,7 +671,8 @@ def swap(
     ex.logger.info("swap of %s: ACCESS EXCLUSIVE lock held for %.1f ms (%d rows synced under the lock)",
                    spec.table, lock_ms, outcome.get("synced", {}).get("rows", 0))
     result = {"lock_ms": lock_ms, "seconds": round(time.monotonic() - started, 3),
-              "publications": [p["name"] for p in explicit], **outcome}
+              "publications": [p["name"] for p in explicit], "last_pass_rows": last_pass["rows"] if last_pass else 0,
+              **outcome}
     if not ex.dry_run:
         with conn.transaction():
             put(ex, spec, "swap", {**result, "high_water": outcome["synced"]["high_water"]})
@@ -690,7 +704,7 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
     new_info = catalog.describe(conn, spec.table)
     old_info = catalog.describe(conn, spec.retired)
     explicit, _ = _publications(conn, spec.table)
-    prepared = prepare_locked_copy(conn, back, spec.table, spec.retired, low=int(pre["high_water"]))
+    prepared = prepare_locked_copy(conn, back, spec.table, spec.retired)
     lock_started: list[float] = []
     outcome: dict[str, Any] = {}
 
@@ -698,7 +712,7 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
         lock_started.clear()
         ex.run(sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(spec.table.ident, spec.retired.ident))
         lock_started.append(time.monotonic())
-        synced = copy_missing_locked(ex, prepared)
+        synced = copy_missing_locked(ex, prepared, low=int(pre["high_water"]))
         ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.table.ident,
                                                             sql.Identifier(spec.intermediate.name)))
         ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.retired.ident, sql.Identifier(spec.table.name)))

@@ -533,14 +533,15 @@ def copy_missing(
     conn = ex.conn
     info = catalog.describe(conn, src)
     key = plan["key"]
+    cols = copy_columns(info)
+    override = needs_override(info) or (catalog.exists(conn, dst) and needs_override(catalog.describe(conn, dst)))
+    where_sql = validate_where(conn, src, plan.get("where"))
+    # the ceiling is read as late as possible: rows committed after it are left for the next pass
     ceiling = id_ceiling(conn, info, key)
     if live:
         wait_for_writers(conn, src, timeout=wait_timeout, logger=ex.logger)
     top_row = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(key), src.ident)).fetchone()
     top = int(top_row[0]) if top_row and top_row[0] is not None else low
-    cols = copy_columns(info)
-    override = needs_override(info) or (catalog.exists(conn, dst) and needs_override(catalog.describe(conn, dst)))
-    where_sql = validate_where(conn, src, plan.get("where"))
     copied = outside = 0
     cursor = low
     progress = FillProgress(f"catch-up {src} -> {dst}", math.ceil(max(top - low, 0) / batch_size),
@@ -572,30 +573,32 @@ class LockedCopy:
     """Everything the last anti-join needs, read from the catalog *before* the exclusive lock is taken, so the
     locked transaction runs only the copy itself (the swap's lock time is what the application feels)."""
 
-    insert: sql.Composed
-    count_outside: sql.Composed | None
-    top: sql.Composed
-    low: int
+    plan: dict[str, Any]
+    src: QualifiedName
+    dst: QualifiedName
+    cols: list[str]
+    override: bool
+    where_sql: sql.Composable | None
 
 
 def prepare_locked_copy(conn: psycopg.Connection[Any], plan: dict[str, Any], src: QualifiedName,
-                        dst: QualifiedName, *, low: int) -> LockedCopy:
+                        dst: QualifiedName) -> LockedCopy:
     info = catalog.describe(conn, src)
-    cols = copy_columns(info)
     override = needs_override(info) or (catalog.exists(conn, dst) and needs_override(catalog.describe(conn, dst)))
-    where_sql = validate_where(conn, src, plan.get("where"))
-    insert, count_outside = _missing_rows_insert(plan, src, dst, cols, override, where_sql, low, None)
-    top = sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(plan["key"]), src.ident)
-    return LockedCopy(insert, None if plan["has_default"] else count_outside, top, low)
+    return LockedCopy(plan, src, dst, copy_columns(info), override, validate_where(conn, src, plan.get("where")))
 
 
-def copy_missing_locked(ex: Executor, prepared: LockedCopy) -> dict[str, Any]:
-    """The last anti-join, in the caller's transaction (under the swap's exclusive lock): one INSERT, plus a
-    count of rows outside every partition and the source's largest id."""
+def copy_missing_locked(ex: Executor, prepared: LockedCopy, *, low: int) -> dict[str, Any]:
+    """The last anti-join, in the caller's transaction (under the swap's exclusive lock): one INSERT of the rows
+    above ``low`` the destination lacks, a count of rows outside every partition, and the source's largest id.
+    Builds its SQL from ``prepared`` without reading the catalog."""
     conn = ex.conn
-    cur = ex.run(prepared.insert)
+    p = prepared
+    insert, count_outside = _missing_rows_insert(p.plan, p.src, p.dst, p.cols, p.override, p.where_sql, low, None)
+    cur = ex.run(insert)
     n = max(cur.rowcount, 0) if cur is not None else 0
-    outside = conn.execute(prepared.count_outside).fetchone() if prepared.count_outside is not None else None
-    top_row = conn.execute(prepared.top).fetchone()
-    top = int(top_row[0]) if top_row and top_row[0] is not None else prepared.low
-    return {"rows": n, "outside_rows": int(outside[0]) if outside else 0, "high_water": max(top, prepared.low)}
+    outside = conn.execute(count_outside).fetchone() if not p.plan["has_default"] else None
+    top_row = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(p.plan["key"]), p.src.ident)
+                           ).fetchone()
+    top = int(top_row[0]) if top_row and top_row[0] is not None else low
+    return {"rows": n, "outside_rows": int(outside[0]) if outside else 0, "high_water": max(top, low)}

@@ -14,8 +14,33 @@ def get_provider_info() -> dict[str, Any]:
         "name": "PG Partition",
         "description": "Online conversion of PostgreSQL tables to declarative partitions, rotation and S3 archiving.",
         "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "PG Partition",
+                "external-doc-url": "https://www.postgresql.org/docs/current/ddl-partitioning.html",
+                "tags": ["software"],
+            },
+        ],
         "hooks": [
             {"integration-name": "PG Partition", "python-modules": ["pg_partition.hooks.partition"]},
         ],
-        "connection-types": [],
+        "operators": [
+            {
+                "integration-name": "PG Partition",
+                "python-modules": [
+                    "pg_partition.operators.advisor",
+                    "pg_partition.operators.archive",
+                    "pg_partition.operators.capture",
+                    "pg_partition.operators.convert",
+                    "pg_partition.operators.cost",
+                    "pg_partition.operators.rotate",
+                ],
+            },
+        ],
+        "sensors": [
+            {"integration-name": "PG Partition", "python-modules": ["pg_partition.sensors.lag"]},
+        ],
+        "triggers": [
+            {"integration-name": "PG Partition", "python-modules": ["pg_partition.triggers.lag"]},
+        ],
     }

@@ -145,6 +145,12 @@ def test_deferrable_sensor_defers_to_a_real_triggerer_until_replay_resumes(airfl
             # still held back while replay is paused: more polls, all over the threshold, no success
             wait_until(lambda: "Replication lag over threshold (poll 3)" in trigger_log(af), "more polls")
             assert af.ti_state() == "deferred" and af.run_state() == "running"
+            # Airflow 3.3.2 race (apache/airflow#67287, #71580): if the trigger fires and the task is queued again
+            # before the scheduler has processed the executor's "success" for the worker that exited on defer(),
+            # the scheduler marks the task failed. Resume replay only after that event was processed.
+            wait_until(lambda: "Received executor event with state success for task instance "
+                       f"TaskInstanceKey(dag_id='{DAG_ID}'" in af.log("scheduler").read_text(errors="replace"),
+                       "the scheduler processed the deferring worker's exit")
         # replay resumed: the triggerer sees lag drop, fires, the task resumes on a worker and succeeds
         wait_until(lambda: af.alive() or af.run_state() in {"success", "failed"}, "dag run finished", timeout=240)
     assert af.run_state() == "success", task_log(af)

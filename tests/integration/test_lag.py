@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import itertools
 import json
 import logging
 import threading
@@ -347,65 +346,64 @@ def consume(conn: psycopg.Connection[Any], slot: str) -> int:
     return conn.execute("SELECT count(*) FROM pg_logical_slot_get_changes(%s, NULL, NULL)", (slot,)).fetchone()[0]
 
 
+class FeedThatLags:
+    """The gate's ``sleep``: while the gate is paused nobody reads the slot; after ``hold`` polls over the limit
+    the "warehouse feed" catches up (consumes the slot). It runs in the loop's own thread, so ``events`` is in
+    exact order: ("after_batch", unconfirmed bytes), ("poll", rows copied so far), ("consume", 0)."""
+
+    def __init__(self, consumer: psycopg.Connection[Any], probe: psycopg.Connection[Any], slot: str,
+                 table: str, hold: int = 5) -> None:
+        self.consumer, self.probe, self.slot, self.table, self.hold = consumer, probe, slot, table, hold
+        self.events: list[tuple[str, int]] = []
+        self.consumptions = 0
+        self._polls = 0
+
+    def record_batch(self) -> None:
+        self.events.append(("after_batch", unconfirmed(self.probe, self.slot)))
+
+    def __call__(self, seconds: float) -> None:
+        self.events.append(("poll", self.probe.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]))
+        self._polls += 1
+        if self._polls >= self.hold:
+            self._polls = 0
+            self.events.append(("consume", 0))
+            consume(self.consumer, self.slot)
+            self.consumptions += 1
+        time.sleep(seconds)
+
+    def assert_held_within_one_batch(self, limit: int) -> None:
+        """After a batch that left the slot over the limit, no batch runs until the slot was consumed, and
+        while held no rows are copied."""
+        over, held_rows = False, None
+        for kind, value in self.events:
+            if kind == "consume":
+                over, held_rows = False, None
+            elif kind == "poll":
+                assert held_rows in (None, value), f"rows were copied while paused: {self.events}"
+                held_rows = value
+            else:
+                assert not over, f"a batch ran after the slot crossed the limit: {self.events}"
+                over = value > limit
+
+
 def test_unconsumed_logical_slot_holds_the_batch_loop_and_consuming_releases_it(db, caplog) -> None:
     limit = 2 * MB
-    with db.connect() as c, db.connect() as lag_conn, db.connect() as watcher, db.connect() as consumer, \
-            db.connect() as probe:
+    with db.connect() as c, db.connect() as lag_conn, db.connect() as probe, db.connect() as consumer:
         make_source(c, 40_000)
         consumer.execute("SELECT pg_create_logical_replication_slot('s', 'test_decoding')")
-        events: list[tuple[str, int]] = []  # ("batch", bytes unconfirmed after it) / ("consume", 0), in order
-        paused = threading.Event()
-
-        def sleep(seconds: float) -> None:
-            paused.set()
-            time.sleep(seconds)
-
+        feed = FeedThatLags(consumer, probe, "s", "dst", hold=5)
         gate = LagGate(LagThresholds(max_lag_bytes=limit, standbys=(), slots=("s",)), check_every=0,
-                       poll_interval=0.1, max_pause_seconds=None, sleep=sleep)
-        errors: list[BaseException] = []
-
-        def loop() -> None:
-            try:
-                copy_in_batches(c, 2_000, gate.bind(lag_conn),
-                                on_batch=lambda _last: events.append(("batch", unconfirmed(watcher, "s"))))
-            except BaseException as exc:  # surfaced by the main thread
-                errors.append(exc)
-
-        worker = threading.Thread(target=loop)
+                       poll_interval=0.05, max_pause_seconds=None, sleep=feed)
         with caplog.at_level(logging.INFO, logger="pg_partition"):
-            worker.start()
-            # first pause: the loop must be held while nobody consumes the slot
-            wait_until(lambda: paused.is_set() or not worker.is_alive(), "the loop pauses on the slot")
-            assert worker.is_alive() and not errors
-            (held_rows,) = probe.execute("SELECT count(*) FROM dst").fetchone()
-            assert gate.last_verdict is not None and not gate.last_verdict.ok
-            assert "logical slot 's' (inactive) unconfirmed" in gate.last_verdict.reasons[0]
-            time.sleep(1.0)  # ten more measurements, all over the limit
-            assert probe.execute("SELECT count(*) FROM dst").fetchone() == (held_rows,)
-            assert worker.is_alive()
-            # a consumer reads the slot each time the loop stalls, until the loop is done
-            consumptions = 0
-            while worker.is_alive():
-                if paused.wait(0.1):
-                    paused.clear()
-                    events.append(("consume", 0))
-                    consume(consumer, "s")
-                    consumptions += 1
-                assert consumptions < 200, "the loop never finished"
-        worker.join()
-        assert not errors, errors
-        # never a batch after one that crossed the limit, until the slot had been consumed
-        over = False
-        for kind, value in events:
-            if kind == "consume":
-                over = False
-            else:
-                assert not over, f"a batch ran after the slot crossed the limit: {events}"
-                over = value > limit
-        assert gate.pauses >= 2 and consumptions >= 2
+            copy_in_batches(c, 2_000, gate.bind(lag_conn), on_batch=lambda _last: feed.record_batch())
+        feed.assert_held_within_one_batch(limit)
+        # it really paused, several times, each time for 4+ measurements over the limit before the feed read
+        assert gate.pauses >= 2 and feed.consumptions == gate.pauses
+        assert [k for k, _ in feed.events].count("poll") >= 5 * gate.pauses
         assert c.execute(HASH.format("src")).fetchone() == c.execute(HASH.format("dst")).fetchone()
         assert c.execute("SELECT count(*) FROM dst").fetchone() == (40_000,)
-    assert "Pausing: replication lag over threshold" in caplog.text and "Resuming after a" in caplog.text
+    assert "Pausing: replication lag over threshold" in caplog.text and "logical slot 's'" in caplog.text
+    assert "Resuming after a" in caplog.text
 
 
 async def test_long_pause_raises_then_trigger_fires_when_consumed_and_loop_resumes_from_checkpoint(db) -> None:
@@ -466,7 +464,7 @@ def test_unconsumed_slot_holds_the_real_convert_fill_and_consuming_releases_it(d
 
     spec = ConvertSpec.create("activities", "created_at", period="month")
     limit = MB // 2
-    with db.connect() as c, db.connect() as lag_conn, db.connect() as watcher, db.connect() as consumer:
+    with db.connect() as c, db.connect() as lag_conn, db.connect() as probe, db.connect() as consumer:
         seed_activities(c, "public.activities", rows=20_000, months=3, timestamptz=True)
         ex = Executor(c)
         convert.prep(ex, spec)
@@ -474,50 +472,23 @@ def test_unconsumed_slot_holds_the_real_convert_fill_and_consuming_releases_it(d
         plan = convert.plan_fill(ex, spec, batch_size=500)
         assert len(plan["items"]) >= 3
         consumer.execute("SELECT pg_create_logical_replication_slot('s', 'test_decoding')")
-        paused = threading.Event()
-
-        def sleep(seconds: float) -> None:
-            paused.set()
-            time.sleep(seconds)
-
+        feed = FeedThatLags(consumer, probe, "s", "activities_intermediate", hold=5)
         gate = LagGate(LagThresholds(max_lag_bytes=limit, standbys=(), slots=("s",)), check_every=0,
-                       poll_interval=0.1, max_pause_seconds=None, sleep=sleep)
+                       poll_interval=0.05, max_pause_seconds=None, sleep=feed)
         gated = gate.bind(lag_conn)
-        events: list[tuple[str, int]] = []
 
-        def throttle() -> None:  # record what the slot holds after each batch, then gate
-            events.append(("check", unconfirmed(watcher, "s")))
+        def throttle() -> None:  # the fill calls it after each batch: record what the slot holds, then gate
+            feed.record_batch()
             gated()
 
-        errors: list[BaseException] = []
-
-        def loop() -> None:
-            try:
-                for item in plan["items"]:  # as the mapped fill tasks run: gate before each, then the fill
-                    throttle()
-                    convert.fill(ex, spec, item, throttle=throttle)
-            except BaseException as exc:
-                errors.append(exc)
-
-        worker = threading.Thread(target=loop)
         with caplog.at_level(logging.INFO, logger="pg_partition"):
-            worker.start()
-            consumptions = 0
-            while worker.is_alive():
-                if paused.wait(0.1):
-                    paused.clear()
-                    events.append(("consume", 0))
-                    consume(consumer, "s")
-                    consumptions += 1
-                assert consumptions < 400, "the fill never finished"
-        worker.join()
-        assert not errors, errors
-        # exactly one batch runs between two checks; after a check that saw the slot over the limit the next
-        # thing must be a consumption (the gate held the fill), never another batch
-        for (kind, value), (next_kind, _) in itertools.pairwise(events):
-            if kind == "check" and value > limit:
-                assert next_kind == "consume", f"the fill ran a batch with the slot over the limit: {events}"
-        assert gate.pauses >= 2 and consumptions >= 2
+            for item in plan["items"]:  # as the mapped fill tasks run: gate before each, then the fill
+                throttle()
+                convert.fill(ex, spec, item, throttle=throttle)
+        # the fill does not call throttle after an item's last batch; the gate before the next item covers it,
+        # so exactly one batch runs between two records and the check below is exact
+        feed.assert_held_within_one_batch(limit)
+        assert gate.pauses >= 2 and feed.consumptions == gate.pauses
         assert row_hash(c, "activities_intermediate") == row_hash(c, "activities")
         assert convert.fill_status(c, spec)["pending"] == []
     assert "Pausing: replication lag over threshold" in caplog.text and "logical slot 's'" in caplog.text

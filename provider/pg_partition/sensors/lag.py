@@ -37,6 +37,10 @@ class ReplicationLagSensor(BaseSensorOperator):
     :param deferrable: wait in the triggerer (default) instead of poking in a worker slot.
     Standard sensor options (``poke_interval``, ``timeout``, ``soft_fail``, ``mode``...) apply; in deferrable
     mode ``timeout`` bounds the deferral and ``soft_fail`` turns a timeout into a skip.
+
+    Give the task ``retries`` (1-2): Airflow 3.3.2 can mark a deferred task failed when its trigger fires within
+    seconds of the deferral, before the scheduler processed the deferring worker's exit (apache/airflow#67287,
+    #71580); the retry simply checks lag again.
     """
 
     template_fields: Sequence[str] = ("conn_id", "max_lag_bytes", "max_lag_seconds", "standbys", "watch_slots",

@@ -16,7 +16,6 @@ from airflow.sdk import Context
 
 from pg_partition.core import convert
 from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.execute import Executor
 from pg_partition.operators.base import PartitionBaseOperator, as_bool
 
 SPEC_FIELDS = ("column", "period", "primary_key", "default_partition", "tablespace", "defer_indexes")
@@ -67,9 +66,7 @@ class ConvertBaseOperator(PartitionBaseOperator):
         """A connection's executor and the spec; logs whether this is a rehearsal."""
         spec = self.spec()
         with self.connection() as conn:
-            # not self.executor(): Airflow 3's BaseOperator.__init__ sets an ``executor`` attribute (the task's
-            # Airflow executor) that shadows PartitionBaseOperator.executor()
-            ex = Executor(conn, dry_run=self.is_dry_run)
+            ex = self.sql_executor(conn)
             if ex.dry_run:
                 self.log.info("DRY RUN: statements are logged, nothing is changed")
             yield ex, spec

@@ -171,7 +171,8 @@ def _chart(figures: list[Figure], series: dict[str, list[tuple[float, float]]], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ratios = [(f"{f.group}: {f.name}", f.ratio) for f in figures if f.ratio is not None]
+    # Scaling figures have their own panel (time per row, lower is better); the bars are "ours vs baseline".
+    ratios = [(f"{f.group}: {f.name}", f.ratio) for f in figures if f.ratio is not None and f.group != "scaling"]
     ncols = 2 if series else 1
     fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, max(3.0, 0.45 * len(ratios) + 1.5)))
     ax = axes[0] if ncols == 2 else axes

@@ -414,7 +414,8 @@ class MultipartUpload:
         self.upload_id: str | None = None
         self.sha = hashlib.sha256()
         self.size = 0
-        self._buf = bytearray()
+        self._chunks: list[bytes] = []
+        self._pending = 0
         self._parts: list[dict[str, Any]] = []
         self._futures: list[Future[dict[str, Any]]] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -471,14 +472,20 @@ class MultipartUpload:
             return 0
         self.sha.update(data)
         self.size += n
-        self._buf += data
-        while len(self._buf) >= self._part_size():
-            size = self._part_size()
-            part = bytes(self._buf[:size])
-            del self._buf[:size]
-            self._submit(part)
+        # Keep the chunks and join them once per part: one allocation of about part_size per part, instead of a
+        # growing buffer plus slice copies. Parts need not be equal (only >= 5 MiB except the last).
+        self._chunks.append(data if isinstance(data, bytes) else bytes(data))
+        self._pending += n
+        if self._pending >= self._part_size():
+            self._submit(self._take())
         self.progress.add(n)
         return n
+
+    def _take(self) -> bytes:
+        part = b"".join(self._chunks)
+        self._chunks.clear()
+        self._pending = 0
+        return part
 
     def _part_size(self) -> int:
         return int(self.base_part_size * 2 ** ((self._next - 1) // 1000))
@@ -513,9 +520,8 @@ class MultipartUpload:
 
     def complete(self) -> UploadResult:
         """Upload the last part, wait for all, complete the upload. Only call once the source ended cleanly."""
-        if self._buf or self._next == 1:
-            self._submit(bytes(self._buf))
-            self._buf.clear()
+        if self._pending or self._next == 1:
+            self._submit(self._take())
         while self._futures:
             self._reap(block=True)
         parts = sorted(self._parts, key=lambda p: int(p["PartNumber"]))
@@ -765,15 +771,45 @@ def _to_target(batch: Any, schema: Any) -> Any:
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
+@contextlib.contextmanager
+def _arrow_pool() -> Iterator[Any]:
+    """Arrow allocations from jemalloc with immediate decay for the export, when this pyarrow has jemalloc.
+
+    Why: the default allocators keep freed blocks cached, so a long export's RSS creeps far above what it
+    actually holds (measured: ~200-340 MB vs ~170 MB for the same export); the previous default is restored.
+    """
+    import pyarrow as pa
+
+    previous = pa.default_memory_pool()
+    try:
+        pool = pa.jemalloc_memory_pool()
+        pa.jemalloc_set_decay_ms(0)
+    except (NotImplementedError, pa.ArrowNotImplementedError):
+        yield previous
+        return
+    pa.set_memory_pool(pool)
+    try:
+        yield pool
+    finally:
+        pa.set_memory_pool(previous)
+
+
 def write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
                   columns: list[ExportColumn], *, compression: str = "snappy",
-                  block_size: int = 8 * MiB, group_bytes: int = 32 * MiB) -> int:
+                  block_size: int = 4 * MiB, group_bytes: int = 8 * MiB) -> int:
     """Stream the table as Parquet into ``sink``; returns rows written.
 
-    ``COPY ... TO STDOUT (FORMAT csv)`` is parsed by Arrow's C++ CSV reader in ``block_size`` blocks (no Python
-    object per value: fast, and memory stays near ``group_bytes``), batches are converted to the archive schema
-    and written as row groups of about ``group_bytes`` of CSV. Must run inside :func:`_snapshot`'s transaction.
+    ``COPY ... TO STDOUT (FORMAT csv)`` is cut into blocks of about ``block_size`` whole rows, each parsed by
+    Arrow's C++ CSV parser (no Python object per value), converted to the archive schema and written as row
+    groups of about ``group_bytes`` of Arrow data. Must run inside :func:`_snapshot`'s transaction.
     """
+    with _arrow_pool():
+        return _write_parquet(conn, table, sink, columns, compression=compression, block_size=block_size,
+                              group_bytes=group_bytes)
+
+
+def _write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
+                   columns: list[ExportColumn], *, compression: str, block_size: int, group_bytes: int) -> int:
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -781,36 +817,52 @@ def write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: Mul
     schema = arrow_schema(columns)
     select, read_types = _csv_read_plan(columns)
     query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT csv)").format(select, table.ident)
+    read_options = pacsv.ReadOptions(column_names=[c.name for c in columns], use_threads=False)
+    parse_options = pacsv.ParseOptions(newlines_in_values=True)
+    convert_options = pacsv.ConvertOptions(column_types=read_types, true_values=["t"], false_values=["f"],
+                                           null_values=[""], strings_can_be_null=True,
+                                           quoted_strings_can_be_null=False)
     total = 0
     progress = Progress(f"parquet export of {table}", None, logger=log)
     writer = pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, compression=compression,
                               write_statistics=True, use_dictionary=True, version="2.6")
+    pending: list[Any] = []
+    pending_bytes = 0
+
+    def parse(rows: list[bytes]) -> None:
+        nonlocal pending_bytes, total
+        block = pacsv.read_csv(pa.py_buffer(b"".join(rows)), read_options=read_options,
+                               parse_options=parse_options, convert_options=convert_options)
+        for batch in block.to_batches():
+            pending.append(_to_target(batch, schema))
+            pending_bytes += batch.nbytes
+        if pending_bytes >= group_bytes:
+            written = _write_group(writer, pending)
+            total += written
+            progress.add(written)
+            pending.clear()
+            pending_bytes = 0
+
     try:
+        # PostgreSQL sends each row of COPY TO as its own CopyData message, so every chunk psycopg yields is
+        # whole rows (quoted newlines included): blocks can be cut between any two chunks and parsed on their
+        # own, in this thread, with no Python object per value.
         with conn.cursor() as cur, cur.copy(query) as copy:
-            source = io.BufferedReader(_IterReader(bytes(chunk) for chunk in copy), buffer_size=MiB)
-            reader = pacsv.open_csv(
-                source,
-                read_options=pacsv.ReadOptions(column_names=[c.name for c in columns], block_size=block_size,
-                                               use_threads=False),
-                parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(
-                    column_types=read_types, true_values=["t"], false_values=["f"], null_values=[""],
-                    strings_can_be_null=True, quoted_strings_can_be_null=False),
-            )
-            pending: list[Any] = []
+            rows: list[bytes] = []
             size = 0
-            for batch in reader:
-                pending.append(_to_target(batch, schema))
-                size += batch.nbytes
-                if size >= group_bytes:
-                    written = _write_group(writer, pending)
-                    total += written
-                    progress.add(written)
-                    pending, size = [], 0
-            if pending:
-                written = _write_group(writer, pending)
-                total += written
-                progress.add(written)
+            for chunk in copy:
+                data = bytes(chunk)
+                rows.append(data)
+                size += len(data)
+                if size >= block_size:
+                    parse(rows)
+                    rows, size = [], 0
+            if rows:
+                parse(rows)
+        if pending:
+            written = _write_group(writer, pending)
+            total += written
+            progress.add(written)
     finally:
         writer.close()
     progress.add(0, force=True)
@@ -984,7 +1036,7 @@ def archive_table(
     where = f"s3://{policy.bucket}/{key}"
     if ex.dry_run:
         what = {"pg_dump": f"{tool.path if tool else 'pg_dump'} --format=custom --table={dump_pattern(table)}",
-                "parquet": "COPY (SELECT ...) TO STDOUT (FORMAT BINARY) -> Parquet",
+                "parquet": "COPY (SELECT ...) TO STDOUT (FORMAT csv) -> Arrow -> Parquet",
                 "csv": "COPY (SELECT ...) TO STDOUT (FORMAT csv, HEADER) -> gzip",
                 "rds_csv": "aws_s3.query_export_to_s3 (server side)"}[policy.object_format]
         ex.logger.info("[dry run] would stream %s to %s (manifest %s)", what, where, mkey)

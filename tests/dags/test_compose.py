@@ -32,9 +32,11 @@ def _conn_ids_expected_by_dags() -> set[str]:
     config = REPO / "dags" / "pg_partition.yaml"
     if config.exists():
         text = yaml.safe_load(config.read_text()) or {}
-        for entry in text.get("tables", []):
+        for entry in [text.get("defaults") or {}, *text.get("tables", [])]:
             if "conn_id" in entry:
                 ids.add(entry["conn_id"])
+            if (entry.get("archive") or {}).get("aws_conn_id"):
+                ids.add(entry["archive"]["aws_conn_id"])
     return ids
 
 
@@ -56,7 +58,7 @@ def test_compose_defines_every_connection_the_dags_use(airflow_db: Path) -> None
     defined = {k[len("AIRFLOW_CONN_"):].lower(): json.loads(v) for k, v in env.items()
                if k.startswith("AIRFLOW_CONN_")}
     expected = _conn_ids_expected_by_dags()
-    assert "pg_demo" in expected
+    assert {"pg_demo", "aws_default"} <= expected
     assert expected <= set(defined), f"missing in docker-compose.yml: {expected - set(defined)}"
     for conn in defined.values():
         if conn["conn_type"] == "postgres":

@@ -23,7 +23,7 @@ from tools.stack import PgCluster, S3Server, StackError, free_port, postgres_con
 REPO = Path(__file__).resolve().parent.parent
 DEMO = Path(os.environ.get("DEMO_DIR", REPO / ".demo")).resolve()
 DB = "demo"
-BUCKET = "pg-partition-demo"
+BUCKET = "pg-partition-archive"  # the bucket of dags/pg_partition.yaml's archive policy
 
 
 @dataclass
@@ -50,7 +50,7 @@ def _env(cluster: PgCluster, s3: S3Server) -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW_CONN_PG_DEMO": postgres_conn_json(cluster.primary, DB),
-        "AIRFLOW_CONN_AWS_DEMO": s3.aws_conn_uri(),
+        "AIRFLOW_CONN_AWS_DEFAULT": s3.aws_conn_uri(),
         "PG_PARTITION_S3_BUCKET": BUCKET,
     })
     return env
@@ -96,20 +96,27 @@ def run(rows: int) -> int:
         if res.returncode != 0:
             raise StackError(f"airflow db migrate failed; see {log}")
 
-        steps = [Step("pg_partition_advisor", {"conn_id": "pg_demo", "table": "public.activities",
-                                               "memory_gb": 0.05})]
-        for step in steps:
-            print(f"[demo] airflow dags test {step.dag_id} ...", flush=True)
-            t0 = time.monotonic()
-            res = _airflow(env, "dags", "test", step.dag_id, "-c", json.dumps(step.conf), log=log)
-            step.seconds = time.monotonic() - t0
-            step.ok = res.returncode == 0 and "state=failed" not in res.stdout + res.stderr
-            if not step.ok:
-                print(f"[demo] {step.dag_id} FAILED; the full log is in {log}", flush=True)
-                break
-
-        _summary(cluster, steps, log)
-        return 0 if steps and all(s.ok for s in steps) else 1
+        with cluster.primary.connect(DB, autocommit=True) as conn:
+            before = _logical_hash(conn)
+        steps = [
+            Step("pg_partition_advisor", {"conn_id": "pg_demo", "table": "public.activities", "memory_gb": 0.05}),
+            Step("pg_partition_convert", {"conn_id": "pg_demo", "table": "public.activities"}),
+            Step("pg_partition_rotate", {"conn_ids": ["pg_demo"]}),
+            Step("pg_partition_archive", {"conn_ids": ["pg_demo"]}),
+        ]
+        if not _run_steps(env, steps, log):
+            _summary(cluster, s3, steps, log, before)
+            return 1
+        # Bring every archived partition back from S3, as a user asking for old data would.
+        with cluster.primary.connect(DB, autocommit=True) as conn:
+            labels = [r[0] for r in conn.execute(
+                "SELECT label FROM pgpartition.archive_queue WHERE status = 'dropped' ORDER BY label")]
+        restores = [Step("pg_partition_restore", {"conn_id": "pg_demo", "table": "public.activities",
+                                                  "period": label, "target": "attach"}) for label in labels]
+        _run_steps(env, restores, log)
+        steps += restores
+        ok = _summary(cluster, s3, steps, log, before)
+        return 0 if ok and all(s.ok for s in steps) else 1
     except StackError as exc:
         print(f"[demo] ERROR: {exc}", file=sys.stderr)
         print("[demo] stopped everything the demo had started.", file=sys.stderr)
@@ -121,18 +128,62 @@ def run(rows: int) -> int:
             cluster.stop()
 
 
-def _summary(cluster: PgCluster, steps: list[Step], log: Path) -> None:
-    from pg_partition.core import advisor
+def _run_steps(env: dict[str, str], steps: list[Step], log: Path) -> bool:
+    for step in steps:
+        label = step.dag_id + (f" ({step.conf['period']})" if "period" in step.conf else "")
+        print(f"[demo] airflow dags test {label} ...", flush=True)
+        t0 = time.monotonic()
+        res = _airflow(env, "dags", "test", step.dag_id, "-c", json.dumps(step.conf), log=log)
+        step.seconds = time.monotonic() - t0
+        out = res.stdout + res.stderr
+        step.ok = res.returncode == 0 and "state=failed" not in out and "DagRunState.FAILED" not in out
+        if not step.ok:
+            print(f"[demo] {step.dag_id} FAILED; the full log is in {log}", flush=True)
+            return False
+    return True
+
+
+def _logical_hash(conn: Any) -> tuple[int, str]:
+    """Row count and an order-independent hash of every row of public.activities (whatever its partitions)."""
+    row = conn.execute("SELECT count(*), md5(string_agg(md5(t::text), '' ORDER BY t.id)) "
+                       "FROM public.activities t").fetchone()
+    return int(row[0]), str(row[1])
+
+
+def _summary(cluster: PgCluster, s3: S3Server, steps: list[Step], log: Path, before: tuple[int, str]) -> bool:
+    from pg_partition.core import advisor, catalog
     from pg_partition.core.catalog import QualifiedName
 
     print("\n================ pg-partition demo summary ================")
     for s in steps:
-        print(f"  {s.dag_id:<28} {'ok' if s.ok else 'FAILED':<7} {s.seconds:6.1f}s")
+        label = s.dag_id + (f" ({s.conf['period']})" if "period" in s.conf else "")
+        print(f"  {label:<40} {'ok' if s.ok else 'FAILED':<7} {s.seconds:6.1f}s")
     with cluster.primary.connect(DB, autocommit=True) as conn:
+        name = QualifiedName("public", "activities")
+        info = catalog.describe(conn, name)
         print()
-        print(advisor.render(advisor.assess(conn, QualifiedName("public", "activities"), memory_gb=0.05)))
+        print(advisor.render(advisor.assess(conn, name, memory_gb=0.05)))
+        if info.is_partitioned:
+            first, last = info.partitions[0], [p for p in info.partitions if not p.is_default][-1]
+            print(f"\n  public.activities is partitioned: {len(info.partitions)} partitions, "
+                  f"{first.name.name} .. {last.name.name}")
+        queue = conn.execute("SELECT table_name, status, archive->>'key' FROM pgpartition.archive_queue "
+                             "ORDER BY table_name").fetchall() if catalog.exists(
+            conn, QualifiedName("pgpartition", "archive_queue")) else []
+        for table, status, key in queue:
+            print(f"  archive queue: {table:<28} {status:<9} {key or ''}")
+        objects = s3.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])
+        print(f"  S3 bucket {BUCKET}: {len(objects)} objects, "
+              f"{sum(o['Size'] for o in objects) / 1024**2:,.1f} MiB")
+        for obj in objects[:8]:
+            print(f"    s3://{BUCKET}/{obj['Key']}  {obj['Size']:,} bytes")
+        after = _logical_hash(conn)
+    same = after == before
+    print(f"\n  rows before: {before[0]:,} (md5 {before[1][:12]}...), after convert + rotate + archive + restore: "
+          f"{after[0]:,} (md5 {after[1][:12]}...) -> {'IDENTICAL: nothing lost' if same else 'DIFFERENT'}")
     print(f"\n  full Airflow output: {log}")
     print("============================================================")
+    return same
 
 
 def clean() -> int:

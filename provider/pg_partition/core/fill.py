@@ -385,8 +385,9 @@ def fill(
 ) -> dict[str, Any]:
     """Fill one planned item (a partition or an id chunk), or every item when ``item`` is None.
 
-    Resumes from the item's checkpoint. ``throttle`` is called between batches (replication-lag gating plugs
-    in here) and may sleep as long as it needs; ``sleep_seconds`` is a fixed pause between batches.
+    Resumes from the item's checkpoint. ``throttle`` is called before every batch, with no transaction open
+    (replication-lag gating plugs in here: it may sleep as long as it needs, or raise to stop the item, which then
+    resumes from its checkpoint); ``sleep_seconds`` is a fixed pause between batches.
     """
     conn = ex.conn
     if plan is None:
@@ -430,6 +431,8 @@ def fill(
     started = time.monotonic()
     batches = 0
     while cursor < hi_end:
+        if throttle is not None and not ex.dry_run:
+            throttle()  # before every batch, outside any transaction (the gate itself rate-limits its checks)
         upper = min(cursor + size, hi_end)
         delete, insert = _batch_statements(plan, it, src, cols, where_sql, cursor, upper)
         if ex.dry_run:
@@ -457,11 +460,8 @@ def fill(
         batches += 1
         progress.rows += max(n, 0)
         progress.add(1, force=cursor >= hi_end)
-        if cursor < hi_end:
-            if throttle is not None:
-                throttle()
-            if sleep_seconds > 0:
-                time.sleep(sleep_seconds)
+        if cursor < hi_end and sleep_seconds > 0:
+            time.sleep(sleep_seconds)
     if not ex.dry_run and batches == 0:  # an empty range: mark it done so the swap sees a complete fill
         with conn.transaction():
             put(ex, spec, "fill", {"next": hi_end, "rows": rows_total, "done": True,

@@ -3,6 +3,11 @@
     preflight -> prep -> add_partitions -> plan_fill -> fill (per partition) -> build_indexes -> analyze
     -> catch_up (pre-swap) -> swap -> catch_up (post-swap) -> report;  rollback: unswap, unprep
 
+With change capture (tables that take UPDATE/DELETE, :mod:`pg_partition.core.capture`):
+
+    prep -> add_partitions -> install_capture -> plan_fill -> fill -> replay -> indexes -> analyze -> verify
+    -> replay -> swap (applies the last backlog and removes capture under its lock) -> report
+
 Every function takes an :class:`Executor` (dry run logs every statement and changes nothing) and a
 :class:`ConvertSpec`. Progress and the conversion's identity live in the ``pg_partition`` state schema, so a task
 retried on another worker continues where the last one stopped. ``fill``, ``plan_fill`` and the catch-up
@@ -21,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pg_partition.core import catalog, state
+from pg_partition.core import capture, catalog, state
 from pg_partition.core.catalog import Index, QualifiedName, TableInfo
 from pg_partition.core.convert_spec import (
     PREPPED,
@@ -58,11 +63,14 @@ __all__ = [
     "add_partitions",
     "analyze",
     "build_indexes",
+    "capture_on",
     "catch_up",
+    "decide_capture",
     "fill",
     "fill_status",
     "format_report",
     "index_plan",
+    "install_capture",
     "is_swapped",
     "load_spec",
     "plan_fill",
@@ -474,6 +482,102 @@ def catch_up(
     return info
 
 
+# --- change capture ------------------------------------------------------------------------------------------
+
+CAPTURE_STEP = "capture"
+
+
+def _capture_setting(setting: bool | str | None) -> bool | None:
+    """``capture_changes`` as given (True/False, "on"/"off", "true"/"false", "auto"): None means auto."""
+    if setting is None or isinstance(setting, bool):
+        return setting
+    text = str(setting).strip().lower()
+    if text in ("", "auto", "none", "null"):
+        return None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InvalidInputError(f"capture_changes={setting!r} is not auto, on or off",
+                            fix="use auto (on when the table has seen UPDATE/DELETE), on/true or off/false")
+
+
+def decide_capture(conn: psycopg.Connection[Any], spec: ConvertSpec, setting: bool | str | None = "auto", *,
+                   where: str | None = None) -> dict[str, Any]:
+    """Whether this conversion captures changes (read-only). Returns ``{"capture": bool, "reason": str}``.
+
+    An explicit on/off wins. ``auto`` reuses the decision recorded by an earlier run of the same conversion (so a
+    resumed run does not flip because the application updated a row meanwhile), keeps capture that is already
+    installed, and otherwise asks :func:`capture.should_capture` (on when pg_stat_user_tables shows UPDATE or
+    DELETE). Capture with a ``where`` filter is refused: replay copies every changed key's current row, filter
+    or not, and verification compares whole tables, so the two cannot agree.
+    """
+    explicit = _capture_setting(setting)
+    recorded = checkpoint(conn, spec, CAPTURE_STEP)
+    installed = catalog.exists(conn, spec.table) and capture.is_installed(conn, spec.table)
+    if explicit is not None:
+        on, reason = explicit, f"capture_changes={'on' if explicit else 'off'} (explicit)"
+    elif recorded is not None:
+        on, reason = bool(recorded["capture"]), f"as decided earlier for this conversion: {recorded['reason']}"
+    elif installed:
+        on, reason = True, f"change capture is already installed on {spec.table}"
+    else:
+        on, reason = capture.should_capture(conn, spec.table, "auto")
+    if on and where is not None and where.strip():
+        raise InvalidInputError(
+            f"change capture cannot be combined with a where filter ({where!r}) on {spec.table}",
+            where=str(spec.table),
+            fix="either convert every row with capture (leave where empty), or pass capture_changes=off to copy "
+            "only the filtered rows in append-only mode (fill + catch-up); UPDATE/DELETE are then not carried over")
+    return {"capture": on, "reason": reason, "installed": installed}
+
+
+def install_capture(ex: Executor, spec: ConvertSpec, setting: bool | str | None = "auto", *,
+                    where: str | None = None, lock_timeout: str = "2s", retries: int = 5) -> dict[str, Any]:
+    """Decide (:func:`decide_capture`) and make it so, before the fill: install the triggers and changelog
+    (:func:`capture.install`, which waits for in-flight writers so no write is missed) or, for an explicit off,
+    remove a capture an earlier run installed. The decision is recorded with the conversion.
+
+    Installing capture after a fill plan was recorded without it (a run resumed with capture newly on) forgets
+    the plan and the fill's checkpoints: rows changed between those batches and now were not captured, so the
+    fill must copy everything again (batches replace their ranges, so nothing is duplicated).
+    """
+    conn = ex.conn
+    decision = decide_capture(conn, spec, setting, where=where)
+    out: dict[str, Any] = {**decision, "created": False, "removed": False, "replanned": False}
+    if not decision["capture"]:
+        if decision["installed"]:
+            ex.logger.warning("capture_changes is off but capture is installed on %s: removing it (updates and "
+                              "deletes are no longer carried over; catch-up copies new rows)", spec.table)
+            out["removed"] = capture.uninstall(ex, spec.table, lock_timeout=lock_timeout, retries=retries)
+    else:
+        planned = checkpoint(conn, spec, "plan") is not None
+        # a rehearsal before prep ran has no intermediate: the source stands in for the column check
+        dest = spec.intermediate if not ex.dry_run or catalog.exists(conn, spec.intermediate) else spec.table
+        out["created"] = capture.install(ex, spec.table, dest, lock_timeout=lock_timeout, retries=retries)
+        if out["created"] and planned and not ex.dry_run:
+            ex.logger.warning("capture was installed after the fill of %s was planned: planning and filling again "
+                              "(changes made before capture existed may not have been copied)", spec.table)
+            with conn.transaction():
+                forget(conn, spec, ("plan", "fill", "catch_up"))
+            out["replanned"] = True
+    ex.logger.info("change capture for %s: %s (%s)", spec.table, "on" if decision["capture"] else "off",
+                   decision["reason"])
+    if not ex.dry_run and state_ready(conn) and recorded_job(conn, spec.table) is not None:
+        with conn.transaction():
+            put(ex, spec, CAPTURE_STEP, {"capture": decision["capture"], "reason": decision["reason"]})
+    return out
+
+
+def capture_on(conn: psycopg.Connection[Any], table: QualifiedName) -> bool:
+    """Whether the conversion of ``table`` runs with change capture: the recorded decision, else whether capture
+    is installed (before the swap). Used to skip the capture tasks, or the catch-up, of the other mode."""
+    rec = checkpoint(conn, ConvertSpec(table, "-"), CAPTURE_STEP)
+    if rec is not None:
+        return bool(rec["capture"])
+    return catalog.exists(conn, table) and capture.is_installed(conn, table)
+
+
 # --- swap ----------------------------------------------------------------------------------------------------
 
 
@@ -639,8 +743,6 @@ def swap(
         lock_started.append(time.monotonic())
         triggers = _capture_triggers(conn, spec.table)
         if triggers:
-            from pg_partition.core import capture  # issue 4's module; imported only when its triggers exist
-
             capture.finish_in_swap(ex, source=spec.table, dest=spec.intermediate)
         synced = copy_missing_locked(ex, prepared, low=low) if prepared is not None else {
             "rows": 0, "outside_rows": 0, "high_water": low}
@@ -687,6 +789,11 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
     Rows inserted into the partitioned table after the swap are copied back first (outside the lock, then the
     last few under it), so nothing the application wrote is lost; updates or deletes made after the swap to rows
     that existed before it are not carried back (append-only mode).
+
+    Change capture: the swap removed it, so nothing keeps the intermediate in step with the table any more. Any
+    capture leftover is removed, and when the conversion ran with capture its fill checkpoints are forgotten, so
+    a later swap is refused until a new run installs capture again and fills again (otherwise updates made after
+    the unswap would be silently lost).
     """
     conn = ex.conn
     if not is_swapped(conn, spec):
@@ -705,6 +812,7 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
     old_info = catalog.describe(conn, spec.retired)
     explicit, _ = _publications(conn, spec.table)
     prepared = prepare_locked_copy(conn, back, spec.table, spec.retired)
+    captured = capture_on(conn, spec.table)
     lock_started: list[float] = []
     outcome: dict[str, Any] = {}
 
@@ -730,22 +838,31 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
         _move_publications(ex, explicit, [], spec.intermediate, spec.table, via_root=False)
         _notify(ex, spec)
         if not ex.dry_run:
-            forget(conn, spec, ("swap",))
+            forget(conn, spec, ("swap", CAPTURE_STEP, *(("plan", "fill", "catch_up") if captured else ())))
         set_status(ex, spec, PREPPED)
         outcome.update(synced_rows=synced["rows"], sequences=seqs)
 
     ex.with_lock_timeout(body, lock_timeout=lock_timeout, retries=retries, what=f"unswap {spec.table}")
     lock_ms = round((time.monotonic() - lock_started[0]) * 1000, 1) if lock_started else 0.0
     ex.logger.info("unswap of %s: ACCESS EXCLUSIVE lock held for %.1f ms", spec.table, lock_ms)
-    return {"lock_ms": lock_ms, "copied_back_rows": pre["rows"] + outcome.get("synced_rows", 0), **outcome}
+    removed = capture.uninstall(ex, spec.table, lock_timeout=lock_timeout, retries=retries)
+    if captured:
+        ex.logger.warning("the conversion of %s ran with change capture: its fill is forgotten; run the DAG again "
+                          "(it installs capture and fills again) before swapping again", spec.table)
+    return {"lock_ms": lock_ms, "copied_back_rows": pre["rows"] + outcome.get("synced_rows", 0),
+            "capture_removed": removed, "refill_needed": captured, **outcome}
 
 
 def unprep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: int = 5) -> dict[str, Any]:
-    """Drop the intermediate table (with its partitions) and forget the conversion. Refused while swapped."""
+    """Remove change capture (triggers, function, changelog), drop the intermediate table (with its partitions)
+    and forget the conversion. Refused while swapped."""
     conn = ex.conn
     if is_swapped(conn, spec):
         raise StateError(f"{spec.table} is the swapped-in partitioned table; unprep would drop live data",
                          fix="run unswap first")
+    # the capture triggers first: they cost the application on every write and feed only the intermediate
+    capture_removed = catalog.exists(conn, spec.table) and capture.uninstall(
+        ex, spec.table, lock_timeout=lock_timeout, retries=retries)
     dropped = False
     if catalog.exists(conn, spec.intermediate):
         inter = catalog.describe(conn, spec.intermediate)
@@ -760,7 +877,7 @@ def unprep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
         dropped = True
     if not ex.dry_run and state_ready(conn):
         forget(conn, spec)
-    return {"dropped": dropped, "intermediate": str(spec.intermediate)}
+    return {"dropped": dropped, "intermediate": str(spec.intermediate), "capture_removed": capture_removed}
 
 
 # --- report --------------------------------------------------------------------------------------------------
@@ -803,6 +920,7 @@ def report(conn: psycopg.Connection[Any], spec: ConvertSpec, *, exact_below: int
                        "copied_rows": fill_status(conn, spec)["rows"]}
         out["swap"] = checkpoint(conn, spec, "swap")
         out["catch_up"] = checkpoint(conn, spec, "catch_up")
+        out["capture"] = checkpoint(conn, spec, CAPTURE_STEP)
         job = recorded_job(conn, spec.table)
         out["status"] = job.status if job else None
     return out
@@ -820,6 +938,8 @@ def format_report(rep: dict[str, Any]) -> str:
         for p in a["partitions"]:
             if p["rows"]:
                 lines.append(f"    {p['name']}: {p['rows']:,} rows, {p['bytes'] / 2**20:,.1f} MiB")
+    if rep.get("capture"):
+        lines.append(f"  change capture: {'on' if rep['capture']['capture'] else 'off'} ({rep['capture']['reason']})")
     fill_info = rep.get("fill") or {}
     if fill_info.get("outside_rows"):
         lines.append(f"  rows outside every partition (not copied): {fill_info['outside_rows']:,}")

@@ -13,12 +13,16 @@ from contextlib import contextmanager
 from typing import Any
 
 from airflow.sdk import Context
+from airflow.sdk.exceptions import AirflowSkipException
 
-from pg_partition.core import convert
+from pg_partition.core import capture, convert
 from pg_partition.core.convert_spec import ConvertSpec
+from pg_partition.core.lag import LagGate, LagMeasurementError, LagPauseTooLong
 from pg_partition.operators.base import PartitionBaseOperator, as_bool
+from pg_partition.triggers.lag import defer_until_lag_ok
 
 SPEC_FIELDS = ("column", "period", "primary_key", "default_partition", "tablespace", "defer_indexes")
+LAG_FIELDS = ("max_lag_bytes", "max_lag_seconds", "watch_slots", "max_pause_seconds")
 
 
 def _blank(value: Any) -> bool:
@@ -35,6 +39,57 @@ def _float(value: Any, default: float = 0.0) -> float:
 
 def _text(value: Any) -> str | None:
     return None if _blank(value) else str(value)
+
+
+class LagGated:
+    """Replication-lag gating for batch operators (fill, replay): a :class:`LagGate` as the loop's throttle, on
+    its own connection, and a deferral to the trigger when a pause outlasts ``max_pause_seconds``.
+
+    Mixed into a :class:`PartitionBaseOperator`; the lag arguments are template fields (DAG params arrive as
+    strings such as "None", "100MB" or "['feed']", which the gate parses).
+    """
+
+    max_lag_bytes: Any
+    max_lag_seconds: Any
+    watch_slots: Any
+    max_pause_seconds: Any
+    lag_poll_seconds: float
+
+    def init_lag(self, *, max_lag_bytes: Any = None, max_lag_seconds: Any = None, watch_slots: Any = None,
+                 max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0) -> None:
+        self.max_lag_bytes = max_lag_bytes
+        self.max_lag_seconds = max_lag_seconds
+        self.watch_slots = watch_slots
+        self.max_pause_seconds = max_pause_seconds
+        self.lag_poll_seconds = float(lag_poll_seconds)
+
+    @contextmanager
+    def throttle(self) -> Iterator[Callable[[], None] | None]:
+        """The gate bound to its own autocommit connection (a pause never holds the loop's transaction open),
+        or None when no limit is set."""
+        assert isinstance(self, PartitionBaseOperator)
+        if _blank(self.max_lag_bytes) and _blank(self.max_lag_seconds):
+            yield None
+            return
+        gate = LagGate.from_params(max_lag_bytes=self.max_lag_bytes, max_lag_seconds=self.max_lag_seconds,
+                                   watch_slots=self.watch_slots, max_pause_seconds=self.max_pause_seconds)
+        with self.connection() as gate_conn:
+            yield gate.bind(gate_conn)
+
+    def defer_for_lag(self, exc: LagPauseTooLong) -> None:
+        """Hand the wait to the triggerer (raises TaskDeferred); ``resume_after_lag`` continues the loop."""
+        assert isinstance(self, PartitionBaseOperator)
+        defer_until_lag_ok(self, exc, conn_id=str(self.conn_id), method_name="resume_after_lag",
+                           poll_interval=self.lag_poll_seconds)
+
+    @staticmethod
+    def check_lag_event(event: dict[str, Any] | None, conn_id: str) -> None:
+        if event and event.get("status") == "ok":
+            return
+        message = (event or {}).get("message", "the replication-lag trigger ended without an event")
+        raise LagMeasurementError(f"replication-lag trigger: {message}", where=f"connection {conn_id!r}",
+                                  fix="fix what the message names, then clear the task: it resumes from its "
+                                  "checkpoint")
 
 
 class ConvertBaseOperator(PartitionBaseOperator):
@@ -76,15 +131,22 @@ class ConvertPreflightOperator(ConvertBaseOperator):
     """Refuse unsafe conversions (the task fails with what/where/how to fix) or report rows, size, rows per
     period, append-only, publications and replication slots. Reads only."""
 
-    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "where")
+    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "where", "capture_changes")
 
-    def __init__(self, *, where: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, where: str | None = None, capture_changes: bool | str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.where = where
+        self.capture_changes = capture_changes
 
     def execute(self, context: Context) -> dict[str, Any]:
         with self.run_step() as (ex, spec):
             report = convert.preflight(ex.conn, spec, where=_text(self.where))
+            if self.capture_changes is not None:  # refuse capture + where here, before anything changes
+                report["capture"] = convert.decide_capture(ex.conn, spec, self.capture_changes,
+                                                           where=_text(self.where))
+                self.log.info("change capture: %s (%s)", "on" if report["capture"]["capture"] else "off",
+                              report["capture"]["reason"])
         self.log.info("preflight of %s: %s rows, %.1f MiB, append-only: %s, %d period(s), resuming: %s",
                       report["table"], f"{report['rows']:,}", report["size"]["total"] / 2**20,
                       report["append_only"], len(report["rows_per_period"]), report["resuming"])
@@ -124,6 +186,30 @@ class ConvertAddPartitionsOperator(ConvertBaseOperator):
                 **self.lock_kwargs())
 
 
+class ConvertInstallCaptureOperator(ConvertBaseOperator):
+    """Decide ``capture_changes`` (auto: on when pg_stat_user_tables shows UPDATE/DELETE) and install change
+    capture before the fill; the decision is recorded with the conversion. When capture is off the task is
+    skipped (the append-only path: fill + catch-up)."""
+
+    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "capture_changes", "where")
+    ui_color = "#f3e2c7"
+
+    def __init__(self, *, capture_changes: bool | str = "auto", where: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.capture_changes = capture_changes
+        self.where = where
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with self.run_step() as (ex, spec):
+            result = convert.install_capture(ex, spec, self.capture_changes, where=_text(self.where),
+                                             **self.lock_kwargs())
+            if result["capture"] and not ex.dry_run:
+                result["status"] = capture.status(ex.conn, spec.table)
+        if not result["capture"]:
+            raise AirflowSkipException(f"change capture off: {result['reason']}")
+        return result
+
+
 class ConvertPlanFillOperator(ConvertBaseOperator):
     """Plan the fill (safe high-water mark, one item per partition) and return the items to map over."""
 
@@ -153,44 +239,47 @@ class ConvertPlanFillOperator(ConvertBaseOperator):
         return list(plan["items"])
 
 
-class ConvertFillOperator(ConvertBaseOperator):
+class ConvertFillOperator(LagGated, ConvertBaseOperator):
     """Fill one planned item (mapped: one task per partition), resuming from its checkpoint.
 
-    ``max_lag_bytes`` / ``max_lag_seconds`` pause between batches while a standby or replication slot lags
-    (``pg_partition.core.lag.LagGate``); a pause longer than ``max_pause_seconds`` fails the try, and the retry
-    resumes from the checkpoint.
+    ``max_lag_bytes`` / ``max_lag_seconds`` (for the standbys and the ``watch_slots``, default every slot) make
+    the fill pause before a batch while replication lags (``pg_partition.core.lag.LagGate``); a pause longer
+    than ``max_pause_seconds`` defers the task to the replication-lag trigger (the worker slot is freed) and,
+    once lag is back within limits, ``resume_after_lag`` continues from the checkpoint.
     """
 
     template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "batch_size", "sleep_seconds",
-                                      "max_lag_bytes", "max_lag_seconds", "max_pause_seconds")
+                                      *LAG_FIELDS)
 
     def __init__(self, *, item: dict[str, Any] | str | None = None, batch_size: int | str | None = None,
                  sleep_seconds: float | str = 0, max_lag_bytes: Any = None, max_lag_seconds: Any = None,
-                 max_pause_seconds: Any = 600, **kwargs: Any) -> None:
+                 watch_slots: Any = None, max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.item = item
         self.batch_size = batch_size
         self.sleep_seconds = sleep_seconds
-        self.max_lag_bytes = max_lag_bytes
-        self.max_lag_seconds = max_lag_seconds
-        self.max_pause_seconds = max_pause_seconds
-
-    @contextmanager
-    def throttle(self) -> Iterator[Callable[[], None] | None]:
-        if _blank(self.max_lag_bytes) and _blank(self.max_lag_seconds):
-            yield None
-            return
-        from pg_partition.core.lag import LagGate
-
-        gate = LagGate.from_params(max_lag_bytes=self.max_lag_bytes, max_lag_seconds=self.max_lag_seconds,
-                                   max_pause_seconds=self.max_pause_seconds)
-        with self.connection() as gate_conn:  # its own connection: never pause inside the batch transaction
-            yield gate.bind(gate_conn)
+        self.init_lag(max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds, watch_slots=watch_slots,
+                      max_pause_seconds=max_pause_seconds, lag_poll_seconds=lag_poll_seconds)
 
     def execute(self, context: Context) -> dict[str, Any]:
+        return self._fill()
+
+    def resume_after_lag(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Called by Airflow when the trigger fired: lag is within limits again; continue from the checkpoint."""
+        self.check_lag_event(event, str(self.conn_id))
+        self.log.info("replication lag back within limits (%s); resuming the fill from its checkpoint",
+                      (event or {}).get("summary"))
+        return self._fill()
+
+    def _fill(self) -> dict[str, Any]:
         with self.run_step() as (ex, spec), self.throttle() as throttle:
-            return convert.fill(ex, spec, self.item, batch_size=_int(self.batch_size),
-                                sleep_seconds=_float(self.sleep_seconds), throttle=throttle)
+            try:
+                return convert.fill(ex, spec, self.item, batch_size=_int(self.batch_size),
+                                    sleep_seconds=_float(self.sleep_seconds), throttle=throttle)
+            except LagPauseTooLong as exc:
+                self.defer_for_lag(exc)
+                raise  # pragma: no cover - defer raises TaskDeferred
 
 
 class ConvertIndexesOperator(ConvertBaseOperator):
@@ -216,14 +305,18 @@ class ConvertCatchUpOperator(ConvertBaseOperator):
     template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "batch_size", "full", "wait_timeout")
 
     def __init__(self, *, batch_size: int | str = 10_000, full: bool | str = False,
-                 wait_timeout: float | str = 3600, **kwargs: Any) -> None:
+                 wait_timeout: float | str = 3600, skip_with_capture: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.batch_size = batch_size
         self.full = full
         self.wait_timeout = wait_timeout
+        self.skip_with_capture = skip_with_capture
 
     def execute(self, context: Context) -> dict[str, Any]:
         with self.run_step() as (ex, spec):
+            if self.skip_with_capture and convert.capture_on(ex.conn, spec.table):
+                raise AirflowSkipException("the conversion ran with change capture: the swap applied every "
+                                           "captured change, so no catch-up pass is needed")
             return convert.catch_up(ex, spec, batch_size=_int(self.batch_size, 10_000) or 10_000,
                                     full=as_bool(self.full), wait_timeout=_float(self.wait_timeout, 3600.0))
 
@@ -231,21 +324,35 @@ class ConvertCatchUpOperator(ConvertBaseOperator):
 class ConvertSwapOperator(ConvertBaseOperator):
     """Catch up (outside any lock), then swap in one short transaction under ``lock_timeout`` with retries."""
 
-    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "batch_size", "catch_up_first")
+    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "batch_size", "catch_up_first",
+                                      "replay_until_backlog_below")
 
     def __init__(self, *, batch_size: int | str = 10_000, catch_up_first: bool | str = True,
-                 **kwargs: Any) -> None:
+                 replay_until_backlog_below: int | str = 1000, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.batch_size = batch_size
         self.catch_up_first = catch_up_first
+        self.replay_until_backlog_below = replay_until_backlog_below
 
     def execute(self, context: Context) -> dict[str, Any]:
+        """With change capture: replay until the backlog is under ``replay_until_backlog_below`` (so the swap's
+        locked apply is small), then swap, which applies the rest and removes capture under its lock; no
+        catch-up (capture has every insert too). Without: catch-up outside any lock, then swap (its last
+        anti-join under the lock)."""
         with self.run_step() as (ex, spec):
             caught: dict[str, Any] | None = None
-            if as_bool(self.catch_up_first) and not convert.is_swapped(ex.conn, spec):
-                caught = convert.catch_up(ex, spec, batch_size=_int(self.batch_size, 10_000) or 10_000)
-            result = convert.swap(ex, spec, **self.lock_kwargs())
-        return {**result, "catch_up_before": caught}
+            replayed: dict[str, Any] | None = None
+            swapped = convert.is_swapped(ex.conn, spec)
+            captured = not swapped and capture.is_installed(ex.conn, spec.table)
+            batch = _int(self.batch_size, 10_000) or 10_000
+            if captured and not ex.dry_run:
+                replayed = capture.replay(ex, spec.table, spec.intermediate, batch_size=batch,
+                                          until_backlog_below=_int(self.replay_until_backlog_below, 1000) or 1
+                                          ).as_dict()
+            elif as_bool(self.catch_up_first) and not swapped and not captured:
+                caught = convert.catch_up(ex, spec, batch_size=batch)
+            result = convert.swap(ex, spec, sync=not captured, **self.lock_kwargs())
+        return {**result, "catch_up_before": caught, "replay_before": replayed}
 
 
 class ConvertUnswapOperator(ConvertBaseOperator):

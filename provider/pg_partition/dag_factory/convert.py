@@ -1,7 +1,16 @@
 """The ``pg_partition_convert`` DAG: online conversion of one table to RANGE partitions, triggered with params.
 
-    preflight -> prep -> add_partitions -> plan_fill -> fill (mapped, one task per partition) -> indexes
-    -> analyze -> swap (catch-up, then the short locked swap) -> catch_up -> report
+    preflight -> prep -> add_partitions -> install_capture -> plan_fill -> lag_before_fill -> fill (mapped, one
+    task per partition) -> replay -> lag_before_indexes -> indexes -> analyze -> verify -> lag_before_swap
+    -> swap -> verify_after_swap -> catch_up -> report
+
+Two modes, chosen by ``capture_changes`` (auto: on when pg_stat_user_tables shows the table has seen UPDATE or
+DELETE). With capture: triggers installed before the fill plan record every changed key; replay applies them
+after the fill; verify compares every partition with its source range (the gate: a mismatch fails the run);
+the swap replays once more and applies the rest under its lock; catch_up is skipped. Append-only: the capture
+tasks skip and catch_up copies rows written since the fill. Skipped tasks do not stop the run (the tasks after
+them use ``none_failed``). ReplicationLagSensor tasks gate the fill, the index builds and the swap, and the fill
+and replay check lag before every batch themselves.
 
 Every task is idempotent and resumes from the state recorded in the database, so a failed run is fixed by
 clearing the failed task (or triggering the DAG again with the same params). ``plan_fill`` is a task of its own
@@ -16,18 +25,24 @@ from typing import Any
 
 from airflow.sdk import DAG, Param
 
+from pg_partition.operators.capture import ReplayChangesOperator, VerifyConversionOperator
 from pg_partition.operators.convert import (
     ConvertAddPartitionsOperator,
     ConvertAnalyzeOperator,
     ConvertCatchUpOperator,
     ConvertFillOperator,
     ConvertIndexesOperator,
+    ConvertInstallCaptureOperator,
     ConvertPlanFillOperator,
     ConvertPreflightOperator,
     ConvertPrepOperator,
     ConvertReportOperator,
     ConvertSwapOperator,
 )
+from pg_partition.sensors.lag import ReplicationLagSensor
+
+# How often a deferred lag wait (sensor or paused fill/replay) measures again, in the triggerer.
+LAG_POLL_SECONDS = 30.0
 
 DOC = """
 ### pg_partition_convert
@@ -44,7 +59,15 @@ writing it. pgslice's prep / add_partitions / fill / analyze / swap / fill --swa
 * a **swap** in one short transaction under `lock_timeout` (with retries) that restores index names, moves
   sequence ownership or restarts identity, keeps grants, carries publication membership
   (`publish_via_partition_root`) and sends `NOTIFY pg_partition, '<table>'` so applications can reset schema caches;
-* **catch-up** of rows written after the fill; **report** of rows and sizes before/after and time per step.
+* **change capture** for tables that take UPDATE/DELETE (`capture_changes`: auto/on/off): triggers installed
+  before the fill record every changed key, **replay** applies them, **verify** compares every partition with
+  its source range (count + content hash) and fails the run naming the partition and key ranges, and the swap
+  applies the last changes under its lock. Without capture (append-only tables), **catch-up** copies rows
+  written after the fill instead;
+* **replication-lag gating** (`max_lag_bytes`, `max_lag_seconds`, `watch_slots`): deferrable sensors before the
+  fill, the index builds and the swap; the fill and replay pause before a batch while lag is high and defer to
+  the triggerer when the pause exceeds `max_pause_seconds`;
+* **report** of rows and sizes before/after and time per step.
 
 Set **dry_run** to rehearse: every statement is logged, nothing changes. Rollback: `ConvertUnswapOperator`
 then `ConvertUnprepOperator` (or `pg_partition.core.convert.unswap/unprep`).
@@ -87,11 +110,25 @@ def _params(default_conn_id: str) -> dict[str, Param]:
                               description="lock_timeout of every DDL on a live table (swap, attach); each lock "
                               "wait gives up after this and retries with backoff."),
         "lock_retries": Param(5, type="integer", minimum=1, description="Attempts per locked step."),
+        "capture_changes": Param("auto", type=["string", "boolean"], enum=["auto", "on", "off", True, False],
+                                 description="Change capture for tables that take UPDATE/DELETE: auto (on when "
+                                 "pg_stat_user_tables shows updates or deletes), on, or off (append-only mode: "
+                                 "fill + catch-up). Cannot be on together with `where`."),
+        "replay_until_backlog_below": Param(1000, type="integer", minimum=1,
+                                            description="Replay captured changes until fewer than this many "
+                                            "are waiting (after the fill, and again right before the swap)."),
         "max_lag_bytes": Param(None, type=["null", "integer"], minimum=0,
-                               description="Pause the fill while a standby or replication slot lags more "
-                               "than this many bytes (empty: no gate)."),
+                               description="Hold the fill, index builds and swap (sensors) and pause fill/replay "
+                               "batches while a standby or watched replication slot lags more than this many "
+                               "bytes (empty: no gate)."),
         "max_lag_seconds": Param(None, type=["null", "number"], minimum=0,
-                                 description="Pause the fill while replay lag exceeds this many seconds."),
+                                 description="The same gate on replay lag in seconds (empty: no gate)."),
+        "watch_slots": Param(None, type=["null", "array"], items={"type": "string"},
+                             description="Replication slots the lag gate watches (empty: every slot; [] none). "
+                             "A named slot that does not exist fails the gate."),
+        "max_pause_seconds": Param(600, type=["null", "number"], minimum=0,
+                                   description="A fill/replay batch loop paused longer than this for lag defers "
+                                   "to the triggerer (frees the worker) and resumes from its checkpoint."),
         "dry_run": Param(False, type="boolean", description="Log every statement, change nothing."),
     }
 
@@ -111,6 +148,23 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
         "dry_run": "{{ params.dry_run }}",
     }
     where = "{{ params['where'] }}"
+    lag: dict[str, Any] = {
+        "max_lag_bytes": "{{ params.max_lag_bytes }}",
+        "max_lag_seconds": "{{ params.max_lag_seconds }}",
+        "watch_slots": "{{ params.watch_slots }}",
+    }
+    batch_lag: dict[str, Any] = {**lag, "max_pause_seconds": "{{ params.max_pause_seconds }}",
+                                 "lag_poll_seconds": LAG_POLL_SECONDS}
+    capture_mode = "{{ params.capture_changes }}"
+    skip_ok = "none_failed"  # a skipped capture task (append-only) or catch-up (capture) must not stop the run
+
+    def lag_sensor(task_id: str, **kwargs: Any) -> ReplicationLagSensor:
+        # retries: Airflow 3.3.2 can fail a deferred task whose trigger fires within seconds (apache/airflow#67287)
+        return ReplicationLagSensor(
+            task_id=task_id, conn_id="{{ params.conn_id }}", poke_interval=LAG_POLL_SECONDS,
+            timeout=timedelta(hours=24).total_seconds(), retries=2, retry_delay=timedelta(seconds=5),
+            retry_exponential_backoff=False, **lag, **kwargs)
+
     with DAG(
         dag_id=dag_id,
         schedule=None,
@@ -121,23 +175,45 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
         params=_params(default_conn_id),
         default_args={"retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True},
     ) as dag:
-        preflight = ConvertPreflightOperator(task_id="preflight", where=where, retries=0, **common)
+        preflight = ConvertPreflightOperator(task_id="preflight", where=where, capture_changes=capture_mode,
+                                             retries=0, **common)
         prep = ConvertPrepOperator(task_id="prep", retries=2, **common)
         add = ConvertAddPartitionsOperator(
             task_id="add_partitions", past="{{ params.past }}", future="{{ params.future }}",
             cover_data="{{ params.cover_data }}", where=where, retries=3, **common)
+        install_capture = ConvertInstallCaptureOperator(task_id="install_capture", capture_changes=capture_mode,
+                                                        where=where, retries=3, **common)
         plan = ConvertPlanFillOperator(task_id="plan_fill", where=where, batch_size="{{ params.batch_size }}",
-                                       retries=2, **common)
+                                       retries=2, trigger_rule=skip_ok, **common)
+        lag_before_fill = lag_sensor("lag_before_fill")
         fill = ConvertFillOperator.partial(
             task_id="fill", batch_size="{{ params.batch_size }}", sleep_seconds="{{ params.sleep_seconds }}",
-            max_lag_bytes="{{ params.max_lag_bytes }}", max_lag_seconds="{{ params.max_lag_seconds }}",
-            retries=5, max_active_tis_per_dag=4, **common,
+            retries=5, max_active_tis_per_dag=4, **batch_lag, **common,
         ).expand(item=plan.output)
-        indexes = ConvertIndexesOperator(task_id="indexes", retries=2, trigger_rule="none_failed", **common)
+        replay = ReplayChangesOperator(
+            task_id="replay", conn_id=common["conn_id"], table=common["table"], dry_run=common["dry_run"],
+            batch_size="{{ params.batch_size }}", until_backlog_below="{{ params.replay_until_backlog_below }}",
+            skip_without_capture=True, retries=3, trigger_rule=skip_ok, **batch_lag)
+        lag_before_indexes = lag_sensor("lag_before_indexes", trigger_rule=skip_ok)
+        indexes = ConvertIndexesOperator(task_id="indexes", retries=2, trigger_rule=skip_ok, **common)
         analyze = ConvertAnalyzeOperator(task_id="analyze", retries=2, **common)
-        swap = ConvertSwapOperator(task_id="swap", batch_size="{{ params.batch_size }}", retries=3, **common)
-        catch_up = ConvertCatchUpOperator(task_id="catch_up", batch_size="{{ params.batch_size }}", retries=3,
-                                          **common)
-        report = ConvertReportOperator(task_id="report", retries=1, **common)
-        preflight >> prep >> add >> plan >> fill >> indexes >> analyze >> swap >> catch_up >> report
+        verify = VerifyConversionOperator(
+            task_id="verify", conn_id=common["conn_id"], table=common["table"], dry_run=common["dry_run"],
+            against="intermediate", skip_without_capture=True, retries=1)
+        lag_before_swap = lag_sensor("lag_before_swap", trigger_rule=skip_ok)
+        swap = ConvertSwapOperator(task_id="swap", batch_size="{{ params.batch_size }}",
+                                   replay_until_backlog_below="{{ params.replay_until_backlog_below }}",
+                                   retries=3, **common)
+        # rows the application changes or deletes after the swap differ from the retired copy legitimately (and a
+        # delete cannot be told from a lost row), so this comparison is logged; the pre-swap verify is the gate
+        verify_after_swap = VerifyConversionOperator(
+            task_id="verify_after_swap", conn_id=common["conn_id"], table=common["table"],
+            dry_run=common["dry_run"], against="retired", fail_on_mismatch=False, skip_without_capture=True,
+            retries=1)
+        catch_up = ConvertCatchUpOperator(task_id="catch_up", batch_size="{{ params.batch_size }}",
+                                          skip_with_capture=True, retries=3, trigger_rule=skip_ok, **common)
+        report = ConvertReportOperator(task_id="report", retries=1, trigger_rule=skip_ok, **common)
+        (preflight >> prep >> add >> install_capture >> plan >> lag_before_fill >> fill >> replay
+         >> lag_before_indexes >> indexes >> analyze >> verify >> lag_before_swap >> swap >> verify_after_swap
+         >> catch_up >> report)
     return dag

@@ -2,7 +2,9 @@
 
 1. pg_dump -> S3: ``archive_table`` (pg_dump --format=custom piped into an S3 multipart upload, sha256 while
    streaming) against ``pg_dump --format=custom > /dev/null`` of the same table, rounds alternating (A B A B) so
-   cache and checkpoint drift hit both alike; the best round of each side is compared. Goal: >= 0.9x.
+   cache, checkpoint and neighbour-load drift hit both alike; the median of each side is compared (every round
+   is printed). Goal: >= 0.9x. CPU seconds of pg_dump, of the archiving process and of the S3 server are
+   printed too: on a busy shared machine wall-clock ratios drift, CPU cost does not.
 2. Peak RSS of the archiving process: the archive runs in a fresh Python process (``--child``) and its
    ``ru_maxrss`` is read by ``/usr/bin/time``. Goal: < 200 MB whatever the table size.
 3. Parquet export rows/s (CSV COPY -> Arrow C++ parser -> Parquet -> S3), against reading the same CSV COPY
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -105,7 +108,7 @@ def _copy_csv_discard(env: BenchEnv, db: str) -> float:
 
 
 def run(env: BenchEnv, rows: int) -> list[Figure]:
-    rounds = int(os.environ.get("BENCH_ARCHIVE_ROUNDS", "3"))
+    rounds = int(os.environ.get("BENCH_ARCHIVE_ROUNDS", "5"))
     db = env.new_database()
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
     env.s3.client().create_bucket(Bucket=bucket)
@@ -135,14 +138,14 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
         print(f"round {i + 1}: pg_dump > /dev/null {base_s[-1]:.1f}s (pg_dump CPU {base_cpu:.1f}s), pg_dump -> S3 "
               f"{ours_s[-1]:.1f}s (archiving process {wall:.1f}s, its CPU {info['cpu_s']:.1f}s incl. pg_dump, "
               f"S3 server CPU {info['s3_server_cpu_s']:.1f}s, peak RSS {rss:.0f} MB)", flush=True)
-    best_base, best_ours = min(base_s), min(ours_s)
+    med_base, med_ours = statistics.median(base_s), statistics.median(ours_s)
     mb = size / 1024**2
     figures.append(Figure(
-        GROUP, "pg_dump -> S3 throughput", mb / best_ours, "MB/s (table size / time)",
-        baseline=mb / best_base, baseline_name="pg_dump --format=custom > /dev/null", goal=">= 0.9x",
-        met=best_base / best_ours >= 0.9,
+        GROUP, "pg_dump -> S3 throughput", mb / med_ours, "MB/s (table size / time)",
+        baseline=mb / med_base, baseline_name="pg_dump --format=custom > /dev/null", goal=">= 0.9x",
+        met=med_base / med_ours >= 0.9,
         note=f"{size / 1024**3:.2f} GiB table, {rows:,} rows -> {dump_info['bytes'] / 1024**2:,.0f} MB dump in "
-        f"{dump_info['parts']} parts; best of {rounds} alternating rounds (all: ours "
+        f"{dump_info['parts']} parts; median of {rounds} alternating rounds (all: ours "
         f"{[round(x, 1) for x in ours_s]} s, baseline {[round(x, 1) for x in base_s]} s); the child process's wall "
         f"time including Python start-up was {min(walls):.1f} s. CPU in the last round: archiving process "
         f"{dump_info['cpu_s']:.1f} s including its pg_dump child (pg_dump alone: {base_cpu:.1f} s), the moto "
@@ -154,7 +157,7 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
     if dump_info.get("verify_s"):
         figures.append(Figure(
             GROUP, "verify (stream back: sha256 + pg_restore --list + row count)", mb / dump_info["verify_s"],
-            "MB/s (table size / time)", baseline=mb / best_base, baseline_name="pg_dump > /dev/null",
+            "MB/s (table size / time)", baseline=mb / med_base, baseline_name="pg_dump > /dev/null",
             note="for information: verification reads the whole object back before anything is dropped"))
 
     copy_s = _copy_csv_discard(env, db)

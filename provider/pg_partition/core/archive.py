@@ -796,7 +796,7 @@ def _arrow_pool() -> Iterator[Any]:
 
 def write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
                   columns: list[ExportColumn], *, compression: str = "snappy",
-                  block_size: int = 4 * MiB, group_bytes: int = 8 * MiB) -> int:
+                  block_size: int = MiB, group_bytes: int = 8 * MiB) -> int:
     """Stream the table as Parquet into ``sink``; returns rows written.
 
     ``COPY ... TO STDOUT (FORMAT csv)`` is cut into blocks of about ``block_size`` whole rows, each parsed by
@@ -1050,7 +1050,10 @@ def archive_table(
 
     ex.logger.info("archiving %s (%s, about %s rows, %s bytes on disk) to %s", table, policy.format,
                    f"{info.row_estimate:,}", f"{info.sizes.total:,}", where)
-    with MultipartUpload(s3, policy.bucket, key, part_size=policy.part_size, max_inflight=policy.max_inflight,
+    # pg_dump output can outrun one upload at a time; Parquet/CSV output is slower than S3, so one part in
+    # flight keeps their memory (Arrow buffers already) lower at no cost in speed.
+    inflight = policy.max_inflight if policy.format == "pg_dump" else 1
+    with MultipartUpload(s3, policy.bucket, key, part_size=policy.part_size, max_inflight=inflight,
                          put_args=policy.put_args(), content_type=CONTENT_TYPES[policy.object_format],
                          on_start=started, logger=ex.logger) as sink, _snapshot(conn, table) as (snap, rows):
         if policy.format == "pg_dump":

@@ -94,10 +94,10 @@ def _base(env: Env, *, defer: bool = False, capture_on: bool = False) -> tuple[d
 
 def _scenario(env: Env, step: str, ctx: dict[str, Any], conn: Any, **kw: Any) -> Scenario:
     s = spec(ctx)
-    source = catalog.describe(conn, s.table)
+    source = catalog.describe(conn, s.retired if convert.is_swapped(conn, s) else s.table)
     # per-partition primary key (pgslice's layout): the key lives on each partition, every other index on the parent
-    expected = {"hash": logical_hash(conn, [s.table]), "per_partition": len(source.indexes),
-                "indexes": sorted(i.name for i in source.indexes if not i.is_primary)}
+    expected = {"hash": logical_hash(conn, [source.name]), "per_partition": len(source.indexes),
+                "indexes": sorted(i.name for i in catalog.describe(conn, s.table).indexes if not i.is_primary)}
     conn.close()
     return Scenario(env, step, ctx, finish, check, expected=expected, **kw)
 

@@ -144,9 +144,9 @@ def s3_client(endpoint: str) -> Any:
 class Worker:
     """A step running in its own process (``python -m tests.faults.worker``), stopped at a chosen point."""
 
-    def __init__(self, step: str, ctx: dict[str, Any], *, point: int = 0, hold: bool = True,
+    def __init__(self, step: str, ctx: dict[str, Any], *, point: str = "", hold: bool = True,
                  env: dict[str, str] | None = None) -> None:
-        full_env = {**os.environ, "FAULT_POINT": str(point), "FAULT_HOLD": "1" if hold else "0",
+        full_env = {**os.environ, "FAULT_POINT": point, "FAULT_HOLD": "1" if hold else "0",
                     "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.faults.worker", json.dumps({"step": step, "ctx": ctx})],
@@ -233,11 +233,11 @@ def calibrate(env: Env, key: str, step: Callable[[dict[str, Any]], Any], ctx: di
         return _CALIBRATION[key]
     clone = env.create_database(template=env.dbname)
     try:
+        cal = {**ctx, "dsn": env.dsn_for(clone), "dbname": clone}
+        if ctx.get("fresh_bucket_for_calibration"):
+            cal["bucket"] = env.create_bucket()
         pts = fault_points.Points()
         with fault_points.installed(pts):
-            cal = {**ctx, "dsn": env.dsn_for(clone), "dbname": clone}
-            if ctx.get("fresh_bucket_for_calibration"):
-                cal["bucket"] = env.create_bucket()
             step(cal)
         _CALIBRATION[key] = pts.labels
     finally:
@@ -247,10 +247,15 @@ def calibrate(env: Env, key: str, step: Callable[[dict[str, Any]], Any], ctx: di
 
 
 def choose_point(rng: random.Random, labels: list[str], *, phases: tuple[str, ...] | None = None,
-                 kinds: tuple[str, ...] = ("db", "s3")) -> int:
-    """A seeded point (1-based) among those of the wanted phases and kinds."""
-    candidates = [i + 1 for i, lab in enumerate(labels)
-                  if lab.split("|")[1] in kinds and (phases is None or lab.split("|")[0] in phases)]
+                 kinds: tuple[str, ...] = ("db", "s3")) -> str:
+    """A seeded point among those of the wanted phases and kinds, as ``<kind>:<n>`` (the n-th of its kind)."""
+    seen: dict[str, int] = {}
+    candidates: list[str] = []
+    for lab in labels:
+        phase, kind = lab.split("|")
+        seen[kind] = seen.get(kind, 0) + 1
+        if kind in kinds and (phases is None or phase in phases):
+            candidates.append(f"{kind}:{seen[kind]}")
     if not candidates:
         raise AssertionError(f"no fault point of kinds {kinds} in phases {phases}: {sorted(set(labels))}")
     return rng.choice(candidates)
@@ -266,7 +271,7 @@ class FaultOutcome:
     detail: str
 
 
-def kill_at(env: Env, step: str, ctx: dict[str, Any], point: int, rng: random.Random) -> FaultOutcome:
+def kill_at(env: Env, step: str, ctx: dict[str, Any], point: str, rng: random.Random) -> FaultOutcome:
     """SIGKILL the worker at ``point``: while it waits there, or 0-30 ms after it went on (mid-statement)."""
     hold = rng.random() < 0.5
     worker = Worker(step, ctx, point=point, hold=hold)
@@ -285,7 +290,7 @@ def kill_at(env: Env, step: str, ctx: dict[str, Any], point: int, rng: random.Ra
                         f"SIGKILL {how} point {point}: {worker.marker}" + ("" if alive else " (already exited)"))
 
 
-def restart_pg_at(env: Env, step: str, ctx: dict[str, Any], point: int) -> FaultOutcome:
+def restart_pg_at(env: Env, step: str, ctx: dict[str, Any], point: str) -> FaultOutcome:
     """Restart PostgreSQL (fast) while the worker waits at ``point``; the worker must then fail cleanly."""
     worker = Worker(step, ctx, point=point, hold=True)
     try:
@@ -325,7 +330,7 @@ def restart_primary(env: Env) -> None:
         env.cluster.wait_for_standby(timeout=120)
 
 
-def s3_outage_at(env: Env, step: str, ctx: dict[str, Any], point: int) -> FaultOutcome:
+def s3_outage_at(env: Env, step: str, ctx: dict[str, Any], point: str) -> FaultOutcome:
     """Stop S3 while the worker waits before S3 call ``point``; it must fail cleanly; S3 comes back with its data."""
     worker = Worker(step, ctx, point=point, hold=True)
     try:
@@ -340,8 +345,8 @@ def s3_outage_at(env: Env, step: str, ctx: dict[str, Any], point: int) -> FaultO
         if worker.proc.poll() is None:
             worker.kill()
     if landed:
-        assert code == 1, f"with S3 down the step exited with {code}, expected a clean failure:\n" \
-                          f"{worker.log_tail()}"
+        assert code == 1, f"with S3 down the step exited with {code}, expected a clean failure " \
+                          f"(stopped at {worker.marker}):\n{worker.log_tail(60)}"
     wait_workers_gone(env, ctx["dbname"])
     return FaultOutcome(landed, code, f"S3 stopped at point {point}: {worker.marker}; step failed: "
                                       f"{last_error(worker)}")
@@ -352,10 +357,15 @@ def s3_down(env: Env) -> Iterator[None]:
     """S3 stopped for the body; then started again with the trial's bucket and every completed object it held
     (other tests' buckets are gone after the restart, as moto forgets them; they are not used again)."""
     client = env.s3()
-    objects: dict[str, bytes] = {}
+    objects: dict[str, tuple[bytes, str, int]] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=env.bucket):
         for o in page.get("Contents", []) or []:
-            objects[o["Key"]] = client.get_object(Bucket=env.bucket, Key=o["Key"])["Body"].read()
+            etag = str(o["ETag"]).strip('"')
+            first_part = 0
+            if etag.count("-") and not etag.endswith("-1"):
+                first_part = int(client.head_object(Bucket=env.bucket, Key=o["Key"], PartNumber=1)["ContentLength"])
+            body = client.get_object(Bucket=env.bucket, Key=o["Key"])["Body"].read()
+            objects[o["Key"]] = (body, etag, first_part)
     saved = {env.bucket: objects}
     env.s3_server.stop()
     try:
@@ -365,8 +375,26 @@ def s3_down(env: Env) -> Iterator[None]:
         client = env.s3()
         for name, objects in saved.items():
             client.create_bucket(Bucket=name)
-            for key, body in objects.items():
-                client.put_object(Bucket=name, Key=key, Body=body)
+            for key, (body, etag, first_part) in objects.items():
+                _put_back(client, name, key, body, etag, first_part)
+
+
+def _put_back(client: Any, bucket: str, key: str, body: bytes, etag: str, first_part: int) -> None:
+    """Store an object again byte for byte *and* with the same ETag: a multipart object is re-uploaded in the
+    same parts (its ETag is the md5 of the parts' md5s plus "-<parts>"), as the archive's verify compares it."""
+    if "-" not in etag:
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+        return
+    size = first_part or len(body)
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    parts = []
+    for number, start in enumerate(range(0, max(len(body), 1), size), start=1):
+        out = client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=number,
+                                 Body=body[start:start + size])
+        parts.append({"PartNumber": number, "ETag": out["ETag"]})
+    client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts})
+    got = str(client.head_object(Bucket=bucket, Key=key)["ETag"]).strip('"')
+    assert got == etag, f"could not put s3://{bucket}/{key} back with its ETag ({got} != {etag})"
 
 
 # --------------------------------------------------------------------------------------------- lock contention

@@ -23,23 +23,31 @@ MARK = "FAULT:AT"
 
 
 class Points:
-    """Counts points; at point ``target`` prints the marker and (``hold``) waits for a line on stdin."""
+    """Counts points per kind; at point ``target`` (kind, n: the n-th point of that kind) prints the marker and
+    (``hold``) waits for a line on stdin.
 
-    def __init__(self, target: int = 0, hold: bool = False) -> None:
+    Per kind, because S3 parts are uploaded from worker threads while the main thread talks to PostgreSQL: the
+    interleaving of the two kinds varies from run to run, the order within each kind does not.
+    """
+
+    def __init__(self, target: tuple[str, int] = ("", 0), hold: bool = False) -> None:
         self.target = target
         self.hold = hold
         self.count = 0
+        self.per_kind: dict[str, int] = {}
         self.phase = "main"
         self.labels: list[str] = []
+        self.trace: list[str] = []
         self._lock = threading.Lock()
 
     def hit(self, kind: str, label: str) -> None:
         with self._lock:
             self.count += 1
-            n = self.count
+            n = self.per_kind[kind] = self.per_kind.get(kind, 0) + 1
             self.labels.append(f"{self.phase}|{kind}")
-        if n == self.target:
-            print(f"{MARK} {n} {kind} {self.phase} {' '.join(label.split())[:160]}", flush=True)
+            self.trace.append(f"{kind}#{n} {self.phase} {' '.join(label.split())[:100]}")
+        if (kind, n) == self.target:
+            print(f"{MARK} {kind}#{n} {self.phase} {' '.join(label.split())[:160]}", flush=True)
             if self.hold:
                 sys.stdin.readline()  # the driver writes a line (or SIGKILLs us first)
 
@@ -101,4 +109,6 @@ def installed(points: Points) -> Iterator[Points]:
 
 
 def from_env() -> Points:
-    return Points(int(os.environ.get("FAULT_POINT", "0") or 0), os.environ.get("FAULT_HOLD", "1") == "1")
+    """FAULT_POINT=<kind>:<n> (e.g. ``s3:3``); empty: count only."""
+    kind, _, n = (os.environ.get("FAULT_POINT") or ":0").partition(":")
+    return Points((kind, int(n or 0)), os.environ.get("FAULT_HOLD", "1") == "1")

@@ -69,6 +69,8 @@ def main() -> int:
     pts = fault_points.from_env()
     with fault_points.installed(pts):
         result = step(request["ctx"])
+    if os.environ.get("FAULT_TRACE") == "1":
+        print("\n".join(f"POINT {t}" for t in pts.trace), file=sys.stderr, flush=True)
     print("FAULT:TOTAL", pts.count, flush=True)
     print("FAULT:RESULT", json.dumps(result, default=str), flush=True)
     return 0

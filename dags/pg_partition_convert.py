@@ -1,7 +1,9 @@
-"""Airflow DAG pg_partition_convert: online conversion of a table to RANGE partitions (preflight, prep,
-add_partitions, plan_fill, fill per partition, indexes, analyze, swap, catch_up, report). Params: conn_id, table,
-column, period, past, future, cover_data, batch_size, where, sleep_seconds, primary_key, default_partition,
-defer_indexes, lock_timeout, dry_run, ..."""
+"""Airflow DAG pg_partition_convert: online conversion of a table to RANGE partitions.
+
+preflight -> prep -> add_partitions -> install_capture -> plan_fill -> lag_before_fill -> fill (mapped per
+partition) -> replay -> lag_before_indexes -> indexes -> analyze -> verify -> lag_before_swap -> swap ->
+verify_after_swap -> catch_up -> report. Trigger it with params (see the README or the Trigger form).
+"""
 
 from pg_partition.dag_factory.convert import build_convert_dag
 

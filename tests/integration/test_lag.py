@@ -477,7 +477,7 @@ def test_unconsumed_slot_holds_the_real_convert_fill_and_consuming_releases_it(d
                        poll_interval=0.05, max_pause_seconds=None, sleep=feed)
         gated = gate.bind(lag_conn)
 
-        def throttle() -> None:  # the fill calls it after each batch: record what the slot holds, then gate
+        def throttle() -> None:  # the fill calls it before every batch: record what the slot holds, then gate
             feed.record_batch()
             gated()
 
@@ -485,8 +485,8 @@ def test_unconsumed_slot_holds_the_real_convert_fill_and_consuming_releases_it(d
             for item in plan["items"]:  # as the mapped fill tasks run: gate before each, then the fill
                 throttle()
                 convert.fill(ex, spec, item, throttle=throttle)
-        # the fill does not call throttle after an item's last batch; the gate before the next item covers it,
-        # so exactly one batch runs between two records and the check below is exact
+        # the gate runs before every batch (and once more before each item, as the mapped tasks do), so at most
+        # one batch runs between two records and the check below is exact
         feed.assert_held_within_one_batch(limit)
         assert gate.pauses >= 2 and feed.consumptions == gate.pauses
         assert row_hash(c, "activities_intermediate") == row_hash(c, "activities")

@@ -91,7 +91,8 @@ def _params(default_conn_id: str) -> dict[str, Param]:
                             description="Also create a partition for every period that holds rows (matching "
                             "`where`), from the data's min to max."),
         "batch_size": Param(10_000, type="integer", minimum=1,
-                            description="Primary-key range per fill batch (one short transaction each)."),
+                            description="Primary-key range per fill batch (one short transaction each); also the "
+                            "keys per replay and catch-up batch."),
         "where": Param("", type="string",
                        description="Optional row filter, one boolean SQL expression over the table's columns "
                        "(e.g. created_at > now() - interval '2 years'); validated by PostgreSQL before use."),

@@ -11,14 +11,12 @@ from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timezone
 from typing import Any
 
-import psycopg
 from airflow.sdk import Context
 from pydantic import ValidationError
 
 from pg_partition.config import TableConfig
 from pg_partition.core import rotate
 from pg_partition.core.errors import InvalidInputError, PartitionError
-from pg_partition.core.execute import Executor
 from pg_partition.operators.base import PartitionBaseOperator
 
 
@@ -65,11 +63,6 @@ class _RotateOperator(PartitionBaseOperator):
                 raise InvalidInputError(f"today={self.today!r} is not a date",
                                         fix="use YYYY-MM-DD, or leave it empty for the current date") from None
         return datetime.now(timezone.utc).date()
-
-    def sql_executor(self, conn: psycopg.Connection[Any]) -> Executor:
-        """``PartitionBaseOperator.executor()`` is shadowed by BaseOperator's ``executor`` attribute (the Airflow
-        executor name, None by default), so build the engine's Executor here."""
-        return Executor(conn, dry_run=self.is_dry_run)
 
     def prepare(self, context: Context) -> tuple[TableConfig, date]:
         cfg = self.table_config()

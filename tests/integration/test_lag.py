@@ -398,7 +398,9 @@ def test_unconsumed_logical_slot_holds_the_batch_loop_and_consuming_releases_it(
             copy_in_batches(c, 2_000, gate.bind(lag_conn), on_batch=lambda _last: feed.record_batch())
         feed.assert_held_within_one_batch(limit)
         # it really paused, several times, each time for 4+ measurements over the limit before the feed read
-        assert gate.pauses >= 2 and feed.consumptions == gate.pauses
+        # a pause can need more than one catch-up of the feed when other WAL (autovacuum, checkpoints) lands in
+        # between; every pause ended only after a consumption
+        assert gate.pauses >= 2 and feed.consumptions >= gate.pauses
         assert [k for k, _ in feed.events].count("poll") >= 5 * gate.pauses
         assert c.execute(HASH.format("src")).fetchone() == c.execute(HASH.format("dst")).fetchone()
         assert c.execute("SELECT count(*) FROM dst").fetchone() == (40_000,)
@@ -488,7 +490,9 @@ def test_unconsumed_slot_holds_the_real_convert_fill_and_consuming_releases_it(d
         # the gate runs before every batch (and once more before each item, as the mapped tasks do), so at most
         # one batch runs between two records and the check below is exact
         feed.assert_held_within_one_batch(limit)
-        assert gate.pauses >= 2 and feed.consumptions == gate.pauses
+        # a pause can need more than one catch-up of the feed when other WAL (autovacuum, checkpoints) lands in
+        # between; every pause ended only after a consumption
+        assert gate.pauses >= 2 and feed.consumptions >= gate.pauses
         assert row_hash(c, "activities_intermediate") == row_hash(c, "activities")
         assert convert.fill_status(c, spec)["pending"] == []
     assert "Pausing: replication lag over threshold" in caplog.text and "logical slot 's'" in caplog.text

@@ -7,4 +7,4 @@ RUN apt-get update && apt-get install -y --no-install-recommends postgresql-clie
 USER airflow
 COPY --chown=airflow:root pyproject.toml README.md /opt/pg-partition/
 COPY --chown=airflow:root provider /opt/pg-partition/provider
-RUN pip install --no-cache-dir "/opt/pg-partition[parquet]"
+RUN pip install --no-cache-dir /opt/pg-partition

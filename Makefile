@@ -4,9 +4,11 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-BENCH_ROWS ?= 2000000
+BENCH_ROWS ?= 1000000
 FAULT_SEED ?= 1
 FAULT_TRIALS ?= 3
+# Tests wait on servers (locks, replication, Airflow) more than on CPU: 3 workers, one service stack each.
+TEST_WORKERS ?= 3
 
 .PHONY: venv demo demo-clean test lint typecheck bench faults clean
 
@@ -27,7 +29,7 @@ demo-clean:
 	@[ -x $(VPY) ] && $(VPY) -m tools.demo clean || rm -rf .demo
 
 test: venv
-	$(VPY) -m pytest tests
+	$(VPY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: venv
 	$(VENV)/bin/ruff check provider tests dags bench tools

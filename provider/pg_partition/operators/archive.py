@@ -9,14 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import psycopg
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.sdk import Context
 
 from pg_partition.core import archive
 from pg_partition.core.catalog import QualifiedName
 from pg_partition.core.errors import InvalidInputError
-from pg_partition.core.execute import Executor
 from pg_partition.operators.base import PartitionBaseOperator, as_bool
 
 DEFAULT_AWS_CONN_ID = "aws_default"
@@ -24,12 +22,6 @@ DEFAULT_AWS_CONN_ID = "aws_default"
 
 def _blank(value: Any) -> bool:
     return value is None or str(value).strip() in ("", "None", "null")
-
-
-def _executor_for(op: PartitionBaseOperator, conn: psycopg.Connection[Any]) -> Executor:
-    """Not ``op.executor()``: Airflow 3's BaseOperator.__init__ sets an ``executor`` attribute (the task's Airflow
-    executor name) that shadows PartitionBaseOperator.executor()."""
-    return Executor(conn, dry_run=op.is_dry_run)
 
 
 def s3_client(aws_conn_id: str) -> Any:
@@ -90,7 +82,7 @@ class ArchivePartitionOperator(PartitionBaseOperator):
             self.log.info("archive queue row %s: %s (status %s, attempt %s) via AWS connection %s", queue_id,
                           row.table, row.status, row.attempts + 1, aws_conn_id)
             result = archive.archive_queued(
-                _executor_for(self, conn), s3_client(aws_conn_id), queue_id, defaults=self.defaults(),
+                self.sql_executor(conn), s3_client(aws_conn_id), queue_id, defaults=self.defaults(),
                 pg_dump=None if _blank(self.pg_dump) else self.pg_dump,
                 pg_restore=None if _blank(self.pg_restore) else self.pg_restore,
                 lock_timeout=str(self.lock_timeout), retries=int(self.lock_retries))
@@ -148,7 +140,7 @@ class RestorePartitionOperator(PartitionBaseOperator):
             self.log.info("restoring s3://%s/%s (%s, %s rows, sha256 %s) -> %s", bucket, manifest["key"],
                           manifest["format"], manifest["rows"], manifest["sha256"], target)
             result = archive.restore(
-                _executor_for(self, conn), s3, manifest, target=target,
+                self.sql_executor(conn), s3, manifest, target=target,
                 parent=table if target == "attach" else None,
                 schema=None if _blank(self.schema) else str(self.schema),
                 pg_restore=None if _blank(self.pg_restore) else str(self.pg_restore),

@@ -1279,29 +1279,7 @@ _COPY_RE = re.compile(r"^COPY (.+?) \((.*)\) FROM stdin;\n?$")
 
 def parse_ident_list(text: str) -> list[str]:
     """``id, "Created At", x`` -> ['id', 'Created At', 'x'] (pg_dump quotes names only when needed)."""
-    out, cur, i, quoted = [], "", 0, False
-    while i < len(text):
-        ch = text[i]
-        if quoted:
-            if ch == '"':
-                if i + 1 < len(text) and text[i + 1] == '"':
-                    cur += '"'
-                    i += 1
-                else:
-                    quoted = False
-            else:
-                cur += ch
-        elif ch == '"':
-            quoted = True
-        elif ch == ",":
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-        i += 1
-    if cur.strip():
-        out.append(cur.strip())
-    return out
+    return [p for p in catalog.split_quoted(text, ",") if p]
 
 
 @contextlib.contextmanager

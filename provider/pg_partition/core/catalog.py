@@ -49,31 +49,38 @@ class QualifiedName:
         return f"{self.schema}.{self.name}"
 
 
-def _split_ident(text: str) -> list[str]:
+def split_quoted(text: str, sep: str) -> list[str]:
+    """Split a list of SQL identifiers on ``sep`` (``.`` or ``,``) the way PostgreSQL reads them: double quotes
+    keep case, separators and doubled quotes (``"we""ird"``); unquoted text is folded to lower case."""
     parts: list[str] = []
-    cur, quoted, i, started = "", False, 0, False
-    text = text.strip()
+    cur, quoted, i = "", False, 0
     while i < len(text):
         ch = text[i]
         if quoted:
-            if ch == '"':
-                if i + 1 < len(text) and text[i + 1] == '"':
-                    cur += '"'
-                    i += 1
-                else:
-                    quoted = False
+            if ch == '"' and text[i + 1:i + 2] == '"':
+                cur += '"'
+                i += 1
+            elif ch == '"':
+                quoted = False
             else:
                 cur += ch
         elif ch == '"':
-            quoted, started = True, True
-        elif ch == ".":
+            quoted = True
+        elif ch == sep:
             parts.append(cur)
-            cur, started = "", False
-        else:
-            cur += ch.lower() if not started else ch
+            cur = ""
+        elif not ch.isspace():
+            cur += ch.lower()
         i += 1
+    if quoted:
+        raise InvalidInputError(f"unbalanced double quote in {text!r}", fix="close every quoted name")
     parts.append(cur)
-    if quoted or any(p.strip() == "" for p in parts):
+    return parts
+
+
+def _split_ident(text: str) -> list[str]:
+    parts = split_quoted(text.strip(), ".")
+    if any(p == "" for p in parts):
         raise InvalidInputError(f"{text!r} is not a valid table name", fix="check quotes and dots")
     return parts
 

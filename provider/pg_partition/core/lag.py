@@ -34,7 +34,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -397,44 +397,35 @@ def _is_none(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in _NONE_TEXT)
 
 
-def parse_bytes(value: Any, *, what: str = "max_lag_bytes") -> int | None:
-    """``None``/"None" -> None (no byte threshold); ``104857600``, ``"100MB"``, ``"1.5 GB"`` -> bytes (1 kB = 1024)."""
+def _parse_quantity(value: Any, units: Mapping[str, float], what: str, kind: str, example: str) -> float | None:
+    """A number with an optional unit from ``units``; ``None``/"None" -> None. Shared by sizes and durations."""
     if _is_none(value):
         return None
     if isinstance(value, bool):
-        raise InvalidInputError(f"{what}={value!r} is not a size", fix="give bytes, e.g. 104857600 or '100MB'")
+        raise InvalidInputError(f"{what}={value!r} is not a {kind}", fix=f"give a number or {example}")
     if isinstance(value, int | float):
         number, unit = float(value), ""
     else:
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(value))
-        if not m or m.group(2).lower() not in _SIZE_UNITS:
-            raise InvalidInputError(f"{what}={value!r} is not a size",
-                                    fix="give bytes as a number or with a unit: 104857600, '100MB', '2GB'")
+        if not m or m.group(2).lower() not in units:
+            raise InvalidInputError(f"{what}={value!r} is not a {kind}",
+                                    fix=f"give a number or a number with a unit: {example}")
         number, unit = float(m.group(1)), m.group(2).lower()
-    result = number * _SIZE_UNITS[unit]
+    result = number * units[unit]
     if not math.isfinite(result) or result < 0:
-        raise InvalidInputError(f"{what}={value!r} must be a non-negative size", fix="use e.g. '100MB'")
-    return int(result)
+        raise InvalidInputError(f"{what}={value!r} must be a non-negative {kind}", fix=f"use e.g. {example}")
+    return result
+
+
+def parse_bytes(value: Any, *, what: str = "max_lag_bytes") -> int | None:
+    """``None``/"None" -> None (no byte threshold); ``104857600``, ``"100MB"``, ``"1.5 GB"`` -> bytes (1 kB = 1024)."""
+    result = _parse_quantity(value, _SIZE_UNITS, what, "size", "104857600, '100MB', '2GB'")
+    return None if result is None else int(result)
 
 
 def parse_seconds(value: Any, *, what: str = "max_lag_seconds") -> float | None:
     """``None``/"None" -> None; ``30``, ``"30s"``, ``"5min"``, ``"500ms"`` -> seconds."""
-    if _is_none(value):
-        return None
-    if isinstance(value, bool):
-        raise InvalidInputError(f"{what}={value!r} is not a duration", fix="give seconds, e.g. 30 or '5min'")
-    if isinstance(value, int | float):
-        number, unit = float(value), ""
-    else:
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(value))
-        if not m or m.group(2).lower() not in _TIME_UNITS:
-            raise InvalidInputError(f"{what}={value!r} is not a duration",
-                                    fix="give seconds as a number or with a unit: 30, '30s', '5min', '1h'")
-        number, unit = float(m.group(1)), m.group(2).lower()
-    result = number * _TIME_UNITS[unit]
-    if not math.isfinite(result) or result < 0:
-        raise InvalidInputError(f"{what}={value!r} must be a non-negative duration", fix="use e.g. 30 or '5min'")
-    return result
+    return _parse_quantity(value, _TIME_UNITS, what, "duration", "30, '30s', '5min', '1h'")
 
 
 def parse_names(value: Any, *, what: str = "watch_slots") -> tuple[str, ...] | None:

@@ -116,6 +116,53 @@ class Executor:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+    @contextmanager
+    def _session_lock_timeout(self, lock_timeout: str) -> Iterator[None]:
+        self.run(sql.SQL("SET lock_timeout = {}").format(sql.Literal(lock_timeout)))
+        try:
+            yield
+        finally:
+            if self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                self.run("RESET lock_timeout")
+
+    def outside_transaction_with_lock_timeout(
+        self,
+        stmt: Query,
+        *,
+        lock_timeout: str,
+        retries: int,
+        what: str,
+        after_timeout: Callable[[], bool] | None = None,
+        where: str | None = None,
+        fix: str | None = None,
+    ) -> bool:
+        """Run a statement PostgreSQL refuses inside a transaction block (``DETACH ... CONCURRENTLY``/``FINALIZE``)
+        under a session-level ``lock_timeout``, retrying lock timeouts up to ``retries`` attempts.
+
+        ``after_timeout`` runs after each timed-out attempt; when it returns True the work was completed another
+        way (an interrupted concurrent detach finalized, say), no further attempt is made and this returns False.
+        Returns True when the statement itself ran. Raises LockTimeoutExhausted after the last attempt.
+        """
+        last: Exception | None = None
+        for attempt in range(1, retries + 1):
+            try:
+                with self._session_lock_timeout(lock_timeout):
+                    self.run(stmt)
+                return True
+            except psycopg.errors.LockNotAvailable as exc:
+                last = exc
+                self.logger.warning("%s timed out after lock_timeout=%s (attempt %d of %d)",
+                                    what, lock_timeout, attempt, retries)
+                if after_timeout is not None and after_timeout():
+                    return False
+        raise LockTimeoutExhausted(
+            f"{what} did not get its locks within lock_timeout={lock_timeout} after {retries} attempts",
+            where=where,
+            fix=fix or "find the long-running transaction holding the table (pg_stat_activity, pg_locks); the "
+            "next run retries",
+        ) from last
+
+
 class Progress:
     """Progress lines for long loops: done/total, rate, ETA. Logs at most every ``every`` seconds."""
 

@@ -38,8 +38,6 @@ Choices, and why:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import Any, Literal, NoReturn
@@ -523,17 +521,6 @@ def _record(ex: Executor, table: QualifiedName, item: PlannedDetach, status: str
     }, part=item.name.name)
 
 
-@contextmanager
-def _session_lock_timeout(ex: Executor, value: str) -> Iterator[None]:
-    """A session-level lock_timeout around a statement that cannot run in a transaction block."""
-    ex.run(sql.SQL("SET lock_timeout = {}").format(sql.Literal(value)))
-    try:
-        yield
-    finally:
-        if ex.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-            ex.run("RESET lock_timeout")
-
-
 def _detach_concurrently(ex: Executor, cfg: TableConfig, parent: QualifiedName, item: PlannedDetach,
                          result: DetachResult) -> None:
     """``DETACH ... CONCURRENTLY`` with bounded retries; a try that stopped in phase 2 is completed by FINALIZE.
@@ -541,35 +528,28 @@ def _detach_concurrently(ex: Executor, cfg: TableConfig, parent: QualifiedName, 
     Its waits (for SHARE UPDATE EXCLUSIVE, then for older transactions to finish) block no reader or writer, so
     they are bounded by ``detach_timeout``, not by the short ``lock_timeout`` used for blocking DDL.
     """
-    stmt = sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(parent.ident, item.name.ident)
-    last: Exception | None = None
-    for attempt in range(1, cfg.lock_retries + 1):
-        try:
-            with _session_lock_timeout(ex, cfg.detach_timeout):
-                ex.run(stmt)
-            return
-        except psycopg.errors.LockNotAvailable as exc:
-            last = exc
-            ex.logger.warning("DETACH CONCURRENTLY of %s timed out after %s (attempt %d of %d)",
-                              item.name, cfg.detach_timeout, attempt, cfg.lock_retries)
-        except psycopg.errors.ObjectNotInPrerequisiteState as exc:
-            # A DEFAULT partition was added since the plan: say so and fall back.
-            why = f"PostgreSQL refused DETACH CONCURRENTLY ({exc.diag.message_primary})"
-            ex.logger.warning("falling back to a plain DETACH of %s: %s", item.name, why)
-            result.fallbacks.append(f"{item.name}: {why}")
-            _detach_plain(ex, cfg, parent, item.name)
-            return
-        if _is_detach_pending(ex.conn, parent, item.name):
-            ex.logger.info("%s is detach pending after the interrupted attempt; completing it with FINALIZE",
-                           item.name)
-            _finalize(ex, cfg, parent, item.name)
-            result.finalized.append(str(item.name))
-            return
-    raise PartitionError(
-        f"DETACH PARTITION {item.name} CONCURRENTLY did not complete within detach_timeout={cfg.detach_timeout} "
-        f"after {cfg.lock_retries} attempts", where=f"{cfg.conn_id}: {parent}",
-        fix="a long transaction is still using the table (see pg_stat_activity); the next run retries, or raise "
-        "detach_timeout") from last
+
+    def finalize_if_pending() -> bool:
+        if not _is_detach_pending(ex.conn, parent, item.name):
+            return False
+        ex.logger.info("%s is detach pending after the interrupted attempt; completing it with FINALIZE", item.name)
+        _finalize(ex, cfg, parent, item.name)
+        result.finalized.append(str(item.name))
+        return True
+
+    try:
+        ex.outside_transaction_with_lock_timeout(
+            sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(parent.ident, item.name.ident),
+            lock_timeout=cfg.detach_timeout, retries=cfg.lock_retries, what=f"DETACH CONCURRENTLY of {item.name}",
+            after_timeout=finalize_if_pending, where=f"{cfg.conn_id}: {parent}",
+            fix="a long transaction is still using the table (see pg_stat_activity); the next run retries, or "
+            "raise detach_timeout")
+    except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+        # A DEFAULT partition was added since the plan: say so and fall back.
+        why = f"PostgreSQL refused DETACH CONCURRENTLY ({exc.diag.message_primary})"
+        ex.logger.warning("falling back to a plain DETACH of %s: %s", item.name, why)
+        result.fallbacks.append(f"{item.name}: {why}")
+        _detach_plain(ex, cfg, parent, item.name)
 
 
 def _is_detach_pending(conn: psycopg.Connection[Any], parent: QualifiedName, child: QualifiedName) -> bool:
@@ -588,21 +568,11 @@ def _detach_plain(ex: Executor, cfg: TableConfig, parent: QualifiedName, child: 
 
 
 def _finalize(ex: Executor, cfg: TableConfig, parent: QualifiedName, child: QualifiedName) -> None:
-    stmt = sql.SQL("ALTER TABLE {} DETACH PARTITION {} FINALIZE").format(parent.ident, child.ident)
-    last: Exception | None = None
-    for attempt in range(1, cfg.lock_retries + 1):
-        try:
-            with _session_lock_timeout(ex, cfg.detach_timeout):
-                ex.run(stmt)
-            return
-        except psycopg.errors.LockNotAvailable as exc:
-            last = exc
-            ex.logger.warning("DETACH FINALIZE of %s timed out after %s (attempt %d of %d)",
-                              child, cfg.detach_timeout, attempt, cfg.lock_retries)
-    raise PartitionError(
-        f"DETACH PARTITION {child} FINALIZE did not complete within detach_timeout={cfg.detach_timeout}",
+    ex.outside_transaction_with_lock_timeout(
+        sql.SQL("ALTER TABLE {} DETACH PARTITION {} FINALIZE").format(parent.ident, child.ident),
+        lock_timeout=cfg.detach_timeout, retries=cfg.lock_retries, what=f"DETACH FINALIZE of {child}",
         where=f"{cfg.conn_id}: {parent}",
-        fix="a long transaction is still using the table (see pg_stat_activity); the next run retries") from last
+        fix="a long transaction is still using the table (see pg_stat_activity); the next run retries")
 
 
 def _archive(ex: Executor, cfg: TableConfig, parent: QualifiedName, item: PlannedDetach) -> str | None:

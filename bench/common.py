@@ -25,7 +25,8 @@ import psycopg
 
 from tools.stack import PgCluster, S3Server, free_port, pg_bindir
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# BENCH_RESULTS redirects the report (CI's tiny run must not overwrite a committed one).
+RESULTS = Path(os.environ.get("BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 @dataclass

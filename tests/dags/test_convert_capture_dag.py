@@ -136,7 +136,11 @@ def test_capture_on_with_a_concurrent_writer_end_to_end(db, conn, run_dag) -> No
     retired = ConvertSpec.create(TABLE, "created_at").retired
     post = writer.post_swap_keys
     a, b = same_columns_hash(conn, retired, TABLE, exclude=post)
-    assert a == b and a[0] > ROWS * 0.9
+    # the hash covers every retired row whose key was not written after the swap (how many that is depends on
+    # how long the writer ran while the conversion did, so the floor is only "most of the seeded table")
+    comparable = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE NOT (id = ANY(%s))").format(retired.ident),
+                              (sorted(post),)).fetchone()[0]
+    assert a == b and a[0] == comparable and a[0] > ROWS // 2
     # the writes made after the swap are in the new table (and not in the retired one)
     checked = 0
     for key, kind in writer.last_after_swap.items():

@@ -10,12 +10,13 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pg_partition.core import advisor
-from pg_partition.core.advisor import Recipe, Thresholds
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError
-from pg_partition.core.seed import seed_activities
+from pg_partition.config import TableConfig
+from pg_partition.core.advise import advisor
+from pg_partition.core.advise.advisor import Recipe, Thresholds
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError
 from tests.conftest import REPO
+from tools.seed import seed_activities
 
 APPEND = QualifiedName("public", "events")
 CHURN = QualifiedName("public", "orders")
@@ -188,6 +189,7 @@ def test_advise_partitioned_table_row_counts_and_sizes(db: Any, conn: psycopg.Co
     assert a.convert_params is None
     assert a.config_entry == {"conn_id": db.conn_id, "table": "public.logs", "column": "created_at",
                               "period": "month", "premake": 3, "retention": 24}
+    assert TableConfig.model_validate(a.config_entry).rotation().retention == 24  # pastes into the config as is
     assert "estimated size per partition" in advisor.render(a)
 
 

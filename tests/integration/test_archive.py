@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pg_partition.core import archive
-from pg_partition.core.catalog import QualifiedName, describe, exists
-from pg_partition.core.errors import PreflightError, VerificationError
-from pg_partition.core.execute import Executor
+from pg_partition.core.db.catalog import QualifiedName, describe, exists
+from pg_partition.core.db.errors import PreflightError, VerificationError
+from pg_partition.core.db.execute import Executor
 from tests.integration.test_archive_support import (
     DETACHED,
     PARENT,

@@ -14,11 +14,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pg_partition.core import archive, partitions
-from pg_partition.core.catalog import QualifiedName, describe
-from pg_partition.core.execute import Executor
-from pg_partition.core.names import Period, covering
-from pg_partition.core.seed import seed_activities
+from pg_partition.core import archive
+from pg_partition.core.db import partitions
+from pg_partition.core.db.catalog import QualifiedName, describe
+from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.names import Period, covering
+from tools.seed import seed_activities
 
 PARENT = QualifiedName("public", "activities")
 ARCHIVE_SCHEMA = "pgpartition_archive"
@@ -102,28 +103,34 @@ def catalog_snapshot(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
 
 import pytest  # noqa: E402
 
-from pg_partition.core.errors import InvalidInputError, PreflightError  # noqa: E402
+from pg_partition.core.db.errors import InvalidInputError, PreflightError  # noqa: E402
 
 
 def test_policy_layers_and_validation() -> None:
-    policy = archive.ArchivePolicy.build({"bucket": "b", "format": "parquet", "drop": "false"},
+    policy = archive.ArchivePolicy.build({"bucket": "bkt", "format": "parquet", "drop": "false"},
                                          {"format": None, "sse": "SSE-KMS", "kms_key_id": "alias/k"})
-    assert (policy.bucket, policy.format, policy.drop, policy.sse) == ("b", "parquet", False, "aws:kms")
+    assert (policy.bucket, policy.format, policy.drop, policy.sse) == ("bkt", "parquet", False, "aws:kms")
     assert policy.put_args() == {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "alias/k"}
     with pytest.raises(InvalidInputError, match="no S3 bucket"):
         archive.ArchivePolicy.build({"format": "pg_dump"})
-    with pytest.raises(InvalidInputError, match="unknown archive format"):
-        archive.ArchivePolicy.build({"bucket": "b", "format": "xml"})
-    with pytest.raises(InvalidInputError, match="kms_key_id is set but sse"):
-        archive.ArchivePolicy.build({"bucket": "b", "kms_key_id": "k"})
-    with pytest.raises(InvalidInputError, match="mode=rds cannot write parquet"):
-        archive.ArchivePolicy.build({"bucket": "b", "mode": "rds", "format": "parquet"})
+    with pytest.raises(InvalidInputError, match="format: Input should be 'pg_dump', 'parquet' or 'csv'"):
+        archive.ArchivePolicy.build({"bucket": "bkt", "format": "xml"})
+    with pytest.raises(InvalidInputError, match="kms_key_id is only used with sse: aws:kms"):
+        archive.ArchivePolicy.build({"bucket": "bkt", "kms_key_id": "k"})
+    with pytest.raises(InvalidInputError, match=r"mode: rds exports with aws_s3\.query_export_to_s3, which writes csv"):
+        archive.ArchivePolicy.build({"bucket": "bkt", "mode": "rds", "format": "parquet"})
+    with pytest.raises(InvalidInputError, match="bucket: String should have at least 3 characters"):
+        archive.ArchivePolicy.build({"bucket": "b"})
+    with pytest.raises(InvalidInputError, match="max_inflight: Input should be less than or equal to 64"):
+        archive.ArchivePolicy.build({"bucket": "bkt", "max_inflight": 65})
+    with pytest.raises(InvalidInputError, match="parquet_compression: Input should be"):
+        archive.ArchivePolicy.build({"bucket": "bkt", "parquet_compression": "zip"})
     with pytest.raises(InvalidInputError, match="unknown archive policy field"):
-        archive.ArchivePolicy.build({"bucket": "b", "buckets": "x"})
+        archive.ArchivePolicy.build({"bucket": "bkt", "buckets": "x"})
 
 
 def test_hive_key_layout_and_manifest_beside_it() -> None:
-    policy = archive.ArchivePolicy.build({"bucket": "b", "prefix": "/arch/", "format": "parquet"})
+    policy = archive.ArchivePolicy.build({"bucket": "bkt", "prefix": "/arch/", "format": "parquet"})
     key = archive.object_key(policy, "app", "public", "activities", "2024-01", "activities_202401")
     assert key == "arch/app/public/activities/period=2024-01/activities_202401.parquet"
     # '_' prefix: Athena/Hive/Spark skip it, so the manifest is never read as data

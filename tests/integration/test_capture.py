@@ -9,17 +9,18 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pg_partition.core import capture, catalog
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import (
+from pg_partition.core.convert import capture, replay
+from pg_partition.core.db import catalog
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import (
     InvalidInputError,
     LockTimeoutExhausted,
     PartitionError,
     PreflightError,
     StateError,
 )
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core.db.execute import Executor
+from tools.seed import seed_activities
 
 from .test_capture_support import changelog_keys, fill, make_intermediate, row_hash
 
@@ -120,9 +121,9 @@ def test_dry_run_changes_nothing(conn, prepared) -> None:
     conn.execute("UPDATE activities SET key = 'u' WHERE id = 10")
     installed = _objects(conn)
     dry = Executor(conn, dry_run=True)
-    stats = capture.replay(dry, SRC, prepared)
+    stats = replay.replay(dry, SRC, prepared)
     assert stats.stopped_because == "dry run" and stats.backlog == 1
-    assert capture.finish_in_swap(dry, SRC, prepared) == 1
+    assert replay.finish_in_swap(dry, SRC, prepared) == 1
     assert capture.uninstall(dry, SRC) is True
     assert _objects(conn) == installed and capture.backlog(conn, SRC) == 1
     assert any(s.startswith("DROP TABLE") for s in dry.statements)
@@ -144,7 +145,7 @@ def test_install_refusals_change_nothing(conn, prepared) -> None:
         capture.install(Executor(conn), SRC, prepared)
     assert _objects(conn) == before
     with pytest.raises(StateError):
-        capture.replay(conn, SRC, prepared)  # not installed
+        replay.replay(conn, SRC, prepared)  # not installed
 
 
 def test_install_waits_for_writes_in_flight(db, conn, prepared) -> None:
@@ -188,7 +189,7 @@ def test_replay_applies_keys_and_is_idempotent(conn, prepared) -> None:
         conn.execute("UPDATE activities SET owner_id = owner_id + 1 WHERE id = 9")  # hot key: 5 entries
     assert row_hash(conn, SRC) != row_hash(conn, dest)
 
-    stats = capture.replay(conn, SRC, dest, batch_size=4, until_backlog_below=1)
+    stats = replay.replay(conn, SRC, dest, batch_size=4, until_backlog_below=1)
     assert capture.backlog(conn, SRC) == 0
     # entries in commit order: [1 2 3 4] [5 6 7 700000] [8000 9 9 9] [9 9]: duplicates collapse within a batch
     assert (stats.entries, stats.batches, stats.keys) == (14, 4, 11)
@@ -199,12 +200,12 @@ def test_replay_applies_keys_and_is_idempotent(conn, prepared) -> None:
     assert part_of_4[0] == f"activities_intermediate_{src_month[0]}"
 
     snapshot = row_hash(conn, dest)
-    again = capture.replay(conn, SRC, dest)
+    again = replay.replay(conn, SRC, dest)
     assert again.entries == 0 and row_hash(conn, dest) == snapshot
     # every key replayed once more (as if a killed batch had applied them before dying): same result
     conn.execute("INSERT INTO activities_changelog SELECT id FROM activities WHERE id < 50 "
                  "UNION ALL SELECT x FROM generate_series(1, 10) x")
-    capture.replay(conn, SRC, dest, batch_size=7)
+    replay.replay(conn, SRC, dest, batch_size=7)
     assert row_hash(conn, dest) == snapshot == row_hash(conn, SRC)
 
 
@@ -215,7 +216,7 @@ def test_replay_refuses_rows_outside_partitions_and_keeps_them(conn, prepared) -
     conn.execute("UPDATE activities SET created_at = '2999-01-01' WHERE id = 11")
     conn.execute("UPDATE activities SET key = 'fine' WHERE id = 12")
     with pytest.raises(PartitionError, match="fits no partition") as err:
-        capture.replay(conn, SRC, dest, batch_size=100)
+        replay.replay(conn, SRC, dest, batch_size=100)
     assert "add the partitions" in str(err.value)
     assert sorted(changelog_keys(conn, SRC)) == [11, 12]  # the failed batch rolled back: nothing lost
 
@@ -246,7 +247,7 @@ def test_composite_key_and_identity_always(conn) -> None:
     conn.execute('UPDATE "Sales"."Order Lines" SET at = at + 40 WHERE n = 11')  # partition change
     conn.execute('DELETE FROM "Sales"."Order Lines" WHERE n % 11 = 0')
     conn.execute('INSERT INTO "Sales"."Order Lines" (tenant, at, qty) VALUES (1, \'2024-03-03\', 5)')
-    stats = capture.replay(conn, src, dest, batch_size=10)
+    stats = replay.replay(conn, src, dest, batch_size=10)
     assert stats.keys > 50 and capture.backlog(conn, src) == 0
     a, b = same_columns_hash_any(conn, src, dest)
     assert a == b

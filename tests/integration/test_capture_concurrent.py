@@ -17,11 +17,12 @@ import time
 import psycopg
 import pytest
 
-from pg_partition.core import capture, catalog, verify
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import LockTimeoutExhausted
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core.convert import capture, replay, verify
+from pg_partition.core.db import catalog
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import LockTimeoutExhausted
+from pg_partition.core.db.execute import Executor
+from tools.seed import seed_activities
 
 from .test_capture_support import (
     Writer,
@@ -65,14 +66,14 @@ def test_conversion_with_concurrent_writer_is_exact(db, conn) -> None:
 
     # replay runs concurrently with the fill, on its own connection, until the fill is done
     fill_done = threading.Event()
-    replays: list[capture.ReplayStats] = []
+    replays: list[replay.ReplayStats] = []
     replay_errors: list[BaseException] = []
 
     def replayer() -> None:
         try:
             with psycopg.connect(db.dsn, autocommit=True) as rconn:
                 while not fill_done.is_set():
-                    replays.append(capture.replay(rconn, SRC, dest, batch_size=200, until_backlog_below=50,
+                    replays.append(replay.replay(rconn, SRC, dest, batch_size=200, until_backlog_below=50,
                                                   throttle=lambda: time.sleep(0.01)))
                     time.sleep(0.05)
         except BaseException as exc:
@@ -95,7 +96,7 @@ def test_conversion_with_concurrent_writer_is_exact(db, conn) -> None:
     assert {3, 7, 11} <= set(changelog_keys(conn, SRC))
 
     # catch up while the writer keeps writing, then verify against the live source (pending keys excluded)
-    stats = capture.replay(conn, SRC, dest, batch_size=500, until_backlog_below=100)
+    stats = replay.replay(conn, SRC, dest, batch_size=500, until_backlog_below=100)
     assert stats.backlog >= 0
     report = verify.verify(conn, SRC, dest)
     assert report.ok, report.summary()
@@ -134,12 +135,12 @@ def test_conversion_with_concurrent_writer_is_exact(db, conn) -> None:
 
 REPLAY_SCRIPT = textwrap.dedent("""
     import sys, time, psycopg
-    from pg_partition.core import capture
-    from pg_partition.core.catalog import QualifiedName
+    from pg_partition.core.convert import capture, replay
+    from pg_partition.core.db.catalog import QualifiedName
     src, dest = QualifiedName("public", "activities"), QualifiedName("public", "activities_intermediate")
     with psycopg.connect(sys.argv[1], autocommit=True) as conn:
         print("started", flush=True)
-        capture.replay(conn, src, dest, batch_size=500, until_backlog_below=1, throttle=lambda: time.sleep(0.05))
+        replay.replay(conn, src, dest, batch_size=500, until_backlog_below=1, throttle=lambda: time.sleep(0.05))
         print("finished", flush=True)
 """)
 
@@ -167,7 +168,7 @@ def test_sigkill_during_replay_then_resume(db, conn) -> None:
     assert 0 < left < total, "killed mid-way"
     assert row_hash(conn, SRC) != row_hash(conn, dest)
 
-    stats = capture.replay(conn, SRC, dest, batch_size=2000, until_backlog_below=1)  # resume
+    stats = replay.replay(conn, SRC, dest, batch_size=2000, until_backlog_below=1)  # resume
     assert stats.entries == left and capture.backlog(conn, SRC) == 0
     assert row_hash(conn, SRC) == row_hash(conn, dest)
     assert verify.verify(conn, SRC, dest).ok

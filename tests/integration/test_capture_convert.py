@@ -1,6 +1,6 @@
 """End to end through core/convert: prep, add_partitions, install capture, plan + fill (per partition) with a
 concurrent replay and an application writer running the whole time, indexes, analyze, replay, verify, convert's
-swap (which calls capture.finish_in_swap under its lock), then verify the retired table against the new one.
+swap (which calls replay.finish_in_swap under its lock), then verify the retired table against the new one.
 Also the operators, run directly against the real database."""
 
 from __future__ import annotations
@@ -11,17 +11,19 @@ import time
 import psycopg
 import pytest
 
-from pg_partition.core import capture, catalog, convert, verify
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.errors import VerificationError
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core import convert
+from pg_partition.core.convert import capture, replay, verify
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db import catalog
+from pg_partition.core.db.errors import VerificationError
+from pg_partition.core.db.execute import Executor
 from pg_partition.operators.capture import (
     InstallCaptureOperator,
     RemoveCaptureOperator,
     ReplayChangesOperator,
     VerifyConversionOperator,
 )
+from tools.seed import seed_activities
 
 from .test_capture_support import Writer, same_columns_hash
 
@@ -66,7 +68,7 @@ def test_convert_with_capture_end_to_end(db, conn) -> None:
         try:
             with psycopg.connect(db.dsn, autocommit=True) as rconn:
                 while not fill_done.is_set():
-                    capture.replay(rconn, spec.table, spec.intermediate, batch_size=300, until_backlog_below=50)
+                    replay.replay(rconn, spec.table, spec.intermediate, batch_size=300, until_backlog_below=50)
                     time.sleep(0.05)
         except BaseException as exc:
             errors.append(exc)
@@ -83,11 +85,11 @@ def test_convert_with_capture_end_to_end(db, conn) -> None:
     long_txn.commit()
     long_txn.close()
 
-    capture.replay(conn, spec.table, spec.intermediate, until_backlog_below=100)
+    replay.replay(conn, spec.table, spec.intermediate, until_backlog_below=100)
     pre = verify.verify(conn, spec.table, spec.intermediate)
     assert pre.ok, pre.summary()
 
-    capture.replay(conn, spec.table, spec.intermediate, until_backlog_below=100)  # keep the swap's apply short
+    replay.replay(conn, spec.table, spec.intermediate, until_backlog_below=100)  # keep the swap's apply short
     result = convert.swap(ex, spec)
     assert sorted(result["capture_triggers"]) == sorted(capture.TRIGGERS.values())
     _wait_for(lambda: sum(writer.post_swap_ops.values()) >= 40)

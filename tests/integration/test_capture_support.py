@@ -3,7 +3,7 @@ row-level hashes, and a concurrent writer with its own connection.
 
 The fill and swap here are deliberately minimal stand-ins for core/convert's (same contract: the fill replaces a
 key range of the destination per READ COMMITTED transaction; the swap takes ACCESS EXCLUSIVE under lock_timeout,
-calls ``capture.finish_in_swap`` and renames), so capture can be tested on its own.
+calls ``replay.finish_in_swap`` and renames), so capture can be tested on its own.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pg_partition.core import capture, catalog
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.execute import Executor
-from pg_partition.core.names import Period, covering, derived_name
-from pg_partition.core.partitions import create_partition
+from pg_partition.core.convert import capture, replay
+from pg_partition.core.db import catalog
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.names import Period, covering, derived_name
+from pg_partition.core.db.partitions import create_partition
 
 
 def intermediate(source: QualifiedName) -> QualifiedName:
@@ -85,7 +86,7 @@ def swap(conn: psycopg.Connection[Any], source: QualifiedName, dest: QualifiedNa
 
     def body() -> None:
         ex.run(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(source.ident))
-        applied.append(capture.finish_in_swap(ex, source, dest))
+        applied.append(replay.finish_in_swap(ex, source, dest))
         ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(source.ident, sql.Identifier(retired(source).name)))
         ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(dest.ident, sql.Identifier(source.name)))
 

@@ -14,12 +14,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from pg_partition.core import convert, state
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.errors import LockTimeoutExhausted, StateError
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core import convert
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db import state
+from pg_partition.core.db.errors import LockTimeoutExhausted, StateError
+from pg_partition.core.db.execute import Executor
 from tests.integration.test_convert_support import REPO_ROOT, row_hash, snapshot
+from tools.seed import seed_activities
 
 SPEC = ConvertSpec.create("activities", "created_at", period="month")
 
@@ -42,8 +43,8 @@ def test_sigkill_mid_fill_then_resume_loses_and_duplicates_nothing(db, conn) -> 
     code = (
         "import psycopg\n"
         "from pg_partition.core import convert\n"
-        "from pg_partition.core.convert_spec import ConvertSpec\n"
-        "from pg_partition.core.execute import Executor\n"
+        "from pg_partition.core.convert.spec import ConvertSpec\n"
+        "from pg_partition.core.db.execute import Executor\n"
         f"conn = psycopg.connect({db.dsn!r}, autocommit=True)\n"
         "spec = ConvertSpec.create('activities', 'created_at', period='month')\n"
         "convert.fill(Executor(conn), spec, sleep_seconds=0.05)\n"

@@ -6,9 +6,8 @@ from typing import Any
 
 import pytest
 
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import PreflightError, StateError
-from pg_partition.core.seed import seed_activities
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import PreflightError, StateError
 from pg_partition.operators.convert import (
     ConvertAddPartitionsOperator,
     ConvertAnalyzeOperator,
@@ -24,6 +23,7 @@ from pg_partition.operators.convert import (
     ConvertUnswapOperator,
 )
 from tests.integration.test_convert_support import row_hash, snapshot
+from tools.seed import seed_activities
 
 
 def _common(db: Any, **extra: Any) -> dict[str, Any]:

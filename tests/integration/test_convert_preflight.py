@@ -10,12 +10,12 @@ import psycopg
 import pytest
 
 from pg_partition.core import convert
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.errors import InvalidInputError, PreflightError
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError, PreflightError
+from pg_partition.core.db.execute import Executor
 from tests.integration.test_convert_support import convert_all, row_hash, snapshot
+from tools.seed import seed_activities
 
 
 def _base(conn: psycopg.Connection[Any]) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pg_partition.core import catalog, convert
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.convert_spec import ConvertSpec, recorded_job
-from pg_partition.core.errors import StateError
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core import convert
+from pg_partition.core.convert.spec import ConvertSpec, recorded_job
+from pg_partition.core.db import catalog
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import StateError
+from pg_partition.core.db.execute import Executor
 from tests.integration.test_convert_support import convert_all, row_hash, snapshot
+from tools.seed import seed_activities
 
 TABLE = QualifiedName("public", "activities")
 

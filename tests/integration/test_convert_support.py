@@ -9,9 +9,9 @@ import psycopg
 from psycopg import sql
 
 from pg_partition.core import convert
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.execute import Executor
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.execute import Executor
 
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
 

@@ -11,10 +11,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pg_partition.core import cost, state
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError
-from pg_partition.core.seed import seed_activities
+from pg_partition.core.advise import cost
+from pg_partition.core.db import state
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError
+from tools.seed import seed_activities
 
 TABLE = QualifiedName("public", "activities")
 PREFIX = "archive/pgp"

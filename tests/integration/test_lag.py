@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from airflow.sdk.exceptions import AirflowSensorTimeout, AirflowSkipException, TaskDeferred
 
-from pg_partition.core import state
+from pg_partition.core.db import state
 from pg_partition.core.lag import (
     SOURCE_AURORA,
     LagGate,
@@ -459,10 +459,10 @@ async def test_long_pause_raises_then_trigger_fires_when_consumed_and_loop_resum
 def test_unconsumed_slot_holds_the_real_convert_fill_and_consuming_releases_it(db, caplog) -> None:
     """The same with the conversion's own fill (core.fill via core.convert), the gate bound as its throttle."""
     from pg_partition.core import convert
-    from pg_partition.core.convert_spec import ConvertSpec
-    from pg_partition.core.execute import Executor
-    from pg_partition.core.seed import seed_activities
+    from pg_partition.core.convert.spec import ConvertSpec
+    from pg_partition.core.db.execute import Executor
     from tests.integration.test_convert_support import row_hash
+    from tools.seed import seed_activities
 
     spec = ConvertSpec.create("activities", "created_at", period="month")
     limit = MB // 2

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from pg_partition.core.errors import InvalidInputError
+from pg_partition.core.db.errors import InvalidInputError
 from pg_partition.core.lag import (
     SOURCE_AURORA,
     LagGate,
@@ -24,11 +24,9 @@ from pg_partition.core.lag import (
     StandbyLag,
     StandbyMissingError,
     parse_aurora_rows,
-    parse_bytes,
     parse_local_row,
-    parse_names,
-    parse_seconds,
 )
+from pg_partition.core.params import parse_bytes, parse_names, parse_seconds
 
 
 def report(standbys=(), slots=(), local=None, in_recovery=False) -> LagReport:

@@ -12,19 +12,23 @@ import psycopg
 import pytest
 
 from pg_partition.config import TableConfig
-from pg_partition.core import catalog, rotate
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError, PreflightError
-from pg_partition.core.execute import Executor
+from pg_partition.core import rotate
+from pg_partition.core.db import catalog
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError, PreflightError
+from pg_partition.core.db.execute import Executor
+from pg_partition.core.rotate import RotationSpec
+from pg_partition.core.rotate.premake import _create_standalone
+from pg_partition.core.rotate.retention import _record
 
 ARCHIVE = {"bucket": "acme-archive", "prefix": "pg", "format": "pg_dump", "aws_conn_id": "aws_test"}
 
 
-def cfg(**kw: Any) -> TableConfig:
+def cfg(**kw: Any) -> RotationSpec:
     base: dict[str, Any] = {"conn_id": "pg_test", "table": "public.events", "column": "created_at",
                             "period": "month", "premake": 3, "lock_timeout": "1s", "lock_retries": 3,
                             "detach_timeout": "30s"}
-    return TableConfig.model_validate({**base, **kw})
+    return TableConfig.model_validate({**base, **kw}).rotation()
 
 
 def make_events(conn: psycopg.Connection[Any], months: list[str], *, default: bool = False,
@@ -214,7 +218,7 @@ def test_premake_resumes_a_move_interrupted_between_batches(conn) -> None:
     info = rotate.describe_managed(conn, config)
     child = QualifiedName("public", "events_202412")
     rng = rotate.desired_ranges(config, date(2024, 11, 20))[1]
-    rotate._create_standalone(Executor(conn), config, info, rng, child, None)
+    _create_standalone(Executor(conn), config, info, rng, child, None)
     conn.execute("WITH moved AS (DELETE FROM events_default WHERE ctid = ANY (ARRAY(SELECT ctid FROM "
                  "events_default LIMIT 300)) RETURNING id, created_at, payload) "
                  "INSERT INTO events_202412 SELECT * FROM moved")  # ... and then the worker died
@@ -396,11 +400,11 @@ def test_detached_but_not_queued_is_finished_next_run(conn) -> None:
     config = cfg(retention=1)
     the_plan = rotate.plan(conn, config, date(2024, 11, 20))
     item = the_plan.detach[0]
-    from pg_partition.core import state
+    from pg_partition.core.db import state
 
     state.ensure_schema(conn)
     state.start_job(conn, rotate.job_id(the_plan.table), "rotate", "public.events", {})
-    rotate._record(Executor(conn), the_plan.table, item, "detaching")
+    _record(Executor(conn), the_plan.table, item, "detaching")
     conn.execute("ALTER TABLE events DETACH PARTITION events_202409 CONCURRENTLY")  # ... and the worker died
 
     again = rotate.plan(conn, config, date(2024, 11, 20))

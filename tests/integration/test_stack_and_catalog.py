@@ -6,9 +6,9 @@ import time
 
 import psycopg
 
-from pg_partition.core import catalog
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.seed import seed_activities
+from pg_partition.core.db import catalog
+from pg_partition.core.db.catalog import QualifiedName
+from tools.seed import seed_activities
 
 
 def test_standby_streams_from_primary(db, cluster) -> None:

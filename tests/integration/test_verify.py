@@ -5,11 +5,11 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from pg_partition.core import capture, verify
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError, VerificationError
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core.convert import capture, replay, verify
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError, VerificationError
+from pg_partition.core.db.execute import Executor
+from tools.seed import seed_activities
 
 from .test_capture_support import fill, make_intermediate, retired, swap
 
@@ -86,7 +86,7 @@ def test_pending_changes_are_excluded_until_replayed(conn) -> None:
     assert not strict.ok
     assert sorted(d.low for p in strict.mismatches for d in p.diffs) == [10, 20, 30, 40]
 
-    capture.replay(conn, SRC, dest)
+    replay.replay(conn, SRC, dest)
     assert verify.verify(conn, SRC, dest, exclude_pending=False).ok
 
 

@@ -3,8 +3,8 @@ from itertools import pairwise
 
 import pytest
 
-from pg_partition.core.errors import InvalidInputError
-from pg_partition.core.names import (
+from pg_partition.core.db.errors import InvalidInputError
+from pg_partition.core.db.names import (
     ColumnKind,
     Period,
     Range,

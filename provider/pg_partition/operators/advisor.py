@@ -8,11 +8,11 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from pg_partition.core import advisor
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError
+from pg_partition.core.advise import advisor
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError
+from pg_partition.core.params import parse_bool
 from pg_partition.hooks.partition import PartitionHook
-from pg_partition.operators.base import as_bool
 
 SCOPES = ("auto", "table", "database")
 
@@ -85,7 +85,7 @@ class AdvisorOperator(BaseOperator):
                 a = advisor.advise(conn, QualifiedName.parse(str(self.table)), conn_id=self.conn_id,
                                    thresholds=self.thresholds(), recipe=self.recipe(),
                                    time_column=None if _blank(self.time_column) else str(self.time_column),
-                                   exact_counts=as_bool(self.exact_counts))
+                                   exact_counts=parse_bool(self.exact_counts, what="exact_counts"))
                 self.log.info("%s", advisor.render(a))
                 self._log_recommendations([a])
                 return {"scope": "table", **a.as_dict()}

@@ -13,9 +13,10 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.sdk import Context
 
 from pg_partition.core import archive
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError
-from pg_partition.operators.base import PartitionBaseOperator, as_bool
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError
+from pg_partition.core.params import parse_bool
+from pg_partition.operators.base import PartitionBaseOperator
 
 DEFAULT_AWS_CONN_ID = "aws_default"
 
@@ -64,7 +65,7 @@ class ArchivePartitionOperator(PartitionBaseOperator):
 
     def defaults(self) -> dict[str, Any]:
         values = {"bucket": self.bucket, "prefix": self.prefix, "format": self.format,
-                  "drop": None if _blank(self.drop) else as_bool(self.drop), "sse": self.sse,
+                  "drop": None if _blank(self.drop) else parse_bool(self.drop, what="drop"), "sse": self.sse,
                   "kms_key_id": self.kms_key_id, "aws_conn_id": self.aws_conn_id}
         return {k: v for k, v in values.items() if not _blank(v)}
 

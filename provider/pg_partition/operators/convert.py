@@ -15,10 +15,12 @@ from typing import Any
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowSkipException
 
-from pg_partition.core import capture, convert
-from pg_partition.core.convert_spec import ConvertSpec
+from pg_partition.core import convert
+from pg_partition.core.convert import capture, replay
+from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.lag import LagGate, LagMeasurementError, LagPauseTooLong
-from pg_partition.operators.base import PartitionBaseOperator, as_bool
+from pg_partition.core.params import parse_bool
+from pg_partition.operators.base import PartitionBaseOperator
 from pg_partition.triggers.lag import defer_until_lag_ok
 
 SPEC_FIELDS = ("column", "period", "primary_key", "default_partition", "tablespace", "defer_indexes")
@@ -112,8 +114,9 @@ class ConvertBaseOperator(PartitionBaseOperator):
     def spec(self) -> ConvertSpec:
         return ConvertSpec.create(
             self.qualified_table, str(self.column), period=str(self.period), primary_key=str(self.primary_key),
-            default_partition=as_bool(self.default_partition), tablespace=_text(self.tablespace),
-            defer_indexes=as_bool(self.defer_indexes),
+            default_partition=parse_bool(self.default_partition, what="default_partition"),
+            tablespace=_text(self.tablespace),
+            defer_indexes=parse_bool(self.defer_indexes, what="defer_indexes"),
         )
 
     @contextmanager
@@ -182,7 +185,8 @@ class ConvertAddPartitionsOperator(ConvertBaseOperator):
         with self.run_step() as (ex, spec):
             return convert.add_partitions(
                 ex, spec, past=_int(self.past, 0) or 0, future=_int(self.future, 0) or 0,
-                cover_data=as_bool(self.cover_data), where=_text(self.where), target=str(self.target),
+                cover_data=parse_bool(self.cover_data, what="cover_data"), where=_text(self.where),
+                target=str(self.target),
                 **self.lock_kwargs())
 
 
@@ -231,7 +235,7 @@ class ConvertPlanFillOperator(ConvertBaseOperator):
         with self.run_step() as (ex, spec):
             plan = convert.plan_fill(
                 ex, spec, where=_text(self.where), batch_size=_int(self.batch_size, 10_000) or 10_000,
-                start=_int(self.start), stop=_int(self.stop), replan=as_bool(self.replan),
+                start=_int(self.start), stop=_int(self.stop), replan=parse_bool(self.replan, what="replan"),
                 wait_timeout=_float(self.wait_timeout, 3600.0))
         self.log.info("fill plan: %s strategy, %d items, %s rows, %s outside every partition, high-water id %s",
                       plan["strategy"], len(plan["items"]), f"{plan['rows']:,}", f"{plan['outside_rows']:,}",
@@ -318,7 +322,8 @@ class ConvertCatchUpOperator(ConvertBaseOperator):
                 raise AirflowSkipException("the conversion ran with change capture: the swap applied every "
                                            "captured change, so no catch-up pass is needed")
             return convert.catch_up(ex, spec, batch_size=_int(self.batch_size, 10_000) or 10_000,
-                                    full=as_bool(self.full), wait_timeout=_float(self.wait_timeout, 3600.0))
+                                    full=parse_bool(self.full, what="full"),
+                                    wait_timeout=_float(self.wait_timeout, 3600.0))
 
 
 class ConvertSwapOperator(ConvertBaseOperator):
@@ -346,10 +351,10 @@ class ConvertSwapOperator(ConvertBaseOperator):
             captured = not swapped and capture.is_installed(ex.conn, spec.table)
             batch = _int(self.batch_size, 10_000) or 10_000
             if captured and not ex.dry_run:
-                replayed = capture.replay(ex, spec.table, spec.intermediate, batch_size=batch,
+                replayed = replay.replay(ex, spec.table, spec.intermediate, batch_size=batch,
                                           until_backlog_below=_int(self.replay_until_backlog_below, 1000) or 1
                                           ).as_dict()
-            elif as_bool(self.catch_up_first) and not swapped and not captured:
+            elif parse_bool(self.catch_up_first, what="catch_up_first") and not swapped and not captured:
                 caught = convert.catch_up(ex, spec, batch_size=batch)
             result = convert.swap(ex, spec, sync=not captured, **self.lock_kwargs())
         return {**result, "catch_up_before": caught, "replay_before": replayed}

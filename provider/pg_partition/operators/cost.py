@@ -13,10 +13,10 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from pg_partition.core import cost
-from pg_partition.core.catalog import QualifiedName
+from pg_partition.core.advise import cost
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.params import parse_bool
 from pg_partition.hooks.partition import PartitionHook
-from pg_partition.operators.base import as_bool
 
 DEFAULT_PREFIX = "pg-partition"  # pg_partition.config.ArchivePolicy's default prefix
 
@@ -98,7 +98,8 @@ class CostReportOperator(BaseOperator):
 
             s3_client = S3Hook(aws_conn_id=aws_conn_id or "aws_default").get_conn()
         ti = context["ti"]
-        snapshot_id = f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}" if as_bool(self.record) else None
+        record = parse_bool(self.record, what="record")
+        snapshot_id = f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}" if record else None
         with PartitionHook(postgres_conn_id=self.conn_id).open() as conn:
             usage = None
             if s3_client is not None and bucket:

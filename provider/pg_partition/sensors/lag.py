@@ -15,10 +15,10 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, Context
 from airflow.sdk.bases.sensor import PokeReturnValue
 
-from pg_partition.core.errors import InvalidInputError
+from pg_partition.core.db.errors import InvalidInputError
 from pg_partition.core.lag import LagMeasurementError, LagThresholds, LagVerdict, measure
+from pg_partition.core.params import parse_bool
 from pg_partition.hooks.partition import PartitionHook
-from pg_partition.operators.base import as_bool
 from pg_partition.triggers.lag import ReplicationLagTrigger
 
 
@@ -99,7 +99,7 @@ class ReplicationLagSensor(BaseSensorOperator):
         if not thresholds.enabled:
             self.log.info("No max_lag_bytes / max_lag_seconds given: not gating on replication lag")
             return {"ok": True, "gated": False}
-        if not as_bool(self.deferrable):
+        if not parse_bool(self.deferrable, what="deferrable"):
             return super().execute(context)
         verdict = self._check(thresholds)  # the common case (no lag) never defers
         if verdict.ok:

@@ -14,11 +14,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pg_partition.core import catalog
-from pg_partition.core.catalog import QualifiedName, TableInfo
-from pg_partition.core.errors import InvalidInputError
-from pg_partition.core.execute import Executor
-from pg_partition.core.names import ColumnKind, Period, Range, partition_name
+from pg_partition.core.db import catalog
+from pg_partition.core.db.catalog import QualifiedName, TableInfo
+from pg_partition.core.db.errors import InvalidInputError
+from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.names import ColumnKind, Period, Range, partition_name
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def partition_column(info: TableInfo) -> str:
 
 
 def check_constraint_name(child: QualifiedName) -> str:
-    from pg_partition.core.names import fit_identifier
+    from pg_partition.core.db.names import fit_identifier
 
     return fit_identifier(child.name, "_bounds")
 

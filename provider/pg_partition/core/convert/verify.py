@@ -27,11 +27,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pg_partition.core import catalog, partitions
-from pg_partition.core.capture import changelog_name
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError, StateError, VerificationError
-from pg_partition.core.execute import log
+from pg_partition.core.convert.capture import changelog_name
+from pg_partition.core.db import catalog, partitions
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError, StateError, VerificationError
+from pg_partition.core.db.execute import log
 
 INTEGER_TYPES = {"smallint", "integer", "bigint"}
 FANOUT = 16

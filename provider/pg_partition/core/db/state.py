@@ -124,3 +124,13 @@ def checkpoints(conn: psycopg.Connection[Any], job_id: str, step: str) -> dict[s
 
 def dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
+
+
+QUEUE = sql.Identifier(SCHEMA, "archive_queue")
+
+
+def ready(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the state schema exists with all its tables (read-only: preflight must not create it)."""
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
+                       (sql.Identifier(SCHEMA, "checkpoints").as_string(conn), QUEUE.as_string(conn))).fetchone()
+    return bool(row and row[0])

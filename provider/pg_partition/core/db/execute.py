@@ -23,7 +23,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from pg_partition.core.errors import LockTimeoutExhausted
+from pg_partition.core.db.errors import LockTimeoutExhausted
 
 log = logging.getLogger("pg_partition")
 

@@ -29,19 +29,18 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from pg_partition.core import catalog
-from pg_partition.core.catalog import QualifiedName, TableInfo
-from pg_partition.core.convert_spec import ConvertSpec, checkpoint, forget, put, state_ready
-from pg_partition.core.errors import PartitionError, StateError
-from pg_partition.core.execute import Executor, Progress
-from pg_partition.core.names import ColumnKind, Range, bound_literal, covering
-from pg_partition.core.preflight import validate_where
+from pg_partition.core.convert.preflight import validate_where
+from pg_partition.core.convert.spec import ConvertSpec, checkpoint, forget, put
+from pg_partition.core.db import catalog, state
+from pg_partition.core.db.catalog import QualifiedName, TableInfo
+from pg_partition.core.db.errors import PartitionError, StateError
+from pg_partition.core.db.execute import Executor, Progress
+from pg_partition.core.db.names import ColumnKind, Range, bound_literal, covering
 
 log = logging.getLogger("pg_partition")
 
@@ -391,7 +390,7 @@ def fill(
     """
     conn = ex.conn
     if plan is None:
-        if ex.dry_run and not state_ready(conn):
+        if ex.dry_run and not state.ready(conn):
             plan = plan_fill(ex, spec)
         else:
             plan = checkpoint(conn, spec, "plan") or (plan_fill(ex, spec) if ex.dry_run else None)
@@ -475,130 +474,9 @@ def fill_status(conn: psycopg.Connection[Any], spec: ConvertSpec) -> dict[str, A
     plan = checkpoint(conn, spec, "plan")
     if plan is None:
         return {"planned": False, "pending": [], "rows": 0}
-    from pg_partition.core import state
+    from pg_partition.core.db import state
 
     cps = state.checkpoints(conn, spec.job_id, "fill")
     pending = [it["key"] for it in plan["items"] if not (cps.get(it["key"]) or {}).get("done")]
     return {"planned": True, "pending": pending, "rows": sum(int(v.get("rows", 0)) for v in cps.values()),
             "items": {k: v for k, v in cps.items()}}
-
-
-# --- catch-up ------------------------------------------------------------------------------------------------
-
-
-def _missing_rows_insert(plan: dict[str, Any], src: QualifiedName, dst: QualifiedName, cols: list[str],
-                         override: bool, where_sql: sql.Composable | None, low: int,
-                         high: int | None) -> tuple[sql.Composed, sql.Composed]:
-    """INSERT the rows of ``src`` with ``low < id <= high`` that ``dst`` lacks (by id), and COUNT the rows of
-    that window that fall outside every partition (they cannot be inserted; they are reported)."""
-    kind = ColumnKind(plan["kind"])
-    k = sql.Identifier(plan["key"])
-    window: list[sql.Composable] = [sql.SQL("s.{} > {}").format(k, sql.Literal(low))]
-    if high is not None:
-        window.append(sql.SQL("s.{} <= {}").format(k, sql.Literal(high)))
-    if where_sql is not None:
-        window.append(where_sql)
-    collist = sql.SQL(", ").join(map(sql.Identifier, cols))
-    scols = sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in cols)
-    inside = [] if plan["has_default"] else [coverage_sql(plan["column"], kind, plan["covered"], inside=True)]
-    insert = sql.SQL(
-        "INSERT INTO {d} ({c}){o} SELECT {sc} FROM {s} s WHERE {w} "
-        "AND NOT EXISTS (SELECT 1 FROM {d} x WHERE x.{k} = s.{k})"
-    ).format(d=dst.ident, c=collist, sc=scols, s=src.ident, k=k,
-             w=sql.SQL(" AND ").join([*window, *inside]),
-             o=sql.SQL(" OVERRIDING SYSTEM VALUE") if override else sql.SQL(""))
-    outside = sql.SQL("SELECT count(*) FROM {s} s WHERE {w} AND {o}").format(
-        s=src.ident, w=sql.SQL(" AND ").join(window),
-        o=coverage_sql(plan["column"], kind, plan["covered"], inside=False) if not plan["has_default"]
-        else sql.SQL("false"))
-    return insert, outside
-
-
-def copy_missing(
-    ex: Executor,
-    plan: dict[str, Any],
-    src: QualifiedName,
-    dst: QualifiedName,
-    *,
-    low: int,
-    live: bool,
-    batch_size: int = DEFAULT_BATCH,
-    wait_timeout: float = 3600.0,
-    throttle: Throttle | None = None,
-    synchronous: bool = True,
-) -> dict[str, Any]:
-    """Copy every row of ``src`` with ``id > low`` that ``dst`` lacks, in batches. Returns the rows copied, the
-    rows outside every partition, and the new safe high-water mark: with ``live`` (``src`` still takes writes)
-    the id ceiling read before waiting for in-flight writers; otherwise the largest id of ``src``."""
-    conn = ex.conn
-    info = catalog.describe(conn, src)
-    key = plan["key"]
-    cols = copy_columns(info)
-    override = needs_override(info) or (catalog.exists(conn, dst) and needs_override(catalog.describe(conn, dst)))
-    where_sql = validate_where(conn, src, plan.get("where"))
-    # the ceiling is read as late as possible: rows committed after it are left for the next pass
-    ceiling = id_ceiling(conn, info, key)
-    if live:
-        wait_for_writers(conn, src, timeout=wait_timeout, logger=ex.logger)
-    top_row = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(key), src.ident)).fetchone()
-    top = int(top_row[0]) if top_row and top_row[0] is not None else low
-    copied = outside = 0
-    cursor = low
-    progress = FillProgress(f"catch-up {src} -> {dst}", math.ceil(max(top - low, 0) / batch_size),
-                            every=10.0, logger=ex.logger)
-    while cursor < top:
-        upper = min(cursor + batch_size, top)
-        insert, count_outside = _missing_rows_insert(plan, src, dst, cols, override, where_sql, cursor, upper)
-        with ex.transaction():
-            if not synchronous and not ex.dry_run:
-                conn.execute("SET LOCAL synchronous_commit = off")
-            cur = ex.run(insert)
-            n = max(cur.rowcount, 0) if cur is not None else 0
-            out_row = conn.execute(count_outside).fetchone()
-        copied += n
-        outside += int(out_row[0]) if out_row else 0
-        progress.rows += n
-        progress.add(1, force=upper >= top)
-        cursor = upper
-        if ex.dry_run:
-            break
-        if throttle is not None and cursor < top:
-            throttle()
-    return {"rows": copied, "outside_rows": outside, "high_water": ceiling if live else max(top, low),
-            "scanned_from": low, "scanned_to": top}
-
-
-@dataclass(frozen=True)
-class LockedCopy:
-    """Everything the last anti-join needs, read from the catalog *before* the exclusive lock is taken, so the
-    locked transaction runs only the copy itself (the swap's lock time is what the application feels)."""
-
-    plan: dict[str, Any]
-    src: QualifiedName
-    dst: QualifiedName
-    cols: list[str]
-    override: bool
-    where_sql: sql.Composable | None
-
-
-def prepare_locked_copy(conn: psycopg.Connection[Any], plan: dict[str, Any], src: QualifiedName,
-                        dst: QualifiedName) -> LockedCopy:
-    info = catalog.describe(conn, src)
-    override = needs_override(info) or (catalog.exists(conn, dst) and needs_override(catalog.describe(conn, dst)))
-    return LockedCopy(plan, src, dst, copy_columns(info), override, validate_where(conn, src, plan.get("where")))
-
-
-def copy_missing_locked(ex: Executor, prepared: LockedCopy, *, low: int) -> dict[str, Any]:
-    """The last anti-join, in the caller's transaction (under the swap's exclusive lock): one INSERT of the rows
-    above ``low`` the destination lacks, a count of rows outside every partition, and the source's largest id.
-    Builds its SQL from ``prepared`` without reading the catalog."""
-    conn = ex.conn
-    p = prepared
-    insert, count_outside = _missing_rows_insert(p.plan, p.src, p.dst, p.cols, p.override, p.where_sql, low, None)
-    cur = ex.run(insert)
-    n = max(cur.rowcount, 0) if cur is not None else 0
-    outside = conn.execute(count_outside).fetchone() if not p.plan["has_default"] else None
-    top_row = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(p.plan["key"]), p.src.ident)
-                           ).fetchone()
-    top = int(top_row[0]) if top_row and top_row[0] is not None else low
-    return {"rows": n, "outside_rows": int(outside[0]) if outside else 0, "high_water": max(top, low)}

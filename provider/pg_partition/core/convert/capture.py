@@ -43,21 +43,22 @@ rolls back, its entries stay).
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from pg_partition.core import catalog
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError, PartitionError, PreflightError, StateError
-from pg_partition.core.execute import Executor, Progress, log
-from pg_partition.core.names import derived_name
+from pg_partition.core.convert.spec import ConvertSpec, checkpoint, forget, put, recorded_job
+from pg_partition.core.db import catalog, state
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError, PreflightError, StateError
+from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.names import derived_name
+from pg_partition.core.params import parse_switch
 
+AUTO_HELP = "on when the table has seen UPDATE/DELETE"
 TRIGGER_PREFIX = "pg_partition_capture"
 TRIGGERS = {
     "insert": f"{TRIGGER_PREFIX}_insert",
@@ -70,7 +71,7 @@ OLD_TABLE = "pg_partition_old"
 MARKER = "pg_partition change capture for "
 
 # Transient conflicts a replay batch may hit (a swap or DDL racing it); the batch rolls back and is retried.
-_RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure,
+RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure,
               psycopg.errors.LockNotAvailable)
 
 
@@ -87,7 +88,7 @@ def _marker(source: QualifiedName) -> str:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class CapturePlan:
     """Everything a replay needs to know about the pair of tables, read once from the catalog."""
 
     source: QualifiedName
@@ -118,7 +119,7 @@ def _missing(table: QualifiedName, column: str) -> Any:
     raise StateError(f"column {column!r} is missing from {table}", where=str(table))
 
 
-def _plan(conn: psycopg.Connection[Any], source: QualifiedName, dest: QualifiedName) -> _Plan:
+def capture_plan(conn: psycopg.Connection[Any], source: QualifiedName, dest: QualifiedName) -> CapturePlan:
     key, types = _key_of(conn, source)
     src_oid = catalog.table_oid(conn, source)
     dest_oid = catalog.table_oid(conn, dest)
@@ -137,10 +138,10 @@ def _plan(conn: psycopg.Connection[Any], source: QualifiedName, dest: QualifiedN
         raise StateError(f"{dest} lacks key columns {absent_key}", where=str(dest))
     columns = tuple(c.name for c in src_cols if c.generated == "" and dest_cols[c.name].generated == "")
     overriding = any(dest_cols[c].identity == "a" for c in columns)
-    return _Plan(source, dest, changelog_name(source), key, types, columns, overriding)
+    return CapturePlan(source, dest, changelog_name(source), key, types, columns, overriding)
 
 
-def _trigger_names(conn: psycopg.Connection[Any], table: QualifiedName) -> list[str]:
+def trigger_names(conn: psycopg.Connection[Any], table: QualifiedName) -> list[str]:
     rows = conn.execute(
         """SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
            JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -166,7 +167,7 @@ def is_installed(conn: psycopg.Connection[Any], source: QualifiedName) -> bool:
     """True when every capture trigger is on ``source`` and the changelog exists."""
     if not catalog.exists(conn, source) or not catalog.exists(conn, changelog_name(source)):
         return False
-    return set(TRIGGERS.values()) <= set(_trigger_names(conn, source))
+    return set(TRIGGERS.values()) <= set(trigger_names(conn, source))
 
 
 def status(conn: psycopg.Connection[Any], source: QualifiedName) -> dict[str, Any]:
@@ -175,7 +176,7 @@ def status(conn: psycopg.Connection[Any], source: QualifiedName) -> dict[str, An
     has_cl = catalog.exists(conn, cl)
     return {
         "table": str(source),
-        "triggers": _trigger_names(conn, source) if catalog.exists(conn, source) else [],
+        "triggers": trigger_names(conn, source) if catalog.exists(conn, source) else [],
         "changelog": str(cl) if has_cl else None,
         "function": str(function_name(source)) if _function_exists(conn, function_name(source)) is not None
         else None,
@@ -193,15 +194,7 @@ def should_capture(conn: psycopg.Connection[Any], source: QualifiedName,
     Why auto means "has it ever been updated": the cost of capture is a few percent of write throughput, the cost
     of skipping it on a table that does get updates is silently lost changes. Returns (decision, reason).
     """
-    if isinstance(setting, str) and setting.strip().lower() not in ("", "auto", "none"):
-        text = setting.strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            setting = True
-        elif text in ("0", "false", "no", "off"):
-            setting = False
-        else:
-            raise InvalidInputError(f"capture_changes={setting!r} is not true, false or auto",
-                                    fix="use true, false, or auto (on when the table has seen UPDATE/DELETE)")
+    setting = parse_switch(setting, what="capture_changes", auto_help=AUTO_HELP)
     if isinstance(setting, bool):
         return setting, f"capture_changes={str(setting).lower()} (explicit)"
     info = catalog.describe(conn, source)
@@ -221,7 +214,7 @@ def backlog(conn: psycopg.Connection[Any], source: QualifiedName) -> int:
     return int(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(cl.ident)).fetchone()[0])  # type: ignore[index]
 
 
-def _cols(names: Sequence[str], prefix: str | None = None) -> sql.Composable:
+def column_list(names: Sequence[str], prefix: str | None = None) -> sql.Composable:
     if prefix is None:
         return sql.SQL(", ").join(sql.Identifier(c) for c in names)
     return sql.SQL(", ").join(sql.Identifier(prefix, c) for c in names)
@@ -236,7 +229,7 @@ def _function_sql(source: QualifiedName, key: Sequence[str], conn: psycopg.Conne
     body depends on the caller's search_path (schema-qualified changelog, transition tables resolved before the
     catalog, ``OPERATOR(pg_catalog.=)``, ``pg_catalog.format``), so a caller cannot redirect it."""
     cl = changelog_name(source).ident
-    cols = _cols(key)
+    cols = column_list(key)
     body = sql.SQL(
         """
 BEGIN
@@ -286,7 +279,7 @@ def install(
     Install before the fill's first batch: a write made between a fill batch and the install would be lost.
     """
     conn = ex.conn
-    plan = _plan(conn, source, dest)  # validates source (plain, has a primary key) and dest (exists, same columns)
+    plan = capture_plan(conn, source, dest)
     key, types = plan.key, plan.key_types
     if is_installed(conn, source):
         ex.logger.info("change capture already installed on %s (backlog %d)", source, backlog(conn, source))
@@ -314,7 +307,7 @@ def install(
         ex.run(sql.SQL("COMMENT ON TABLE {} IS {}").format(cl.ident, sql.Literal(_marker(source))))
         ex.run(_function_sql(source, key, conn))
         ex.run(sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(fn.ident, sql.Literal(_marker(source))))
-        present = set() if ex.dry_run else set(_trigger_names(conn, source))
+        present = set() if ex.dry_run else set(trigger_names(conn, source))
         stmts = {
             "insert": "AFTER INSERT ON {t} REFERENCING NEW TABLE AS {new}",
             "update": "AFTER UPDATE ON {t} REFERENCING OLD TABLE AS {old} NEW TABLE AS {new}",
@@ -365,7 +358,7 @@ def uninstall(ex: Executor, source: QualifiedName, *, lock_timeout: str = "2s", 
     conn = ex.conn
     cl = changelog_name(source)
     fn = function_name(source)
-    triggers = _trigger_names(conn, source) if catalog.exists(conn, source) else []
+    triggers = trigger_names(conn, source) if catalog.exists(conn, source) else []
     fn_comment = _function_exists(conn, fn)
     ours_fn = fn_comment == _marker(source)
     has_cl = catalog.exists(conn, cl)
@@ -392,242 +385,84 @@ def uninstall(ex: Executor, source: QualifiedName, *, lock_timeout: str = "2s", 
     return True
 
 
-@dataclass
-class ReplayStats:
-    """What a replay did. ``entries`` counts changelog rows consumed; ``keys`` distinct keys applied."""
-
-    batches: int = 0
-    entries: int = 0
-    keys: int = 0
-    deleted: int = 0
-    inserted: int = 0
-    seconds: float = 0.0
-    backlog: int = 0
-    retries: int = 0
-    stopped_because: str = ""
-    statements: list[str] = field(default_factory=list, repr=False)
-
-    @property
-    def keys_per_s(self) -> float:
-        return self.keys / self.seconds if self.seconds > 0 else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("statements")
-        out["keys_per_s"] = round(self.keys_per_s, 1)
-        return out
 
 
-class _Applier:
-    """Applies sets of keys to the destination: delete them there, insert the source's rows with those keys."""
+# --- change capture ------------------------------------------------------------------------------------------
 
-    def __init__(self, plan: _Plan, ex: Executor) -> None:
-        self.plan = plan
-        self.ex = ex
-        self.logged = False
-        p = plan
-        if len(p.key) == 1:
-            k = sql.Identifier(p.key[0])
-            arr = sql.SQL("%s::{}[]").format(sql.SQL(p.key_types[0]))
-            self.delete = sql.SQL("DELETE FROM {d} WHERE {k} = ANY({arr})").format(d=p.dest.ident, k=k, arr=arr)
-            where = sql.SQL("{k} = ANY({arr})").format(k=k, arr=arr)
-        else:
-            unnest = sql.SQL("unnest({}) AS k({})").format(
-                sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(t)) for t in p.key_types), _cols(p.key))
-            self.delete = sql.SQL("DELETE FROM {d} AS d USING {u} WHERE {cond}").format(
-                d=p.dest.ident, u=unnest,
-                cond=sql.SQL(" AND ").join(sql.SQL("d.{c} = k.{c}").format(c=sql.Identifier(c)) for c in p.key))
-            where = sql.SQL("({}) IN (SELECT * FROM {})").format(_cols(p.key), unnest)
-        self.insert = sql.SQL("INSERT INTO {d} ({cols}) {ovr}SELECT {cols} FROM {s} WHERE {where}").format(
-            d=p.dest.ident, s=p.source.ident, cols=_cols(p.columns), where=where,
-            ovr=sql.SQL("OVERRIDING SYSTEM VALUE " if p.overriding else ""))
-        self.take = sql.SQL(
-            "DELETE FROM {cl} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {cl} LIMIT %s)) RETURNING {cols}"
-        ).format(cl=p.changelog.ident, cols=_cols(p.key))
-        self.take_all = sql.SQL("WITH taken AS (DELETE FROM {cl} RETURNING {cols}) SELECT DISTINCT {cols} FROM taken"
-                                ).format(cl=p.changelog.ident, cols=_cols(p.key))
-
-    def execute(self, stmt: sql.Composed, params: Sequence[Any]) -> psycopg.Cursor[Any]:
-        """Run a statement of the replay loop: the SQL is logged once per loop, not once per batch."""
-        text = stmt.as_string(self.ex.conn)
-        if text not in self.ex.statements:
-            self.ex.statements.append(text)
-            self.ex.logger.info("SQL: %s", text)
-        else:
-            self.ex.logger.debug("SQL: %s", text)
-        return self.ex.conn.execute(stmt, params)
-
-    def params(self, keys: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
-        return [[k[i] for k in keys] for i in range(len(self.plan.key))]
-
-    def apply(self, keys: Sequence[tuple[Any, ...]]) -> tuple[int, int]:
-        """Replace the destination rows of ``keys`` with the source's. Returns (deleted, inserted)."""
-        if not keys:
-            return 0, 0
-        arrays = self.params(keys)
-        deleted = self.execute(self.delete, arrays).rowcount
-        try:
-            inserted = self.execute(self.insert, arrays).rowcount
-        except psycopg.errors.CheckViolation as exc:
-            raise PartitionError(
-                f"a changed row of {self.plan.source} fits no partition of {self.plan.dest}: "
-                f"{exc.diag.message_primary}",
-                where=str(self.plan.dest),
-                fix="add the partitions it needs (add_partitions with more future/past, or cover_data), then run "
-                "replay again; nothing was lost: the changes stay in the changelog",
-            ) from exc
-        return max(deleted, 0), max(inserted, 0)
+CAPTURE_STEP = "capture"
 
 
-def _distinct(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    return list(dict.fromkeys(tuple(r) for r in rows))
+def decide_capture(conn: psycopg.Connection[Any], spec: ConvertSpec, setting: bool | str | None = "auto", *,
+                   where: str | None = None) -> dict[str, Any]:
+    """Whether this conversion captures changes (read-only). Returns ``{"capture": bool, "reason": str}``.
 
-
-def replay(
-    ex_or_conn: Executor | psycopg.Connection[Any],
-    source: QualifiedName,
-    dest: QualifiedName,
-    *,
-    batch_size: int = 5000,
-    until_backlog_below: int = 1000,
-    throttle: Callable[[], None] | None = None,
-    max_batches: int | None = None,
-    max_retries: int = 10,
-    logger: logging.Logger | None = None,
-) -> ReplayStats:
-    """Apply the changelog to ``dest`` in batches until fewer than ``until_backlog_below`` entries are waiting.
-
-    Each batch is one short REPEATABLE READ transaction (see the module docstring for why that is exact):
-    lock source (ACCESS SHARE: never blocks the application), dest (SHARE ROW EXCLUSIVE: waits for a running fill
-    batch) and the changelog, all before the snapshot; take up to ``batch_size`` entries visible to the snapshot;
-    delete their keys from dest; insert the source's rows with those keys. Entries committed meanwhile stay.
-
-    The loop stops once a batch drains everything visible and the backlog is below ``until_backlog_below``
-    (1 = drain completely), or after ``max_batches``, or when capture disappears (the swap finished).
-    ``throttle`` is called between batches (sleep, wait for replication lag, ...). Needs a connection outside a
-    transaction (autocommit, or idle); safe to run twice and to kill at any moment.
+    An explicit on/off wins. ``auto`` reuses the decision recorded by an earlier run of the same conversion (so a
+    resumed run does not flip because the application updated a row meanwhile), keeps capture that is already
+    installed, and otherwise asks :func:`capture.should_capture` (on when pg_stat_user_tables shows UPDATE or
+    DELETE). Capture with a ``where`` filter is refused: replay copies every changed key's current row, filter
+    or not, and verification compares whole tables, so the two cannot agree.
     """
-    ex = ex_or_conn if isinstance(ex_or_conn, Executor) else Executor(ex_or_conn, logger=logger or log)
-    conn = ex.conn
-    if batch_size < 1:
-        raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}", fix="pass a positive batch_size")
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raise InvalidInputError("replay needs a connection outside a transaction",
-                                fix="pass an autocommit connection (each batch is its own transaction)")
-    threshold = max(until_backlog_below, 1)
-    if not is_installed(conn, source):
-        raise StateError(
-            f"change capture is not installed on {source}", where=str(source),
-            fix="install capture (InstallCaptureOperator / capture.install) before the fill; if the table was "
-            "already swapped, there is nothing to replay",
-        )
-    plan = _plan(conn, source, dest)
-    applier = _Applier(plan, ex)
-    stats = ReplayStats(statements=ex.statements)
-    started = time.monotonic()
-    locks = [
-        sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(plan.source.ident),
-        sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(plan.dest.ident),
-        sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(plan.changelog.ident),
-    ]
-    if ex.dry_run:
-        for stmt in [*locks, applier.take, applier.delete, applier.insert]:
-            ex.run(stmt)
-        stats.backlog = backlog(conn, source)
-        stats.stopped_because = "dry run"
-        return stats
-
-    progress = Progress(f"replay {source} -> {dest}", None, unit="keys", logger=ex.logger)
-
-    def one_batch() -> tuple[int, int, int, int]:
-        with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            for stmt in locks:
-                applier.execute(stmt, ())
-            rows = applier.execute(applier.take, (batch_size,)).fetchall()
-            keys = _distinct(rows)
-            deleted, inserted = applier.apply(keys)
-        return len(rows), len(keys), deleted, inserted
-
-    while True:
-        try:
-            entries, nkeys, deleted, inserted = one_batch()
-        except psycopg.errors.UndefinedTable:
-            if not is_installed(conn, source):
-                stats.stopped_because = "capture removed (swap finished or capture uninstalled)"
-                break
-            raise
-        except _RETRYABLE as exc:
-            stats.retries += 1
-            if stats.retries > max_retries:
-                raise
-            ex.logger.warning("replay batch rolled back (%s); retrying", type(exc).__name__)
-            time.sleep(min(0.1 * stats.retries, 2.0))
-            continue
-        stats.batches += 1
-        stats.entries += entries
-        stats.keys += nkeys
-        stats.deleted += deleted
-        stats.inserted += inserted
-        progress.add(nkeys)
-        if max_batches is not None and stats.batches >= max_batches:
-            stats.stopped_because = f"max_batches={max_batches}"
-            break
-        if entries < batch_size:
-            waiting = backlog(conn, source)
-            if waiting < threshold:
-                stats.stopped_because = f"backlog {waiting} < {threshold}"
-                break
-        if throttle is not None:
-            throttle()
-    stats.seconds = time.monotonic() - started
-    stats.backlog = backlog(conn, source)
-    ex.logger.info(
-        "replay %s -> %s: %d batches, %d entries, %d keys (%d rows deleted, %d inserted) in %.1fs, %.0f keys/s; "
-        "backlog now %d (%s)", source, dest, stats.batches, stats.entries, stats.keys, stats.deleted,
-        stats.inserted, stats.seconds, stats.keys_per_s, stats.backlog, stats.stopped_because,
-    )
-    return stats
-
-
-def finish_in_swap(ex: Executor, source: QualifiedName, dest: QualifiedName, *, chunk: int = 10000) -> int:
-    """Apply the whole remaining backlog to ``dest`` and remove capture, inside the swap's transaction.
-
-    Call it after the swap holds ACCESS EXCLUSIVE on ``source`` and before renaming anything: no write can be in
-    flight, so the changelog is complete and the destination becomes an exact copy. Everything here (apply, drop
-    triggers/function/changelog) commits or rolls back with the swap: if the swap's transaction fails (lock
-    timeout, error) the backlog and the triggers are intact and the next attempt starts over.
-    Returns the number of distinct keys applied; logs the backlog size and how long it took.
-    """
-    conn = ex.conn
-    cl = changelog_name(source)
-    triggers = _trigger_names(conn, source)
-    if not catalog.exists(conn, cl):
-        if triggers:
-            raise StateError(f"{source} has capture triggers {triggers} but no changelog {cl}", where=str(source),
-                             fix="remove capture (capture.uninstall) and re-run the conversion from the fill")
-        ex.logger.info("no change capture on %s; nothing to apply", source)
-        return 0
-    started = time.monotonic()
-    plan = _plan(conn, source, dest)
-    applier = _Applier(plan, ex)
-    waiting = backlog(conn, source)
-    ex.logger.info("swap: applying the last change-capture backlog of %s: %d entries", source, waiting)
-    applied = 0
-    if ex.dry_run:
-        for stmt in (applier.take_all, applier.delete, applier.insert):
-            ex.run(stmt)
-        applied = waiting
+    explicit = parse_switch(setting, what="capture_changes", auto_help=AUTO_HELP)
+    recorded = checkpoint(conn, spec, CAPTURE_STEP)
+    installed = catalog.exists(conn, spec.table) and is_installed(conn, spec.table)
+    if explicit is not None:
+        on, reason = explicit, f"capture_changes={'on' if explicit else 'off'} (explicit)"
+    elif recorded is not None:
+        on, reason = bool(recorded["capture"]), f"as decided earlier for this conversion: {recorded['reason']}"
+    elif installed:
+        on, reason = True, f"change capture is already installed on {spec.table}"
     else:
-        ex.run(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(dest.ident))
-        keys = [tuple(r) for r in applier.execute(applier.take_all, ()).fetchall()]
-        for i in range(0, len(keys), chunk):
-            applier.apply(keys[i:i + chunk])
-        applied = len(keys)
-    for name in triggers:
-        ex.run(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), source.ident))
-    ex.run(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(function_name(source).ident))
-    ex.run(sql.SQL("DROP TABLE IF EXISTS {}").format(cl.ident))
-    ex.logger.info("swap: change-capture backlog of %s applied: %d entries, %d distinct keys in %.3fs; capture "
-                   "removed", source, waiting, applied, time.monotonic() - started)
-    return applied
+        on, reason = should_capture(conn, spec.table, "auto")
+    if on and where is not None and where.strip():
+        raise InvalidInputError(
+            f"change capture cannot be combined with a where filter ({where!r}) on {spec.table}",
+            where=str(spec.table),
+            fix="either convert every row with capture (leave where empty), or pass capture_changes=off to copy "
+            "only the filtered rows in append-only mode (fill + catch-up); UPDATE/DELETE are then not carried over")
+    return {"capture": on, "reason": reason, "installed": installed}
+
+
+def install_capture(ex: Executor, spec: ConvertSpec, setting: bool | str | None = "auto", *,
+                    where: str | None = None, lock_timeout: str = "2s", retries: int = 5) -> dict[str, Any]:
+    """Decide (:func:`decide_capture`) and make it so, before the fill: install the triggers and changelog
+    (:func:`capture.install`, which waits for in-flight writers so no write is missed) or, for an explicit off,
+    remove a capture an earlier run installed. The decision is recorded with the conversion.
+
+    Installing capture after a fill plan was recorded without it (a run resumed with capture newly on) forgets
+    the plan and the fill's checkpoints: rows changed between those batches and now were not captured, so the
+    fill must copy everything again (batches replace their ranges, so nothing is duplicated).
+    """
+    conn = ex.conn
+    decision = decide_capture(conn, spec, setting, where=where)
+    out: dict[str, Any] = {**decision, "created": False, "removed": False, "replanned": False}
+    if not decision["capture"]:
+        if decision["installed"]:
+            ex.logger.warning("capture_changes is off but capture is installed on %s: removing it (updates and "
+                              "deletes are no longer carried over; catch-up copies new rows)", spec.table)
+            out["removed"] = uninstall(ex, spec.table, lock_timeout=lock_timeout, retries=retries)
+    else:
+        planned = checkpoint(conn, spec, "plan") is not None
+        # a rehearsal before prep ran has no intermediate: the source stands in for the column check
+        dest = spec.intermediate if not ex.dry_run or catalog.exists(conn, spec.intermediate) else spec.table
+        out["created"] = install(ex, spec.table, dest, lock_timeout=lock_timeout, retries=retries)
+        if out["created"] and planned and not ex.dry_run:
+            ex.logger.warning("capture was installed after the fill of %s was planned: planning and filling again "
+                              "(changes made before capture existed may not have been copied)", spec.table)
+            with conn.transaction():
+                forget(conn, spec, ("plan", "fill", "catch_up"))
+            out["replanned"] = True
+    ex.logger.info("change capture for %s: %s (%s)", spec.table, "on" if decision["capture"] else "off",
+                   decision["reason"])
+    if not ex.dry_run and state.ready(conn) and recorded_job(conn, spec.table) is not None:
+        with conn.transaction():
+            put(ex, spec, CAPTURE_STEP, {"capture": decision["capture"], "reason": decision["reason"]})
+    return out
+
+
+def capture_on(conn: psycopg.Connection[Any], table: QualifiedName) -> bool:
+    """Whether the conversion of ``table`` runs with change capture: the recorded decision, else whether capture
+    is installed (before the swap). Used to skip the capture tasks, or the catch-up, of the other mode."""
+    rec = checkpoint(conn, ConvertSpec(table, "-"), CAPTURE_STEP)
+    if rec is not None:
+        return bool(rec["capture"])
+    return catalog.exists(conn, table) and is_installed(conn, table)

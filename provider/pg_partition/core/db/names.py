@@ -15,7 +15,7 @@ from enum import Enum
 
 from dateutil.relativedelta import relativedelta
 
-from pg_partition.core.errors import InvalidInputError
+from pg_partition.core.db.errors import InvalidInputError
 
 MAX_IDENTIFIER_BYTES = 63
 

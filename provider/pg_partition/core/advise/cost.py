@@ -24,10 +24,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pg_partition.core import catalog, state
-from pg_partition.core.advisor import GB, human_bytes
-from pg_partition.core.catalog import QualifiedName, Sizes
-from pg_partition.core.names import derived_name
+from pg_partition.core.advise.advisor import GB, human_bytes
+from pg_partition.core.db import catalog, state
+from pg_partition.core.db.catalog import QualifiedName, Sizes
+from pg_partition.core.db.names import derived_name
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SNAPSHOT_STEP = "snapshot"

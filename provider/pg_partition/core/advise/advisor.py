@@ -26,9 +26,9 @@ import psycopg
 import yaml
 from psycopg import sql
 
-from pg_partition.core import catalog, state
-from pg_partition.core.catalog import QualifiedName, TableInfo
-from pg_partition.core.names import ColumnKind, Period, covering, parse_bound_day
+from pg_partition.core.db import catalog, state
+from pg_partition.core.db.catalog import QualifiedName, TableInfo
+from pg_partition.core.db.names import ColumnKind, Period, covering, parse_bound_day
 
 GB = 1024**3
 MB = 1024**2
@@ -370,22 +370,16 @@ def config_entry(a: Assessment, conn_id: str, recipe: Recipe) -> dict[str, Any] 
     """A rotation entry for the fleet config (``pg_partition.config.TableConfig``), or None if not applicable.
 
     For a conversion candidate: the entry to add once it is converted. For a table already RANGE-partitioned on
-    a time column: the entry that keeps it rotated. Validated against the config model when it is importable,
-    so a recommendation can always be pasted into the file.
+    a time column: the entry that keeps it rotated. The tests validate it against the config model
+    (``pg_partition.config.TableConfig``), so a recommendation can always be pasted into the file; the engine
+    itself does not import the config layer.
     """
     column = a.partition_column if a.is_partitioned else a.time_column
     if column is None or a.period is None or (not a.is_partitioned and not a.candidate):
         return None
     period = Period(a.period)
-    entry: dict[str, Any] = {"conn_id": conn_id, "table": a.table, "column": column, "period": period.value,
-                             "premake": recipe.premake,
-                             "retention": retention_periods(recipe.retention_months, period)}
-    try:
-        from pg_partition.config import TableConfig
-    except ImportError:  # pragma: no cover - the config module ships with the provider
-        return entry
-    model = TableConfig.model_validate(entry)
-    return {k: getattr(model, k) for k in entry}
+    return {"conn_id": conn_id, "table": a.table, "column": column, "period": period.value,
+            "premake": recipe.premake, "retention": retention_periods(recipe.retention_months, period)}
 
 
 def convert_params(a: Assessment, conn_id: str, recipe: Recipe) -> dict[str, Any] | None:

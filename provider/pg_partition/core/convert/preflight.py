@@ -16,11 +16,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pg_partition.core import catalog
-from pg_partition.core.catalog import QualifiedName, TableInfo
-from pg_partition.core.convert_spec import SWAPPED, ConvertSpec, recorded_job
-from pg_partition.core.errors import InvalidInputError, PreflightError
-from pg_partition.core.names import ColumnKind
+from pg_partition.core.convert.spec import SWAPPED, ConvertSpec, recorded_job
+from pg_partition.core.db import catalog
+from pg_partition.core.db.catalog import QualifiedName, TableInfo
+from pg_partition.core.db.errors import InvalidInputError, PreflightError
+from pg_partition.core.db.names import ColumnKind
 
 INTEGER_KEY_TYPES = ("smallint", "integer", "bigint")
 CAPTURE_TRIGGER_PREFIX = "pg_partition_capture"

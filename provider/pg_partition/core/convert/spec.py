@@ -19,11 +19,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pg_partition.core import state
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError
-from pg_partition.core.execute import Executor
-from pg_partition.core.names import Period, derived_name, partition_name
+from pg_partition.core.db import state
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError
+from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.names import Period, derived_name, partition_name
 
 PRIMARY_KEY_MODES = ("per_partition", "composite")
 JOB_KIND = "convert"
@@ -134,13 +134,6 @@ def forget(conn: psycopg.Connection[Any], spec: ConvertSpec, steps: tuple[str, .
             state_table("checkpoints")), (spec.job_id, list(steps)))
 
 
-def state_ready(conn: psycopg.Connection[Any]) -> bool:
-    """Whether the state schema exists (read-only check: preflight must not create it)."""
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                       (state_table("checkpoints").as_string(conn),)).fetchone()
-    return bool(row and row[0])
-
-
 @dataclass(frozen=True)
 class JobRecord:
     config: dict[str, Any]
@@ -149,7 +142,7 @@ class JobRecord:
 
 def recorded_job(conn: psycopg.Connection[Any], table: QualifiedName) -> JobRecord | None:
     """The recorded conversion of ``table``, if any (read-only)."""
-    if not state_ready(conn):
+    if not state.ready(conn):
         return None
     job_id = ConvertSpec(table, "-").job_id
     row = conn.execute(sql.SQL("SELECT config, status FROM {} WHERE job_id = %s").format(state_table("jobs")),
@@ -162,7 +155,7 @@ def load_spec(conn: psycopg.Connection[Any], table: str | QualifiedName) -> Conv
     name = table if isinstance(table, QualifiedName) else QualifiedName.parse(str(table))
     job = recorded_job(conn, name)
     if job is None:
-        from pg_partition.core.errors import StateError
+        from pg_partition.core.db.errors import StateError
 
         raise StateError(f"no conversion of {name} is recorded in the state schema",
                          fix="pass the conversion's column and options explicitly, or run prep first")
@@ -170,7 +163,7 @@ def load_spec(conn: psycopg.Connection[Any], table: str | QualifiedName) -> Conv
 
 
 def checkpoint(conn: psycopg.Connection[Any], spec: ConvertSpec, step: str, part: str = "") -> Any:
-    if not state_ready(conn):
+    if not state.ready(conn):
         return None
     return state.get_checkpoint(conn, spec.job_id, step, part)
 

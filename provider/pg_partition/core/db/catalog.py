@@ -12,8 +12,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from pg_partition.core.errors import InvalidInputError
-from pg_partition.core.names import parse_bound, parse_bound_day
+from pg_partition.core.db.errors import InvalidInputError
+from pg_partition.core.db.names import parse_bound, parse_bound_day
 
 
 @dataclass(frozen=True)

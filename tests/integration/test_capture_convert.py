@@ -10,6 +10,7 @@ import time
 
 import psycopg
 import pytest
+from airflow.sdk.exceptions import AirflowSkipException
 
 from pg_partition.core import convert
 from pg_partition.core.convert import capture, replay, verify
@@ -18,11 +19,11 @@ from pg_partition.core.db import catalog
 from pg_partition.core.db.errors import VerificationError
 from pg_partition.core.db.execute import Executor
 from pg_partition.operators.capture import (
-    InstallCaptureOperator,
     RemoveCaptureOperator,
     ReplayChangesOperator,
     VerifyConversionOperator,
 )
+from pg_partition.operators.convert import ConvertInstallCaptureOperator
 from tools.seed import seed_activities
 
 from .test_capture_support import Writer, same_columns_hash
@@ -118,14 +119,16 @@ def test_operators(db, conn) -> None:
     convert.prep(ex, spec)
     convert.add_partitions(ex, spec, cover_data=True, future=2)
     common = {"conn_id": db.conn_id, "table": "public.activities"}
+    conv = {**common, "column": "created_at"}
 
     # auto on a table that never saw UPDATE/DELETE: no capture
-    out = InstallCaptureOperator(task_id="install", **common).execute({})
-    assert out["capture"] is False and not capture.is_installed(conn, spec.table)
+    with pytest.raises(AirflowSkipException, match="change capture off"):
+        ConvertInstallCaptureOperator(task_id="install", **conv).execute({})
+    assert not capture.is_installed(conn, spec.table)
     assert ReplayChangesOperator(task_id="replay", **common).execute({})["skipped"] is True
-    dry = InstallCaptureOperator(task_id="install", capture_changes="true", dry_run="True", **common).execute({})
+    dry = ConvertInstallCaptureOperator(task_id="install", capture_changes="true", dry_run="True", **conv).execute({})
     assert dry["dry_run"] is True and dry["installed"] is False and dry["statements"]
-    out = InstallCaptureOperator(task_id="install", capture_changes="true", **common).execute({})
+    out = ConvertInstallCaptureOperator(task_id="install", capture_changes="true", **conv).execute({})
     assert out["capture"] is True and out["installed"] is True and out["created"] is True
 
     plan = convert.plan_fill(ex, spec)

@@ -137,3 +137,33 @@ def format_bytes(n: int | None) -> str:
 
 def format_seconds(s: float | None) -> str:
     return "unknown" if s is None else f"{s:.1f}s"
+
+
+def parse_int(value: Any, default: int | None = None, *, what: str = "value") -> int | None:
+    """A whole number (templated params arrive as text); not set -> ``default``."""
+    if is_none(value):
+        return default
+    if isinstance(value, bool):
+        raise InvalidInputError(f"{what}={value!r} is not a whole number", fix="give a whole number")
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise InvalidInputError(f"{what}={value!r} is not a whole number", fix="give a whole number") from None
+
+
+def parse_float(value: Any, default: float = 0.0, *, what: str = "value") -> float:
+    """A number (templated params arrive as text); not set -> ``default``."""
+    if is_none(value):
+        return default
+    try:
+        result = float(str(value).strip())
+    except ValueError:
+        raise InvalidInputError(f"{what}={value!r} is not a number", fix="give a number") from None
+    if not math.isfinite(result):
+        raise InvalidInputError(f"{what}={value!r} is not a finite number", fix="give a number")
+    return result
+
+
+def parse_text(value: Any) -> str | None:
+    """Text, or ``None`` when not set ("", "None", "null" are what an empty form field renders to)."""
+    return None if is_none(value) else str(value)

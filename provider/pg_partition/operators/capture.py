@@ -23,38 +23,11 @@ from pg_partition.core.db.names import derived_name
 from pg_partition.core.lag import LagPauseTooLong
 from pg_partition.core.params import parse_bool
 from pg_partition.operators.base import PartitionBaseOperator
-from pg_partition.operators.convert import LAG_FIELDS, LagGated
+from pg_partition.sensors.lag import LAG_FIELDS, LagGated
 
 
 def _sibling(table: QualifiedName, role: str) -> QualifiedName:
     return table.sibling(derived_name(table.name, role))
-
-
-class InstallCaptureOperator(PartitionBaseOperator):
-    """Install change capture on the table before the fill (``capture_changes``: true, false or auto).
-
-    ``auto`` installs it when pg_stat_user_tables shows the table has seen UPDATE/DELETE. Idempotent: a retry
-    finds it installed. Waits for in-flight writers under ``lock_timeout`` with ``lock_retries``.
-    """
-
-    template_fields: Sequence[str] = (*PartitionBaseOperator.template_fields, "capture_changes")
-    ui_color = "#f3e2c7"
-
-    def __init__(self, *, capture_changes: bool | str = "auto", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.capture_changes = capture_changes
-
-    def execute(self, context: Context) -> dict[str, Any]:
-        table = self.qualified_table
-        with self.connection() as conn:
-            wanted, reason = capture.should_capture(conn, table, self.capture_changes)
-            self.log.info("%s", reason)
-            if not wanted:
-                return {"capture": False, "reason": reason, "installed": capture.is_installed(conn, table)}
-            ex = self.sql_executor(conn)
-            created = capture.install(ex, table, _sibling(table, "intermediate"), **self.lock_kwargs())
-            return {"capture": True, "reason": reason, "created": created, "dry_run": self.is_dry_run,
-                    "statements": ex.statements, **capture.status(conn, table)}
 
 
 class ReplayChangesOperator(LagGated, PartitionBaseOperator):

@@ -34,7 +34,7 @@ from pg_partition.core.convert.preflight import preflight, validate_where
 from pg_partition.core.convert.prep import add_partitions, analyze, build_indexes, index_plan, prep
 from pg_partition.core.convert.report import format_report, report
 from pg_partition.core.convert.spec import ConvertSpec, load_spec
-from pg_partition.core.convert.swap import is_swapped, swap, unprep, unswap
+from pg_partition.core.convert.swap import finish_and_swap, is_swapped, swap, unprep, unswap
 
 __all__ = [
     "ConvertSpec",
@@ -47,6 +47,7 @@ __all__ = [
     "decide_capture",
     "fill",
     "fill_status",
+    "finish_and_swap",
     "format_report",
     "index_plan",
     "install_capture",

@@ -10,7 +10,7 @@ from psycopg import sql
 
 from pg_partition.core.convert import capture, replay
 from pg_partition.core.convert.capture import CAPTURE_STEP, capture_on
-from pg_partition.core.convert.catchup import copy_missing, copy_missing_locked, prepare_locked_copy, safe_low
+from pg_partition.core.convert.catchup import catch_up, copy_missing, copy_missing_locked, prepare_locked_copy, safe_low
 from pg_partition.core.convert.fill import fill_status, recorded_plan
 from pg_partition.core.convert.preflight import CAPTURE_TRIGGER_PREFIX
 from pg_partition.core.convert.prep import index_plan, prep_record
@@ -331,3 +331,26 @@ def unprep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
     if not ex.dry_run and state.ready(conn):
         forget(conn, spec)
     return {"dropped": dropped, "intermediate": str(spec.intermediate), "capture_removed": capture_removed}
+
+
+def finish_and_swap(ex: Executor, spec: ConvertSpec, *, batch_size: int = 10_000,
+                    replay_until_backlog_below: int = 1000, catch_up_first: bool = True, lock_timeout: str = "2s",
+                    retries: int = 5) -> dict[str, Any]:
+    """Bring the copy as close to the source as possible outside any lock, then :func:`swap`.
+
+    With change capture: replay until fewer than ``replay_until_backlog_below`` changes wait (so the swap's
+    locked apply is small); the swap applies the rest and removes capture under its lock; no catch-up (capture
+    has every insert too). Without capture (append-only): catch-up outside any lock, then the swap's last
+    anti-join under the lock. Already swapped: the swap is a no-op that reports so.
+    """
+    swapped = is_swapped(ex.conn, spec)
+    captured = not swapped and capture.is_installed(ex.conn, spec.table)
+    caught: dict[str, Any] | None = None
+    replayed: dict[str, Any] | None = None
+    if captured and not ex.dry_run:
+        replayed = replay.replay(ex, spec.table, spec.intermediate, batch_size=batch_size,
+                                 until_backlog_below=replay_until_backlog_below).as_dict()
+    elif catch_up_first and not swapped and not captured:
+        caught = catch_up(ex, spec, batch_size=batch_size)
+    result = swap(ex, spec, sync=not captured, lock_timeout=lock_timeout, retries=retries)
+    return {**result, "catch_up_before": caught, "replay_before": replayed}

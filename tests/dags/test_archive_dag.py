@@ -12,7 +12,7 @@ from pg_partition.assets import ARCHIVE_PENDING
 from pg_partition.core import archive
 from pg_partition.core.db.catalog import QualifiedName, exists
 from pg_partition.dag_factory.archive import conn_ids_from_events
-from tests.integration.test_archive_support import DETACHED, PARENT, partitioned_activities, row_hash
+from tests.support.archive import DETACHED, PARENT, partitioned_activities, row_hash
 
 
 @dataclass

@@ -38,8 +38,8 @@ from pg_partition.operators.convert import (
     ConvertUnprepOperator,
     ConvertUnswapOperator,
 )
-from tests.integration.test_capture_support import Writer, same_columns_hash
-from tests.integration.test_convert_support import row_hash, snapshot
+from tests.support.capture import Writer, same_columns_hash
+from tests.support.convert import row_hash, snapshot
 from tools.seed import seed_activities
 
 DAG_ID = "pg_partition_convert"

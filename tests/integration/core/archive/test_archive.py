@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 from typing import Any
 
 import pyarrow as pa
@@ -13,7 +16,7 @@ from pg_partition.core import archive
 from pg_partition.core.db.catalog import QualifiedName, describe, exists
 from pg_partition.core.db.errors import PreflightError, VerificationError
 from pg_partition.core.db.execute import Executor
-from tests.integration.test_archive_support import (
+from tests.support.archive import (
     DETACHED,
     PARENT,
     catalog_snapshot,
@@ -197,6 +200,21 @@ def test_s3_stopped_mid_upload_then_retry(db, conn, bucket, s3_server) -> None:
     assert row_hash(conn, PARENT.sibling("activities_202401")) == s.hash
 
 
+def kill_pg_dump_of(dbname: str) -> None:
+    """SIGKILL the pg_dump processes whose connection string names ``dbname`` (this test's database only)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"pg_dump") and any(dbname.encode() in a for a in argv):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+
+
 def test_failed_dump_aborts_the_upload_and_retry_succeeds(db, conn, bucket) -> None:
     """pg_dump killed mid-stream while S3 is up: the multipart upload must be aborted, not left open."""
     s = partitioned_activities(conn, rows=150_000, policy=policy(bucket, compress=0, part_size=5 * 1024 * 1024))
@@ -208,9 +226,12 @@ def test_failed_dump_aborts_the_upload_and_retry_succeeds(db, conn, bucket) -> N
 
         def upload_part(self, **kwargs: Any) -> Any:
             if kwargs["PartNumber"] == 1:
+                # pg_dump cannot have finished: it blocks writing once the parts in flight are full. Kill its
+                # server session and the process itself (a session kill alone races a fast dump).
                 with db.connect() as other:
                     other.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                   "WHERE application_name = 'pg_partition_archive'")
+                kill_pg_dump_of(db.name)
             return client.upload_part(**kwargs)
 
     with pytest.raises(Exception, match=r"pg_dump of pgpartition_archive\.activities_202401 failed"):

@@ -13,7 +13,7 @@ from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.execute import Executor
-from tests.integration.test_convert_support import convert_all, row_hash, snapshot
+from tests.support.convert import convert_all, row_hash, snapshot
 from tools.seed import INDEXES, seed_activities
 
 ROWS = 30_000

@@ -24,9 +24,8 @@ from pg_partition.operators.capture import (
     VerifyConversionOperator,
 )
 from pg_partition.operators.convert import ConvertInstallCaptureOperator
+from tests.support.capture import Writer, same_columns_hash
 from tools.seed import seed_activities
-
-from .test_capture_support import Writer, same_columns_hash
 
 ROWS = 30_000
 

@@ -19,7 +19,7 @@ from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.db import state
 from pg_partition.core.db.errors import LockTimeoutExhausted, StateError
 from pg_partition.core.db.execute import Executor
-from tests.integration.test_convert_support import REPO_ROOT, row_hash, snapshot
+from tests.support.convert import REPO_ROOT, row_hash, snapshot
 from tools.seed import seed_activities
 
 SPEC = ConvertSpec.create("activities", "created_at", period="month")
@@ -102,6 +102,20 @@ def test_plan_is_recorded_and_reused(conn) -> None:
         convert.plan_fill(ex, SPEC, where="owner_id > 5")
 
 
+def wait_in_writer_loop(conn: psycopg.Connection[Any], application_name: str, timeout: float = 120) -> None:
+    """Wait until the session ``application_name`` runs the writer-wait loop's poll of pg_locks: a state only
+    reached while an in-flight writer of the table is still pending (no fixed sleep: a slow machine only waits
+    longer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = conn.execute("SELECT query FROM pg_stat_activity WHERE application_name = %s",
+                           (application_name,)).fetchone()
+        if row and "virtualtransaction = ANY" in (row[0] or ""):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{application_name} never entered the wait for in-flight writers")
+
+
 def test_plan_waits_for_a_writer_holding_a_lower_id(db, conn) -> None:
     ex = _ready(conn, 5_000)
     late = db.connect(autocommit=False)
@@ -112,13 +126,13 @@ def test_plan_waits_for_a_writer_holding_a_lower_id(db, conn) -> None:
     result: dict[str, Any] = {}
 
     def plan() -> None:
-        with db.connect() as c:
+        with db.connect(application_name="pgp_planner") as c:
             result["plan"] = convert.plan_fill(Executor(c), SPEC, batch_size=500)
 
     worker = threading.Thread(target=plan)
     worker.start()
-    time.sleep(1.0)
-    assert worker.is_alive(), "the plan did not wait for the in-flight writer"
+    wait_in_writer_loop(conn, "pgp_planner")
+    assert worker.is_alive() and "plan" not in result, "the plan did not wait for the in-flight writer"
     late.commit()
     late.close()
     worker.join()
@@ -141,13 +155,13 @@ def test_catch_up_does_not_miss_a_late_commit_below_the_copied_max(db, conn) -> 
     result: dict[str, Any] = {}
 
     def catch() -> None:
-        with db.connect() as c:
+        with db.connect(application_name="pgp_catch_up") as c:
             result["first"] = convert.catch_up(Executor(c), SPEC)
 
     worker = threading.Thread(target=catch)
     worker.start()
-    time.sleep(1.0)
-    assert worker.is_alive(), "catch-up did not wait for the in-flight writer"
+    wait_in_writer_loop(conn, "pgp_catch_up")
+    assert worker.is_alive() and "first" not in result, "catch-up did not wait for the in-flight writer"
     late.commit()
     late.close()
     worker.join()

@@ -22,7 +22,7 @@ from pg_partition.operators.convert import (
     ConvertUnprepOperator,
     ConvertUnswapOperator,
 )
-from tests.integration.test_convert_support import row_hash, snapshot
+from tests.support.convert import row_hash, snapshot
 from tools.seed import seed_activities
 
 

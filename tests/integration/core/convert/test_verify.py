@@ -9,9 +9,8 @@ from pg_partition.core.convert import capture, replay, verify
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError, VerificationError
 from pg_partition.core.db.execute import Executor
+from tests.support.capture import fill, make_intermediate, retired, swap
 from tools.seed import seed_activities
-
-from .test_capture_support import fill, make_intermediate, retired, swap
 
 SRC = QualifiedName("public", "activities")
 

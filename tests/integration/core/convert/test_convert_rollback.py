@@ -10,7 +10,7 @@ from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import StateError
 from pg_partition.core.db.execute import Executor
-from tests.integration.test_convert_support import convert_all, row_hash, snapshot
+from tests.support.convert import convert_all, row_hash, snapshot
 from tools.seed import seed_activities
 
 TABLE = QualifiedName("public", "activities")

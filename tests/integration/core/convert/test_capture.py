@@ -20,9 +20,8 @@ from pg_partition.core.db.errors import (
     StateError,
 )
 from pg_partition.core.db.execute import Executor
+from tests.support.capture import changelog_keys, fill, make_intermediate, row_hash
 from tools.seed import seed_activities
-
-from .test_capture_support import changelog_keys, fill, make_intermediate, row_hash
 
 SRC = QualifiedName("public", "activities")
 

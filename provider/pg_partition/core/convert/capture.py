@@ -11,8 +11,11 @@ exclusive lock, so the new table is exact at the moment it takes over.
 
 Objects, all removed by :func:`finish_in_swap` (in the swap's transaction) or :func:`uninstall` (unprep/unswap):
 
-- ``<schema>.<table>_changelog``: one row per changed key (the source's primary-key columns, no index, so the
-  trigger's cost is one heap append per changed row; consumed in physical order by ``ctid``).
+- ``<schema>.<table>_changelog``: one row per changed key (the source's primary-key columns, consumed in physical
+  order by ``ctid``), with a b-tree index on the key columns. The index costs the trigger one index insert per
+  changed row, but without it every lookup by key (verify's exclusion of pending keys, a replay batch's anti-join)
+  scans the whole changelog once per source row: under sustained writes the backlog grows while verify runs and
+  verify never ends (issue 15, case 1).
 - ``<schema>.<table>_capture()``: the trigger function, ``SECURITY DEFINER`` owned by the role that installed it,
   so the application's roles need no privilege on the changelog (and written so the caller's search_path cannot
   redirect anything in it).
@@ -58,7 +61,11 @@ from pg_partition.core.db.execute import Executor
 from pg_partition.core.db.names import derived_name
 from pg_partition.core.params import parse_switch
 
-AUTO_HELP = "on when the table has seen UPDATE/DELETE"
+AUTO_HELP = "on (capture is the default; off is append-only mode, an explicit opt-in)"
+APPEND_ONLY_LIMITS = (
+    "append-only mode (pgslice's way): the fill and catch-up copy rows by primary key above a high-water mark, so "
+    "an UPDATE or DELETE of a row after it was copied is not carried over, and a row whose id was taken with "
+    "nextval before the fill's high-water mark but inserted later (an ORM reserving ids) is never copied")
 TRIGGER_PREFIX = "pg_partition_capture"
 TRIGGERS = {
     "insert": f"{TRIGGER_PREFIX}_insert",
@@ -188,22 +195,41 @@ def status(conn: psycopg.Connection[Any], source: QualifiedName) -> dict[str, An
 
 def should_capture(conn: psycopg.Connection[Any], source: QualifiedName,
                    setting: bool | str | None = "auto") -> tuple[bool, str]:
-    """Decide ``capture_changes``: an explicit true/false wins; ``auto`` (or None) turns capture on when the
-    table has seen UPDATE or DELETE since statistics were last reset (pg_stat_user_tables n_tup_upd/n_tup_del).
+    """Decide ``capture_changes``: an explicit true/false wins; ``auto`` (or None) means on.
 
-    Why auto means "has it ever been updated": the cost of capture is a few percent of write throughput, the cost
-    of skipping it on a table that does get updates is silently lost changes. Returns (decision, reason).
+    Why auto is always on: the only evidence that a table is append-only would be pg_stat_user_tables'
+    n_tup_upd/n_tup_del, and those counters reset on crash recovery, failover and ``pg_stat_reset()``; nothing
+    else in the catalog tells whether the application will update or delete, or insert ids it reserved earlier.
+    The cost of capture is one changelog append per changed row; the cost of skipping it wrongly is rows lost
+    without a warning. Append-only mode is therefore an explicit ``off``, whose reason states its limitation.
+    Returns (decision, reason).
     """
     setting = parse_switch(setting, what="capture_changes", auto_help=AUTO_HELP)
-    if isinstance(setting, bool):
-        return setting, f"capture_changes={str(setting).lower()} (explicit)"
-    info = catalog.describe(conn, source)
-    upd, dele = info.stats.get("n_tup_upd", 0), info.stats.get("n_tup_del", 0)
-    if upd or dele:
-        return True, (f"auto: {source} has seen {upd} updated and {dele} deleted rows (pg_stat_user_tables), "
-                      "so changes are captured")
-    return False, (f"auto: {source} looks append-only (no UPDATE/DELETE in pg_stat_user_tables); the fill and "
-                   "catch-up suffice. Pass capture_changes=true if the application may still update or delete")
+    if setting is False:
+        return False, f"capture_changes=off (explicit): {APPEND_ONLY_LIMITS}"
+    if setting is True:
+        return True, "capture_changes=on (explicit)"
+    return True, (f"auto: changes to {source} are captured (the safe default: whether a table takes UPDATE/DELETE "
+                  "cannot be told from resettable statistics); pass capture_changes=off for append-only mode")
+
+
+def composite_key_refusal(conn: psycopg.Connection[Any], source: QualifiedName) -> PreflightError | None:
+    """Why append-only mode cannot convert ``source`` safely, or None.
+
+    Append-only mode finds rows written after the fill by a high-water mark on the first key column. With a
+    composite key a new row can reuse an existing first-column value (a new order of an existing account), so it
+    sits below the mark and is never copied. Change capture records every inserted key, whatever its shape."""
+    if not catalog.exists(conn, source):
+        return None
+    pk = catalog.describe(conn, source).primary_key
+    if pk is None or len(pk.columns) < 2:
+        return None
+    return PreflightError(
+        f"{source} has a composite primary key ({', '.join(pk.columns)}): append-only mode (capture_changes=off) "
+        f"finds late rows by a high-water mark on {pk.columns[0]!r} alone, so a new row with an existing "
+        f"{pk.columns[0]} would never be copied", where=str(source),
+        fix="convert with change capture (capture_changes: on or auto, the default); it records every inserted, "
+        "updated and deleted key whatever the key's shape")
 
 
 def backlog(conn: psycopg.Connection[Any], source: QualifiedName) -> int:
@@ -255,6 +281,16 @@ END
     ).format(fn=function_name(source).ident, body=sql.Literal(body.as_string(conn)))
 
 
+def changelog_index_name(source: QualifiedName) -> QualifiedName:
+    return source.sibling(derived_name(source.name, "changelog_key"))
+
+
+def _index_sql(source: QualifiedName, key: Sequence[str]) -> sql.Composed:
+    """The changelog's index on the key columns: every lookup by key (verify, replay) is an index probe."""
+    return sql.SQL("CREATE INDEX IF NOT EXISTS {ix} ON {cl} ({cols})").format(
+        ix=sql.Identifier(changelog_index_name(source).name), cl=changelog_name(source).ident, cols=column_list(key))
+
+
 def install(
     ex: Executor,
     source: QualifiedName,
@@ -282,6 +318,13 @@ def install(
     plan = capture_plan(conn, source, dest)
     key, types = plan.key, plan.key_types
     if is_installed(conn, source):
+        ix = changelog_index_name(source)
+        if not ex.dry_run and conn.execute("SELECT to_regclass(%s)", (ix.ident.as_string(conn),)).fetchone() == (
+                None,):
+            # capture installed by an older version: add the index (a SHARE lock on the changelog only, so the
+            # application's writes wait at most for this short build; bounded by lock_timeout)
+            ex.with_lock_timeout(lambda: ex.run(_index_sql(source, key)), lock_timeout=lock_timeout,
+                                 retries=retries, what=f"index the changelog of {source}")
         ex.logger.info("change capture already installed on %s (backlog %d)", source, backlog(conn, source))
         return False
     cl = changelog_name(source)
@@ -305,6 +348,7 @@ def install(
         ).format(cl=cl.ident, cols=sql.SQL(", ").join(
             sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in zip(key, types, strict=True))))
         ex.run(sql.SQL("COMMENT ON TABLE {} IS {}").format(cl.ident, sql.Literal(_marker(source))))
+        ex.run(_index_sql(source, key))
         ex.run(_function_sql(source, key, conn))
         ex.run(sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(fn.ident, sql.Literal(_marker(source))))
         present = set() if ex.dry_run else set(trigger_names(conn, source))
@@ -398,9 +442,10 @@ def decide_capture(conn: psycopg.Connection[Any], spec: ConvertSpec, setting: bo
 
     An explicit on/off wins. ``auto`` reuses the decision recorded by an earlier run of the same conversion (so a
     resumed run does not flip because the application updated a row meanwhile), keeps capture that is already
-    installed, and otherwise asks :func:`capture.should_capture` (on when pg_stat_user_tables shows UPDATE or
-    DELETE). Capture with a ``where`` filter is refused: replay copies every changed key's current row, filter
-    or not, and verification compares whole tables, so the two cannot agree.
+    installed, and otherwise asks :func:`capture.should_capture` (on: the safe default). An explicit off
+    (append-only mode) is refused for a composite primary key (:func:`composite_key_refusal`) and its reason
+    states what that mode cannot carry over. Capture with a ``where`` filter is refused: replay copies every
+    changed key's current row, filter or not, and verification compares whole tables, so the two cannot agree.
     """
     explicit = parse_switch(setting, what="capture_changes", auto_help=AUTO_HELP)
     recorded = checkpoint(conn, spec, CAPTURE_STEP)
@@ -413,6 +458,12 @@ def decide_capture(conn: psycopg.Connection[Any], spec: ConvertSpec, setting: bo
         on, reason = True, f"change capture is already installed on {spec.table}"
     else:
         on, reason = should_capture(conn, spec.table, "auto")
+    if not on:
+        refusal = composite_key_refusal(conn, spec.table)
+        if refusal is not None:
+            raise refusal
+        if APPEND_ONLY_LIMITS not in reason:
+            reason = f"{reason}; {APPEND_ONLY_LIMITS}"
     if on and where is not None and where.strip():
         raise InvalidInputError(
             f"change capture cannot be combined with a where filter ({where!r}) on {spec.table}",

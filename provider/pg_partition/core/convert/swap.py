@@ -10,7 +10,16 @@ from psycopg import sql
 
 from pg_partition.core.convert import capture, replay
 from pg_partition.core.convert.capture import CAPTURE_STEP, capture_on
-from pg_partition.core.convert.catchup import catch_up, copy_missing, copy_missing_locked, prepare_locked_copy, safe_low
+from pg_partition.core.convert.catchup import (
+    catch_up,
+    common_columns,
+    copy_missing,
+    copy_missing_locked,
+    outside_error,
+    prepare_locked_copy,
+    rows_outside,
+    safe_low,
+)
 from pg_partition.core.convert.fill import fill_status, recorded_plan
 from pg_partition.core.convert.preflight import CAPTURE_TRIGGER_PREFIX
 from pg_partition.core.convert.prep import index_plan, prep_record
@@ -174,6 +183,16 @@ def swap(
         if missing:
             raise StateError(f"indexes of {spec.intermediate} are missing or not yet valid: {', '.join(missing)}",
                              fix="run the indexes step (build_indexes) first")
+    if plan and not ex.dry_run:
+        # no row left behind: a row no partition takes would stay only in the retired table (and be archived
+        # with it); refuse before any lock, in every mode (a DEFAULT partition takes such rows)
+        outside = rows_outside(conn, plan, spec.table, spec.intermediate)
+        if outside[0]:
+            raise outside_error(*outside, spec.table, spec.intermediate, plan["column"])
+        if sync and not _capture_triggers(conn, spec.table):
+            refusal = capture.composite_key_refusal(conn, spec.table)
+            if refusal is not None:
+                raise refusal
     explicit, every = _publications(conn, spec.table)
     low = safe_low(conn, spec, plan) if plan else 0
     # every catalog read happens here, before the lock: the locked transaction only acts
@@ -199,6 +218,9 @@ def swap(
             replay.finish_in_swap(ex, source=spec.table, dest=spec.intermediate)
         synced = copy_missing_locked(ex, prepared, low=low) if prepared is not None else {
             "rows": 0, "outside_rows": 0, "high_water": low}
+        if synced["outside_rows"]:  # written in the last moments before the lock: refuse, the lock rolls back
+            raise outside_error(int(synced["outside_rows"]), None, None, 0, spec.table, spec.intermediate,
+                                plan["column"] if plan else "the partition column")
         ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.table.ident, sql.Identifier(spec.retired.name)))
         ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.intermediate.ident,
                                                             sql.Identifier(spec.table.name)))
@@ -235,6 +257,40 @@ def swap(
     return result
 
 
+def _columns_back(ex: Executor, spec: ConvertSpec, plan: dict[str, Any], low: int) -> dict[str, list[str]]:
+    """Which columns the unswap's copy-back carries, after an application migration changed the new table.
+
+    Only the columns both tables have are copied back (a column added to the new table after the swap does not
+    exist in the retired one; a column dropped from it leaves the retired table's column NULL or at its default
+    for those rows). Refused, before anything changes, when a dropped column is NOT NULL without a default in the
+    retired table and rows are waiting to be copied back: they could not be inserted there."""
+    conn = ex.conn
+    new_info = catalog.describe(conn, spec.table)
+    old_info = catalog.describe(conn, spec.retired)
+    carried = set(common_columns(conn, new_info, spec.retired))
+    extra = [c.name for c in new_info.columns if not c.generated and c.name not in carried]
+    missing = [c for c in old_info.columns if not c.generated and c.name not in carried]
+    out = {"columns_not_copied_back": extra, "columns_left_null": [c.name for c in missing]}
+    blocking = [c.name for c in missing if c.not_null and c.default is None and not c.identity]
+    if blocking:
+        waiting = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} > {}").format(
+            spec.table.ident, sql.Identifier(plan["key"]), sql.Literal(low))).fetchone()
+        if waiting and waiting[0]:
+            raise StateError(
+                f"{waiting[0]} rows written to {spec.table} since the swap cannot be copied back: "
+                f"{spec.retired} requires {', '.join(blocking)} (NOT NULL, no default), which {spec.table} no "
+                "longer has", where=str(spec.retired),
+                fix=f"give {spec.retired} a default for {', '.join(blocking)} (ALTER TABLE ... ALTER COLUMN ... "
+                "SET DEFAULT ...) or drop NOT NULL there, then unswap again; nothing was changed")
+    if extra or missing:
+        ex.logger.warning(
+            "unswap of %s after a schema change: copying back only the columns both tables have; not copied back "
+            "(absent from %s): %s; left NULL or default for the rows copied back (absent from %s): %s",
+            spec.table, spec.retired, ", ".join(extra) or "none", spec.table,
+            ", ".join(c.name for c in missing) or "none")
+    return out
+
+
 def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: int = 5,
            wait_timeout: float = 3600.0) -> dict[str, Any]:
     """Roll a swap back: the original table becomes live again, the partitioned one the intermediate.
@@ -260,6 +316,7 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
     back = dict(plan, has_default=True, where=None)  # every row written after the swap goes back
     swap_cp = checkpoint(conn, spec, "swap") or {}
     low = int(swap_cp.get("high_water", plan["high_water"]))
+    columns = _columns_back(ex, spec, plan, low)
     pre = copy_missing(ex, back, spec.table, spec.retired, low=low, live=True, wait_timeout=wait_timeout)
     new_info = catalog.describe(conn, spec.table)
     old_info = catalog.describe(conn, spec.retired)
@@ -293,7 +350,7 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
         if not ex.dry_run:
             forget(conn, spec, ("swap", CAPTURE_STEP, *(("plan", "fill", "catch_up") if captured else ())))
         set_status(ex, spec, PREPPED)
-        outcome.update(synced_rows=synced["rows"], sequences=seqs)
+        outcome.update(synced_rows=synced["rows"], sequences=seqs, **columns)
 
     ex.with_lock_timeout(body, lock_timeout=lock_timeout, retries=retries, what=f"unswap {spec.table}")
     lock_ms = round((time.monotonic() - lock_started[0]) * 1000, 1) if lock_started else 0.0
@@ -313,6 +370,13 @@ def unprep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
     if is_swapped(conn, spec):
         raise StateError(f"{spec.table} is the swapped-in partitioned table; unprep would drop live data",
                          fix="run unswap first")
+    if not ex.dry_run and not _being_converted(conn, spec):
+        what = "does not exist" if not catalog.exists(conn, spec.table) else "exists"
+        raise StateError(
+            f"{spec.table} is not being converted: it {what}, and there is no recorded conversion, no "
+            f"{spec.intermediate} and no change capture to remove", where=str(spec.table),
+            fix="check the schema and table name (unprep undoes prep for the table given to the convert DAG); "
+            "if the conversion was already undone, there is nothing left to do")
     # the capture triggers first: they cost the application on every write and feed only the intermediate
     capture_removed = catalog.exists(conn, spec.table) and capture.uninstall(
         ex, spec.table, lock_timeout=lock_timeout, retries=retries)
@@ -331,6 +395,14 @@ def unprep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
     if not ex.dry_run and state.ready(conn):
         forget(conn, spec)
     return {"dropped": dropped, "intermediate": str(spec.intermediate), "capture_removed": capture_removed}
+
+
+def _being_converted(conn: psycopg.Connection[Any], spec: ConvertSpec) -> bool:
+    """Anything of a conversion of ``spec.table`` that unprep could undo."""
+    if catalog.exists(conn, spec.intermediate) or (state.ready(conn) and recorded_job(conn, spec.table)):
+        return True
+    return catalog.exists(conn, capture.changelog_name(spec.table)) or (
+        catalog.exists(conn, spec.table) and bool(capture.trigger_names(conn, spec.table)))
 
 
 def finish_and_swap(ex: Executor, spec: ConvertSpec, *, batch_size: int = 10_000,

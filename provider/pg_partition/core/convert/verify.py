@@ -8,8 +8,11 @@ catches a row duplicated an even number of times. When a partition differs and t
 space is bisected (16 buckets per level, same hash) down to the exact differing keys, and the report names the
 partition and up to ``max_ranges`` differing key ranges.
 
-Consistency while the application writes: each partition is compared in one REPEATABLE READ READ ONLY
-transaction, so the source, the destination and the capture changelog are read from the same snapshot. Keys
+Consistency while the application writes: the whole comparison is one REPEATABLE READ READ ONLY transaction
+that reads the source once and the destination once (each grouped by partition: a CASE over the bounds on the
+source, ``tableoid`` on the destination), so the source, the destination and the capture changelog are read from
+the same short snapshot, and the time verify takes grows with the table, not with table x partitions (under
+sustained writes a per-partition loop let the changelog grow faster than verify finished). Keys
 with entries still in the changelog (changed but not yet replayed) are excluded from both sides: the replay and
 the swap's final apply re-copy exactly those keys from the source, so they are checked by construction, and every
 other key must already be equal (see ``capture``'s correctness argument). After the swap, the same function
@@ -27,11 +30,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pg_partition.core.convert import capture, catchup, replay
 from pg_partition.core.convert.capture import changelog_name
+from pg_partition.core.convert.preflight import validate_where
+from pg_partition.core.convert.spec import ConvertSpec, checkpoint
 from pg_partition.core.db import catalog, partitions
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError, StateError, VerificationError
-from pg_partition.core.db.execute import log
+from pg_partition.core.db.execute import Executor, log
 
 INTEGER_TYPES = {"smallint", "integer", "bigint"}
 FANOUT = 16
@@ -83,6 +89,16 @@ class VerifyReport:
     partitions: list[PartitionCheck] = field(default_factory=list)
     outside_rows: int = 0  # source rows that belong to no partition of dest
     seconds: float = 0.0
+    source_scans: int = 0  # whole reads of each side (1 each: not once per partition)
+    dest_scans: int = 0
+    mode: str = ""  # "capture" or "append-only" when run by verify_conversion
+    upto: int | None = None  # append-only: keys above this (written after the last catch-up) are not compared
+    replayed: dict[str, Any] | None = None  # what verify_conversion replayed first
+    caught_up: dict[str, Any] | None = None  # what verify_conversion copied first (append-only)
+
+    @property
+    def excluded_keys(self) -> int:
+        return sum(p.excluded_keys for p in self.partitions)
 
     @property
     def ok(self) -> bool:
@@ -146,8 +162,13 @@ class _Side:
 
 class _Checker:
     def __init__(self, conn: psycopg.Connection[Any], source: QualifiedName, dest: QualifiedName,
-                 exclude_keys: Sequence[Any] | None, exclude_pending: bool) -> None:
+                 exclude_keys: Sequence[Any] | None, exclude_pending: bool, upto: int | None = None,
+                 source_filter: sql.Composable | None = None) -> None:
         self.conn = conn
+        self.upto = upto
+        # the rows of the source that the copy is meant to hold (a conversion with a ``where`` filter)
+        self.source_table: sql.Composable = source.ident if source_filter is None else sql.SQL(
+            "(SELECT * FROM {} WHERE {})").format(source.ident, source_filter)
         self.source = source
         self.dest = dest
         src_info = catalog.describe(conn, source)
@@ -201,18 +222,75 @@ class _Checker:
         if self.exclude_keys:
             conds.append(sql.SQL("NOT (t.{k} = ANY({arr}::{typ}[]))").format(
                 k=sql.Identifier(self.key), arr=sql.Literal(self.exclude_keys), typ=sql.SQL(self.key_type)))
+        if self.upto is not None:
+            conds.append(sql.SQL("t.{k} <= {upto}").format(k=sql.Identifier(self.key), upto=sql.Literal(self.upto)))
         return sql.SQL(" AND ").join(conds) if conds else sql.SQL("true")
+
+    # -- one read per side --------------------------------------------------------------------------------------
+    def source_totals(self, parts: Sequence[catalog.Partition | None]) -> tuple[dict[int, tuple[int, str, int]],
+                                                                                 int]:
+        """One scan of the source grouped by the partition each row belongs to: {index in ``parts``: (rows,
+        hash, excluded rows)}, and the rows (not excluded) that belong to no partition (-1)."""
+        excl = self._exclusion()
+        whens: list[sql.Composable] = []
+        default_at = -1
+        for i, part in enumerate(parts):
+            if part is None:
+                continue
+            if part.is_default:
+                default_at = i
+            elif part.range_from is not None and part.range_to is not None:
+                whens.append(sql.SQL("WHEN {} THEN {}").format(self._range(part.range_from, part.range_to),
+                                                                sql.Literal(i)))
+        if parts and parts[0] is None:
+            bucket: sql.Composable = sql.SQL("0")
+        elif self.column is None:
+            bucket = sql.SQL("-1")
+        else:
+            # ranges of partitions not asked for (``only``) still claim their rows, so DEFAULT gets only the rest
+            for part in self.dest_info.partitions:
+                if part not in parts and not part.is_default and part.range_from is not None \
+                        and part.range_to is not None:
+                    whens.append(sql.SQL("WHEN {} THEN -2").format(self._range(part.range_from, part.range_to)))
+            bucket = sql.SQL("CASE {} ELSE {} END").format(sql.SQL(" ").join(whens), sql.Literal(default_at)) \
+                if whens else sql.Literal(default_at)
+        rows = self.conn.execute(sql.SQL(
+            "SELECT {b} AS b, count(*) FILTER (WHERE {excl}), "
+            "coalesce(sum(hashtextextended({row}, 0)::numeric) FILTER (WHERE {excl}), 0)::text, "
+            "count(*) FILTER (WHERE NOT coalesce({excl}, false)) FROM {t} AS t GROUP BY 1"
+        ).format(b=bucket, excl=excl, row=self.row, t=self.source_table)).fetchall()
+        out = {int(r[0]): (int(r[1]), str(r[2]), int(r[3])) for r in rows}
+        outside = out.pop(-1, (0, "0", 0))[0] if default_at == -1 else 0
+        out.pop(-2, None)
+        return out, outside
+
+    def dest_totals(self, parts: Sequence[catalog.Partition | None]) -> dict[int, tuple[int, str]]:
+        """One scan of the destination grouped by ``tableoid``: {index in ``parts``: (rows, hash)}."""
+        excl = self._exclusion()
+        if parts and parts[0] is None:
+            row = self.conn.execute(sql.SQL(
+                "SELECT count(*), coalesce(sum(hashtextextended({row}, 0)::numeric), 0)::text FROM {t} AS t "
+                "WHERE {w}").format(row=self.row, t=self.dest.ident, w=excl)).fetchone()
+            assert row is not None
+            return {0: (int(row[0]), str(row[1]))}
+        index = {catalog.table_oid(self.conn, p.name): i for i, p in enumerate(parts) if p is not None}
+        oids = [o for o in index if o is not None]
+        rows = self.conn.execute(sql.SQL(
+            "SELECT t.tableoid::oid, count(*), coalesce(sum(hashtextextended({row}, 0)::numeric), 0)::text "
+            "FROM {t} AS t WHERE t.tableoid = ANY({oids}::oid[]) AND {w} GROUP BY 1"
+        ).format(row=self.row, t=self.dest.ident, oids=sql.Literal(oids), w=excl)).fetchall()
+        return {index[int(r[0])]: (int(r[1]), str(r[2])) for r in rows}
 
     def sides(self, part: catalog.Partition | None) -> tuple[_Side, _Side]:
         excl = self._exclusion()
         if part is None:  # dest not partitioned: whole tables
-            return (_Side(self.source.ident, excl), _Side(self.dest.ident, excl))
+            return (_Side(self.source_table, excl), _Side(self.dest.ident, excl))
         if part.is_default:
             src_where = sql.SQL("NOT coalesce({}, false) AND {}").format(self._all_ranges(), excl)
         else:
             assert part.range_from is not None and part.range_to is not None
             src_where = sql.SQL("{} AND {}").format(self._range(part.range_from, part.range_to), excl)
-        return (_Side(self.source.ident, src_where),
+        return (_Side(self.source_table, src_where),
                 _Side(sql.SQL("ONLY {}").format(part.name.ident), excl))
 
     # -- queries -------------------------------------------------------------------------------------------------
@@ -315,6 +393,8 @@ def verify(
     only: Sequence[str] | None = None,
     exclude_keys: Sequence[Any] | None = None,
     exclude_pending: bool = True,
+    upto: int | None = None,
+    source_filter: sql.Composable | None = None,
     max_ranges: int = 20,
     raise_on_mismatch: bool = False,
 ) -> VerifyReport:
@@ -322,43 +402,86 @@ def verify(
 
     ``only``: names of dest partitions to check (default: all). ``exclude_keys``: first-key-column values to
     leave out on both sides (for example keys the application wrote after the swap). ``exclude_pending``: leave
-    out keys still in the capture changelog of ``source`` (changed, replay pending). With ``raise_on_mismatch``,
-    a difference raises :class:`VerificationError` naming the partition and key ranges.
+    out keys still in the capture changelog of ``source`` (changed, replay pending). ``upto``: compare only keys
+    up to this first-key value (append-only mode: rows above the last catch-up's high-water mark are not copied
+    yet). With ``raise_on_mismatch``, a difference raises :class:`VerificationError` naming the partition and key
+    ranges. Each side is read once, in one snapshot.
     """
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise InvalidInputError("verify needs a connection outside a transaction",
-                                fix="pass an autocommit connection (each partition is read in its own snapshot)")
+                                fix="pass an autocommit connection (the comparison is one read-only snapshot)")
     started = time.monotonic()
-    checker = _Checker(conn, source, dest, exclude_keys, exclude_pending)
-    report = VerifyReport(str(source), str(dest), checker.key)
+    checker = _Checker(conn, source, dest, exclude_keys, exclude_pending, upto, source_filter)
+    report = VerifyReport(str(source), str(dest), checker.key, upto=upto)
     parts: list[catalog.Partition | None] = (
         list(checker.dest_info.partitions) if checker.dest_info.is_partitioned else [None])
     if only is not None:
         wanted = set(only)
         parts = [p for p in parts if p is not None and (p.name.name in wanted or str(p.name) in wanted)]
-    for part in parts:
-        with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            src, dst = checker.sides(part)
-            s_rows, s_hash = checker.totals(src)
-            d_rows, d_hash = checker.totals(dst)
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        src_totals, outside = checker.source_totals(parts)
+        report.source_scans += 1
+        dst_totals = checker.dest_totals(parts)
+        report.dest_scans += 1
+        if only is None:
+            report.outside_rows = outside
+        for i, part in enumerate(parts):
+            s_rows, s_hash, excluded = src_totals.get(i, (0, "0", 0))
+            d_rows, d_hash = dst_totals.get(i, (0, "0"))
             check = PartitionCheck(
                 partition=str(part.name) if part else str(dest),
                 range_from=part.range_from if part else None, range_to=part.range_to if part else None,
                 source_rows=s_rows, dest_rows=d_rows, source_hash=s_hash, dest_hash=d_hash,
-                excluded_keys=checker.excluded(src, part),
+                excluded_keys=excluded,
             )
             if not check.ok and checker.integer_key:
+                src, dst = checker.sides(part)
                 check.diffs, check.diffs_truncated = checker.diff_ranges(src, dst, max_ranges)
-        report.partitions.append(check)
-        log.info("verify %s: %s %s: %d/%d rows, %s", source, check.partition, check.bounds, s_rows, d_rows,
-                 "ok" if check.ok else "MISMATCH")
-    if only is None:
-        with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            report.outside_rows = checker.outside()
+            report.partitions.append(check)
+            log.info("verify %s: %s %s: %d/%d rows, %s", source, check.partition, check.bounds, s_rows, d_rows,
+                     "ok" if check.ok else "MISMATCH")
     report.seconds = time.monotonic() - started
     log.info("%s", report.summary())
+    if raise_on_mismatch:
+        report.raise_if_mismatch()
+    return report
+
+
+def verify_conversion(
+    ex: Executor,
+    spec: ConvertSpec,
+    *,
+    batch_size: int = 5000,
+    replay_until_backlog_below: int = 1000,
+    max_ranges: int = 20,
+    raise_on_mismatch: bool = False,
+) -> VerifyReport:
+    """The pre-swap gate, in either mode: bring the copy up to date, then compare ``<table>`` with its
+    intermediate in one snapshot.
+
+    With change capture, replay runs first until fewer than ``replay_until_backlog_below`` changes wait (the
+    backlog grew while indexes and ANALYZE ran; verify excludes pending keys, so a large backlog would leave them
+    unchecked), then keys still pending are excluded. Append-only mode (no capture): catch-up copies the rows
+    written since the fill, then every key up to its high-water mark is compared; a row updated or deleted after
+    it was copied shows up as a difference, which is exactly what this mode would lose.
+    """
+    conn = ex.conn
+    if capture.is_installed(conn, spec.table):
+        stats = replay.replay(ex, spec.table, spec.intermediate, batch_size=batch_size,
+                              until_backlog_below=replay_until_backlog_below)
+        report = verify(conn, spec.table, spec.intermediate, max_ranges=max_ranges)
+        report.mode, report.replayed = "capture", stats.as_dict()
+    else:
+        caught = catchup.catch_up(ex, spec, batch_size=batch_size)
+        cp = checkpoint(conn, spec, "catch_up") or {}
+        upto = cp.get("high_water", caught.get("high_water"))
+        plan = checkpoint(conn, spec, "plan") or {}
+        report = verify(conn, spec.table, spec.intermediate, exclude_pending=False,
+                        upto=None if upto is None else int(upto), max_ranges=max_ranges,
+                        source_filter=validate_where(conn, spec.table, plan.get("where")))
+        report.mode, report.caught_up = "append-only", {k: caught.get(k) for k in ("rows", "outside_rows",
+                                                                                     "high_water")}
     if raise_on_mismatch:
         report.raise_if_mismatch()
     return report

@@ -4,8 +4,9 @@
   multi-statement transactions) from its own connection during the whole run: afterwards the new table equals
   the retired one for every key not written after the swap, and the writes made after the swap are in the new
   table (row-level md5 hashes);
-* capture_changes auto: an append-only table runs without capture (capture tasks skipped, catch_up runs), a
-  table with updates with it (catch_up skipped); capture with a where filter is refused before anything changes;
+* capture_changes auto means on, even for a table that looks append-only (statistics reset on failover); off is
+  an explicit opt-in (capture tasks skipped, catch_up runs, verify still gates the swap after a catch-up);
+  capture with a where filter is refused before anything changes;
 * dry run with capture on changes nothing (no triggers, no changelog, no state);
 * unprep removes capture; unswap leaves no capture behind and requires a new fill;
 * lag gating: a healthy standby does not hold the run; an unconsumed logical slot in watch_slots over
@@ -159,17 +160,33 @@ def test_capture_on_with_a_concurrent_writer_end_to_end(db, conn, run_dag) -> No
     assert checked >= 10, writer.last_after_swap
 
 
-def test_capture_auto_is_off_for_an_append_only_table_and_catch_up_runs(db, conn, run_dag) -> None:
+def test_capture_auto_is_on_even_for_an_append_only_looking_table(db, conn, run_dag) -> None:
     seed_activities(conn, TABLE, rows=5_000, months=4)
     conn.execute("SELECT pg_stat_force_next_flush()")
     before = row_hash(conn, "activities")
     result = run_dag(DAG_ID, _conf(db))
     assert result.state == "success", result.task_states
     states = result.task_states
-    assert all(states[t] == "skipped" for t in CAPTURE_TASKS), states
+    assert all(states[t] == "success" for t in CAPTURE_TASKS), states
+    assert states["catch_up"] == "skipped", states
+    assert result.xcom("preflight")["capture"]["capture"] is True
+    assert row_hash(conn, "activities") == before == row_hash(conn, "activities_retired")
+    assert _capture_leftovers(conn) == []
+
+
+def test_append_only_is_an_explicit_opt_in_and_verify_still_gates(db, conn, run_dag) -> None:
+    seed_activities(conn, TABLE, rows=5_000, months=4)
+    before = row_hash(conn, "activities")
+    result = run_dag(DAG_ID, _conf(db, capture_changes="off"))
+    assert result.state == "success", result.task_states
+    states = result.task_states
+    assert all(states[t] == "skipped" for t in ("install_capture", "replay", "verify_after_swap")), states
+    assert states["verify"] == "success" and result.xcom("verify")["ok"] is True, states
+    assert result.xcom("verify")["mode"] == "append-only"
     assert states["catch_up"] == "success" and states["report"] == "success", states
     assert result.xcom("preflight")["capture"]["capture"] is False
-    assert "append-only" in result.xcom("report")["capture"]["reason"]
+    reason = result.xcom("report")["capture"]["reason"]
+    assert "append-only" in reason and "pgslice" in reason
     assert row_hash(conn, "activities") == before == row_hash(conn, "activities_retired")
     assert _capture_leftovers(conn) == []
 
@@ -185,6 +202,7 @@ def test_capture_with_a_where_filter_is_refused_before_anything_changes(db, conn
     result = run_dag(DAG_ID, _conf(db, where="created_at > '2000-01-01'", capture_changes="off"))
     assert result.state == "success", result.task_states
     assert result.task_states["install_capture"] == "skipped" and result.task_states["catch_up"] == "success"
+    assert result.task_states["verify"] == "success", result.task_states
 
 
 def test_dry_run_with_capture_on_changes_nothing(db, conn, run_dag) -> None:

@@ -4,13 +4,14 @@
     task per partition) -> replay -> lag_before_indexes -> indexes -> analyze -> verify -> lag_before_swap
     -> swap -> verify_after_swap -> catch_up -> report
 
-Two modes, chosen by ``capture_changes`` (auto: on when pg_stat_user_tables shows the table has seen UPDATE or
-DELETE). With capture: triggers installed before the fill plan record every changed key; replay applies them
-after the fill; verify compares every partition with its source range (the gate: a mismatch fails the run);
-the swap replays once more and applies the rest under its lock; catch_up is skipped. Append-only: the capture
-tasks skip and catch_up copies rows written since the fill. Skipped tasks do not stop the run (the tasks after
-them use ``none_failed``). ReplicationLagSensor tasks gate the fill, the index builds and the swap, and the fill
-and replay check lag before every batch themselves.
+Two modes, chosen by ``capture_changes`` (auto means on: whether a table takes UPDATE/DELETE cannot be told from
+statistics that reset on failover or pg_stat_reset; off is append-only mode, an explicit opt-in). With capture:
+triggers installed before the fill plan record every changed key; replay applies them after the fill; verify
+compares every partition with its source range (the gate: a mismatch fails the run); the swap replays once more and
+applies the rest under its lock; catch_up is skipped. Append-only: the capture tasks skip, catch_up copies rows
+written since the fill, and verify (catch-up first) still gates the swap. Skipped tasks do not stop the run (the
+tasks after them use ``none_failed``). ReplicationLagSensor tasks gate the fill, the index builds and the swap, and
+the fill and replay check lag before every batch themselves.
 
 Every task is idempotent and resumes from the state recorded in the database, so a failed run is fixed by
 clearing the failed task (or triggering the DAG again with the same params). ``plan_fill`` is a task of its own
@@ -112,9 +113,10 @@ def _params(default_conn_id: str) -> dict[str, Param]:
                               "wait gives up after this and retries with backoff."),
         "lock_retries": Param(5, type="integer", minimum=1, description="Attempts per locked step."),
         "capture_changes": Param("auto", type=["string", "boolean"], enum=["auto", "on", "off", True, False],
-                                 description="Change capture for tables that take UPDATE/DELETE: auto (on when "
-                                 "pg_stat_user_tables shows updates or deletes), on, or off (append-only mode: "
-                                 "fill + catch-up). Cannot be on together with `where`."),
+                                 description="Change capture: auto (= on, the safe default), on, or off "
+                                 "(append-only mode, pgslice's way: fill + catch-up; UPDATE/DELETE after a row was "
+                                 "copied and ids reserved with nextval before the fill are NOT carried over). "
+                                 "Cannot be on together with `where`."),
         "replay_until_backlog_below": Param(1000, type="integer", minimum=1,
                                             description="Replay captured changes until fewer than this many "
                                             "are waiting (after the fill, and again right before the swap)."),
@@ -200,7 +202,7 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
         analyze = ConvertAnalyzeOperator(task_id="analyze", retries=2, **common)
         verify = VerifyConversionOperator(
             task_id="verify", conn_id=common["conn_id"], table=common["table"], dry_run=common["dry_run"],
-            against="intermediate", skip_without_capture=True, retries=1)
+            against="intermediate", retries=1, trigger_rule=skip_ok)  # the gate runs in both modes
         lag_before_swap = lag_sensor("lag_before_swap", trigger_rule=skip_ok)
         swap = ConvertSwapOperator(task_id="swap", batch_size="{{ params.batch_size }}",
                                    replay_until_backlog_below="{{ params.replay_until_backlog_below }}",

@@ -16,6 +16,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from pg_partition.core import convert
 from pg_partition.core.convert import capture, replay, verify
+from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError
@@ -133,8 +134,13 @@ class VerifyConversionOperator(PartitionBaseOperator):
             if self.is_dry_run and not (catalog.exists(conn, source) and catalog.exists(conn, dest)):
                 self.log.info("[dry run] would verify %s against %s", dest, source)
                 return {"dry_run": True, "source": str(source), "dest": str(dest)}
-            report = verify.verify(conn, source, dest, exclude_keys=list(self.exclude_keys or []) or None,
-                                   max_ranges=self.max_ranges)
+            if self.against == "intermediate" and not self.is_dry_run and not self.exclude_keys:
+                # the pre-swap gate, in both modes: replay (capture) or catch-up (append-only) first
+                report = verify.verify_conversion(self.sql_executor(conn), ConvertSpec(self.qualified_table, "-"),
+                                                  max_ranges=self.max_ranges)
+            else:
+                report = verify.verify(conn, source, dest, exclude_keys=list(self.exclude_keys or []) or None,
+                                       max_ranges=self.max_ranges)
         if parse_bool(self.fail_on_mismatch, what="fail_on_mismatch"):
             report.raise_if_mismatch()
         elif not report.ok:

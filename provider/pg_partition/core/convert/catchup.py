@@ -204,7 +204,7 @@ def _missing_rows_insert(plan: dict[str, Any], src: QualifiedName, dst: Qualifie
     ).format(d=dst.ident, c=collist, sc=scols, s=src.ident, m=match,
              w=sql.SQL(" AND ").join([*window, *inside]),
              o=sql.SQL(" OVERRIDING SYSTEM VALUE") if override else sql.SQL(""))
-    outside = sql.SQL("SELECT count(*), min(s.{k}) FROM {s} s WHERE {w} AND {o}").format(k=k, 
+    outside = sql.SQL("SELECT count(*), min(s.{k}) FROM {s} s WHERE {w} AND {o}").format(k=k,
         s=src.ident, w=sql.SQL(" AND ").join(window),
         o=coverage_sql(plan["column"], kind, plan["covered"], inside=False) if not plan["has_default"]
         else sql.SQL("false"))

@@ -120,9 +120,9 @@ def test_operators(db, conn) -> None:
     common = {"conn_id": db.conn_id, "table": "public.activities"}
     conv = {**common, "column": "created_at"}
 
-    # auto on a table that never saw UPDATE/DELETE: no capture
+    # append-only mode is an explicit opt-in: no capture
     with pytest.raises(AirflowSkipException, match="change capture off"):
-        ConvertInstallCaptureOperator(task_id="install", **conv).execute({})
+        ConvertInstallCaptureOperator(task_id="install", capture_changes="off", **conv).execute({})
     assert not capture.is_installed(conn, spec.table)
     assert ReplayChangesOperator(task_id="replay", **common).execute({})["skipped"] is True
     dry = ConvertInstallCaptureOperator(task_id="install", capture_changes="true", dry_run="True", **conv).execute({})

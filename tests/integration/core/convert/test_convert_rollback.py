@@ -47,7 +47,8 @@ def test_unswap_carries_new_rows_back_and_restores_names_then_unprep_and_convert
     now = snapshot(conn)
     assert {r[:2] for r in now["relations"] if r[0] == "public"} == {
         r[:2] for r in original["relations"] if r[0] == "public"}
-    assert convert.unprep(ex, spec)["dropped"] is False  # idempotent
+    with pytest.raises(StateError, match="not being converted"):  # nothing left to undo: said, not "success"
+        convert.unprep(ex, spec)
 
     # a different conversion is welcome once the first one is rolled back
     day = ConvertSpec.create("activities", "created_at", period="week", primary_key="composite")

@@ -309,6 +309,24 @@ def _warnings(conn: psycopg.Connection[Any], info: TableInfo, spec: ConvertSpec)
     return out
 
 
+def replica_identity_notes(spec: ConvertSpec, publications: list[str]) -> list[str]:
+    """How subscribers will identify rows of the new parent (issue 15, case 10), and what it costs."""
+    if not publications:
+        return []
+    names = ", ".join(publications)
+    if spec.primary_key == "composite":
+        return [f"replica identity: {spec.table} is published ({names}); the new parent's primary key (its key "
+                f"columns plus {spec.column}) is its replica identity, so subscribers keyed by the old key apply "
+                "UPDATE/DELETE as before (no extra WAL)"]
+    return [f"replica identity: {spec.table} is published ({names}) and the new parent will have no primary key "
+            "(primary_key=per_partition), so UPDATE/DELETE would reach subscribers without a key and their apply "
+            "would stop; the swap sets REPLICA IDENTITY FULL on the parent (every column is marked as key; the "
+            "partitions keep logging only their primary key, so no extra WAL; a subscriber table without a "
+            "primary key needs REPLICA IDENTITY FULL on the partitions too, which logs the whole old row of "
+            "every UPDATE/DELETE). Alternative: primary_key=composite gives the parent a real key "
+            f"(key columns + {spec.column})"]
+
+
 def preflight(
     conn: psycopg.Connection[Any],
     spec: ConvertSpec,
@@ -357,6 +375,7 @@ def preflight(
         if not pub["publish_via_partition_root"]:
             warnings.append(f"publication {pub['name']} will be switched to publish_via_partition_root = true at "
                             "the swap so subscribers keep receiving one table")
+    warnings += replica_identity_notes(spec, [p["name"] for p in publications])
     return {
         "table": str(spec.table),
         "column": spec.column,

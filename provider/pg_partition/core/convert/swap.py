@@ -124,6 +124,26 @@ def _capture_triggers(conn: psycopg.Connection[Any], table: QualifiedName) -> li
         (oid, CAPTURE_TRIGGER_PREFIX + "%"))]
 
 
+def new_identity_needed(conn: psycopg.Connection[Any], parent: QualifiedName) -> bool:
+    """Whether the published new parent needs ``REPLICA IDENTITY FULL`` at the swap.
+
+    After the swap publications use ``publish_via_partition_root``, so subscribers see the parent, and the
+    parent's replica identity decides which columns pgoutput marks as the key. A parent without a primary key
+    (``primary_key=per_partition``: the keys live on the partitions) marks none, and a subscriber keyed by ``id``
+    stops applying with "publisher did not send replica identity column expected by the logical replication
+    target relation". FULL on the parent marks every column, so any subscriber key is covered; the partitions
+    keep their own primary-key identity, so WAL still carries only the old key (no extra WAL). A parent with a
+    primary key (``primary_key=composite``: ``(id, <partition column>)``) or an identity set already is left
+    alone."""
+    oid = catalog.table_oid(conn, parent)
+    if oid is None:
+        return False
+    row = conn.execute(
+        """SELECT c.relreplident, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+           FROM pg_class c WHERE c.oid = %s""", (oid,)).fetchone()
+    return row is not None and row[0] == "d" and not row[1]
+
+
 def is_swapped(conn: psycopg.Connection[Any], spec: ConvertSpec) -> bool:
     job = recorded_job(conn, spec.table)
     if job is None or job.status != SWAPPED:
@@ -194,6 +214,7 @@ def swap(
             if refusal is not None:
                 raise refusal
     explicit, every = _publications(conn, spec.table)
+    identity_full = bool(every) and new_identity_needed(conn, spec.intermediate)
     low = safe_low(conn, spec, plan) if plan else 0
     # every catalog read happens here, before the lock: the locked transaction only acts
     new_info = None if ex.dry_run else catalog.describe(conn, spec.intermediate)
@@ -234,6 +255,8 @@ def swap(
         seqs = _move_sequences(ex, src, new_info, spec.table, top=int(synced["high_water"])) \
             if new_info is not None else []
         _move_publications(ex, explicit, every, spec.retired, spec.table, via_root=True)
+        if identity_full:  # see new_identity_needed: subscribers need a key for UPDATE/DELETE on the root
+            ex.run(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(spec.table.ident))
         copy_grants(ex, src.grants, spec.table)
         _notify(ex, spec)
         put(ex, spec, "swap", {"high_water": synced["high_water"], "synced_rows": synced["rows"],

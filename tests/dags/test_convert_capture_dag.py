@@ -41,6 +41,7 @@ from pg_partition.operators.convert import (
 )
 from tests.support.capture import Writer, same_columns_hash
 from tests.support.convert import row_hash, snapshot
+from tests.support.writers import MirroredWriter
 from tools.seed import seed_activities
 
 DAG_ID = "pg_partition_convert"
@@ -158,6 +159,31 @@ def test_capture_on_with_a_concurrent_writer_end_to_end(db, conn, run_dag) -> No
             continue
         checked += 1
     assert checked >= 10, writer.last_after_swap
+
+
+def test_a_steady_writer_does_not_stall_the_run_and_nothing_is_lost(db, conn, run_dag) -> None:
+    """Issue 15 case 1 through the DAG: UPDATE + DELETE + INSERT at a steady rate during the whole run (and after
+    the swap), each mirrored into ``truth`` in the same transaction; the run finishes and the converted table
+    equals the truth row for row."""
+    seed_activities(conn, TABLE, rows=ROWS, months=8)
+    conn.execute("CREATE TABLE truth AS SELECT * FROM activities")
+    writer = MirroredWriter(db.dsn, rate=50, high=ROWS)
+    writer.start()
+    try:
+        result = run_dag(DAG_ID, _conf(db))
+        assert result.state == "success", result.task_states
+        done = writer.done
+        _wait_for(lambda: writer.done >= done + 20)  # and after the swap
+    finally:
+        writer.stop_event.set()
+        writer.join(30)
+    assert not writer.errors, writer.errors
+    assert catalog.describe(conn, TABLE).is_partitioned
+    pre = result.xcom("verify")
+    assert pre["ok"] is True and pre["mode"] == "capture" and pre["replayed"] is not None
+    assert pre["source_scans"] == 1 and pre["dest_scans"] == 1
+    assert row_hash(conn, "activities") == row_hash(conn, "truth")
+    assert _capture_leftovers(conn) == []
 
 
 def test_capture_auto_is_on_even_for_an_append_only_looking_table(db, conn, run_dag) -> None:

@@ -7,10 +7,6 @@ and ids taken with nextval before the insert, 7 rollback after a schema change a
 
 from __future__ import annotations
 
-import logging
-import random
-import threading
-import time
 from typing import Any
 
 import psycopg
@@ -25,54 +21,10 @@ from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import PartitionError, PreflightError, StateError
 from pg_partition.core.db.execute import Executor
 from tests.support.convert import convert_all, row_hash
+from tests.support.writers import MirroredWriter
 from tools.seed import seed_activities
 
 TABLE = QualifiedName("public", "activities")
-
-
-class MirroredWriter(threading.Thread):
-    """A steady application: UPDATE, DELETE and INSERT on ``activities`` at about ``rate`` transactions per
-    second, each mirrored into ``truth`` in the same transaction, so after the run the two must be equal row for
-    row (whatever table ``activities`` names by then)."""
-
-    def __init__(self, dsn: str, *, rate: float, high: int, seed: int = 3) -> None:
-        super().__init__(daemon=True)
-        self.dsn, self.rate, self.high = dsn, rate, high
-        self.rng = random.Random(seed)
-        self.stop_event = threading.Event()
-        self.done = 0
-        self.errors: list[BaseException] = []
-
-    def run(self) -> None:
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                period = 1.0 / self.rate
-                while not self.stop_event.is_set():
-                    started = time.monotonic()
-                    self.step(conn)
-                    self.done += 1
-                    time.sleep(max(0.0, period - (time.monotonic() - started)))
-        except BaseException as exc:  # surfaced by the test
-            self.errors.append(exc)
-
-    def step(self, conn: psycopg.Connection[Any]) -> None:
-        k = self.rng.randint(1, self.high)
-        kind = self.rng.choice(("insert", "update", "delete"))
-        with conn.transaction():
-            if kind == "insert":
-                row = conn.execute(
-                    "INSERT INTO activities (key, parameters, created_at, updated_at) VALUES "
-                    "('w', %s, now()::timestamp - %s * interval '1 day', now()::timestamp) RETURNING *",
-                    (str(k), self.rng.randint(0, 60))).fetchone()
-                assert row is not None
-                conn.execute(sql.SQL("INSERT INTO truth VALUES ({})").format(
-                    sql.SQL(", ").join(sql.Placeholder() * len(row))), row)
-            elif kind == "update":
-                conn.execute("UPDATE activities SET parameters = %s WHERE id = %s", (f"u{self.done}", k))
-                conn.execute("UPDATE truth SET parameters = %s WHERE id = %s", (f"u{self.done}", k))
-            else:
-                conn.execute("DELETE FROM activities WHERE id = %s", (k,))
-                conn.execute("DELETE FROM truth WHERE id = %s", (k,))
 
 
 def _changelog_indexes(conn: psycopg.Connection[Any], table: QualifiedName) -> list[list[str]]:
@@ -100,28 +52,13 @@ def test_changelog_is_indexed_and_verify_reads_each_side_once(conn) -> None:
         convert.fill(ex, spec, item)
     conn.execute("UPDATE activities SET parameters = 'x' WHERE id % 10 = 0")
 
-    statements: list[str] = []
-    handler = _Collect(statements)
-    logging.getLogger("pg_partition").addHandler(handler)
-    try:
-        report = verify.verify(conn, spec.table, spec.intermediate)
-    finally:
-        logging.getLogger("pg_partition").removeHandler(handler)
+    report = verify.verify(conn, spec.table, spec.intermediate)
     assert report.ok, report.summary()
     parts = len(catalog.describe(conn, spec.intermediate).partitions)
     assert parts >= 7 and len(report.partitions) == parts
     assert report.excluded_keys == 600
     # one read of the source and one of the destination in one snapshot, not one per partition
     assert report.source_scans == 1 and report.dest_scans == 1
-
-
-class _Collect(logging.Handler):
-    def __init__(self, out: list[str]) -> None:
-        super().__init__()
-        self.out = out
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.out.append(record.getMessage())
 
 
 def test_conversion_with_capture_finishes_under_a_steady_writer(db, conn) -> None:

@@ -27,6 +27,7 @@ from pg_partition.core.db.errors import (
 )
 from pg_partition.core.db.execute import Executor
 from pg_partition.core.db.names import derived_name
+from pg_partition.core.db.partitions import partition_column
 
 log = logging.getLogger("pg_partition")
 
@@ -122,6 +123,34 @@ def enqueue(conn: psycopg.Connection[Any], table: QualifiedName, *, parent: Qual
     return queue_id
 
 
+def _refuse_rows_left_behind(conn: psycopg.Connection[Any], retired: QualifiedName, table: QualifiedName) -> None:
+    """Archiving ``<table>_retired`` ends with dropping it, so it must not hold a row the new table cannot have:
+    one above the highest partition, or with a NULL partition column, while the new table has no DEFAULT
+    partition (rows below the lowest partition may have been archived by rotation, so they are not counted)."""
+    if not catalog.exists(conn, table):
+        return
+    info = catalog.describe(conn, table)
+    if not info.is_partitioned or info.default_partition is not None:
+        return
+    column = partition_column(info)
+    col = catalog.describe(conn, retired).column(column)
+    if col is None:
+        return
+    tops = [p.range_to for p in info.partitions if p.range_to is not None]
+    c = sql.Identifier(column)
+    above = sql.SQL(" OR {} >= (SELECT max(x) FROM unnest({}::{}[]) x)").format(
+        c, sql.Literal(tops), sql.SQL(col.type)) if tops else sql.SQL(" OR true")
+    row = conn.execute(sql.SQL(
+        "SELECT count(*), min({c})::text, max({c})::text FROM {r} WHERE {c} IS NULL{above}").format(
+        c=c, r=retired.ident, above=above)).fetchone()
+    if row and row[0]:
+        raise StateError(
+            f"{retired} holds {row[0]} row(s) that no partition of {table} can hold ({column} from {row[1]} to "
+            f"{row[2]}, or NULL): archiving would drop them", where=str(retired),
+            fix=f"add partitions to {table} for them (or a DEFAULT partition) and copy them over (catch_up), then "
+            "queue the retired table again")
+
+
 def enqueue_retired(conn: psycopg.Connection[Any], table: QualifiedName | str,
                     policy: Mapping[str, Any] | None = None) -> int | None:
     """Queue ``<table>_retired`` (the original table a conversion swapped out) if it exists; its id or None."""
@@ -129,6 +158,7 @@ def enqueue_retired(conn: psycopg.Connection[Any], table: QualifiedName | str,
     retired = name.sibling(derived_name(name.name, "retired"))
     if not catalog.exists(conn, retired):
         return None
+    _refuse_rows_left_behind(conn, retired, name)
     label = "retired-" + datetime.now(timezone.utc).strftime("%Y%m%d")
     return enqueue(conn, retired, parent=name, label=label, policy=policy)
 

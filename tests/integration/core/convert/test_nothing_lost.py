@@ -305,3 +305,18 @@ def test_unswap_refuses_when_a_not_null_column_has_no_value_to_copy_back(conn) -
         convert.unswap(Executor(conn), spec)
     assert "updated_at" in str(err.value)
     assert catalog.describe(conn, TABLE).is_partitioned  # nothing changed
+
+
+def test_the_retired_table_is_not_queued_for_archiving_while_it_holds_a_row_the_new_table_cannot(conn) -> None:
+    from pg_partition.core import archive
+
+    seed_activities(conn, TABLE, rows=1_000, timestamptz=True)
+    spec = ConvertSpec.create("activities", "created_at", period="month")
+    convert_all(conn, spec)
+    # a row only the retired table holds (what a swap that did not refuse left behind)
+    conn.execute("INSERT INTO activities_retired (id, created_at, updated_at) VALUES (-1, now() + interval '2 years', "
+                 "now())")
+    with pytest.raises(StateError, match="1 row"):
+        archive.enqueue_retired(conn, TABLE)
+    conn.execute("DELETE FROM activities_retired WHERE id = -1")
+    assert archive.enqueue_retired(conn, TABLE) is not None

@@ -46,6 +46,7 @@ rolls back, its entries stay).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -502,8 +503,9 @@ def install_capture(ex: Executor, spec: ConvertSpec, setting: bool | str | None 
             with conn.transaction():
                 forget(conn, spec, ("plan", "fill", "catch_up"))
             out["replanned"] = True
-    ex.logger.info("change capture for %s: %s (%s)", spec.table, "on" if decision["capture"] else "off",
-                   decision["reason"])
+    # append-only mode is logged as a warning: its reason states what it cannot carry over
+    ex.logger.log(logging.INFO if decision["capture"] else logging.WARNING, "change capture for %s: %s (%s)",
+                  spec.table, "on" if decision["capture"] else "off", decision["reason"])
     if not ex.dry_run and state.ready(conn) and recorded_job(conn, spec.table) is not None:
         with conn.transaction():
             put(ex, spec, CAPTURE_STEP, {"capture": decision["capture"], "reason": decision["reason"]})

@@ -7,6 +7,7 @@ and ids taken with nextval before the insert, 7 rollback after a schema change a
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import psycopg
@@ -240,6 +241,9 @@ def test_append_only_is_an_explicit_opt_in_that_states_its_limitation(conn, capl
     decided = convert.decide_capture(conn, spec, "off")
     assert decided["capture"] is False
     assert "pgslice" in decided["reason"] and "UPDATE" in decided["reason"] and "nextval" in decided["reason"]
+    with caplog.at_level(logging.WARNING, logger="pg_partition"):
+        assert convert.install_capture(Executor(conn), spec, "off")["capture"] is False
+    assert any(r.levelno == logging.WARNING and "nextval" in r.getMessage() for r in caplog.records)
 
 
 def test_id_taken_with_nextval_before_the_insert_is_not_lost_by_default(db, conn) -> None:

@@ -14,7 +14,7 @@ Where each step's SQL lives:
 ``fill``             the fill plan (safe high-water mark) and the batched, checkpointed copy
 ``replay``           applying captured changes, and the last backlog under the swap lock
 ``catchup``          append-only mode: rows written after the fill, before and after the swap
-``verify``           per-partition count + content hash of the new table against its source range
+``verify``           per-partition count + content hash, each side read once in one snapshot; replay or catch-up first
 ``swap``             the rename swap under a short lock, unswap and unprep
 ``report``           rows, sizes and timings before and after
 ===================  ==========================================================================================

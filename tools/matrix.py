@@ -39,6 +39,7 @@ SERVER_FEATURES = [
 ]
 SCENARIOS = [
     ("non-superuser owner", "test_runs_as_a_non_superuser_owner"),
+    ("advisor", "test_advisor_as_the_owner"),
     ("convert + capture + verify + swap + unswap", "test_convert_with_capture_under_a_writer_verify_swap_unswap"),
     ("rotate (DEFAULT move, detach)", "test_rotate_moves_default_rows_and_detaches"),
     ("Parquet archive + restore", "test_parquet_archive_and_restore"),
@@ -78,7 +79,8 @@ def run(majors: list[int], jobs: int, results: Path, pytest_args: list[str]) -> 
     for major, rc, wall in outcomes:
         _merge(results / f"pg{major}.json", {"run": {"returncode": rc, "wall_seconds": round(wall, 1)}})
     (results / "run.json").write_text(json.dumps({"majors": majors, "jobs": jobs, "wall_seconds": round(total, 1),
-                                                  "finished": datetime.now(timezone.utc).isoformat()}))
+                                                  "finished": datetime.now(timezone.utc).isoformat(),
+                                                  "load_average": round(os.getloadavg()[1], 1)}))
     render(results)
     print(f"== matrix wall time {total:.0f}s with {jobs} parallel version(s); table in {DOC.relative_to(REPO)}")
     return 0 if all(rc == 0 for _, rc, _ in outcomes) else 1
@@ -147,8 +149,11 @@ def render(results: Path) -> str:
                 failures.append(f"- PostgreSQL {server}, `{name}`: {value['message'] or value['outcome']}")
     lines.append("")
     if run_info:
+        load = run_info.get("load_average")
         lines.append(f"Whole matrix: {run_info['wall_seconds']:.0f}s wall with {run_info['jobs']} version(s) in "
-                     f"parallel on this 2-core machine ({run_info['finished'][:16].replace('T', ' ')} UTC).")
+                     f"parallel on a {os.cpu_count()}-core machine"
+                     + (f" (5-minute load average {load} at the end: times include other work)" if load else "")
+                     + f", {run_info['finished'][:16].replace('T', ' ')} UTC.")
         lines.append("")
     if failures:
         lines += ["Failures in this run:", "", *failures, ""]

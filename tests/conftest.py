@@ -42,6 +42,7 @@ from tools.stack import PgCluster, S3Server, free_port, postgres_conn_json  # no
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[PgCluster]:
+    """The primary + standby of the version ``PG_MAJOR`` names (13..18; unset: Debian's default)."""
     c = PgCluster.create(_TMP / "pg")
     try:
         yield c
@@ -88,27 +89,49 @@ class Database:
     name: str
     cluster: PgCluster
     conn_id: str
+    user: str = "postgres"
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         kwargs.setdefault("autocommit", True)
         return psycopg.connect(self.dsn, **kwargs)
 
+    def admin_connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        """As the superuser ``postgres`` (what the harness, not the product, may do: e.g. read every table)."""
+        kwargs.setdefault("autocommit", True)
+        return psycopg.connect(f"host=127.0.0.1 port={self.cluster.primary.port} user=postgres dbname={self.name}",
+                               **kwargs)
+
     @property
     def dsn(self) -> str:
-        return f"host=127.0.0.1 port={self.cluster.primary.port} user=postgres dbname={self.name}"
+        return f"host=127.0.0.1 port={self.cluster.primary.port} user={self.user} dbname={self.name}"
 
     def standby_dsn(self) -> str:
         assert self.cluster.standby is not None
-        return f"host=127.0.0.1 port={self.cluster.standby.port} user=postgres dbname={self.name}"
+        return f"host=127.0.0.1 port={self.cluster.standby.port} user={self.user} dbname={self.name}"
 
 
-def _create_database(cluster: PgCluster) -> Database:
+# The role the product runs as on managed services (RDS, Aurora, Cloud SQL): it owns the database and its tables,
+# is a member of pg_monitor, and is neither superuser nor replication, nor may it create roles or databases.
+OWNER_ROLE = "app_owner"
+
+
+def _create_owner_role(cluster: PgCluster) -> str:
+    with cluster.primary.connect(autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (OWNER_ROLE,)).fetchone() is None:
+            conn.execute(f"CREATE ROLE {OWNER_ROLE} LOGIN NOSUPERUSER NOREPLICATION NOCREATEDB NOCREATEROLE "
+                         "NOBYPASSRLS")
+        conn.execute(f"GRANT pg_monitor TO {OWNER_ROLE}")
+    return OWNER_ROLE
+
+
+def _create_database(cluster: PgCluster, owner: str | None = None) -> Database:
     name = f"t_{uuid.uuid4().hex[:12]}"
     with cluster.primary.connect(autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"' + (f' OWNER "{owner}"' if owner else ""))
     conn_id = f"pg_{name}"
-    os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = postgres_conn_json(cluster.primary, name)
-    return Database(name, cluster, conn_id)
+    login = owner or "postgres"
+    os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = postgres_conn_json(cluster.primary, name, login)
+    return Database(name, cluster, conn_id, login)
 
 
 def _drop_database(db: Database) -> None:
@@ -132,6 +155,29 @@ def db(cluster: PgCluster) -> Iterator[Database]:
 @pytest.fixture
 def conn(db: Database) -> Iterator[psycopg.Connection[Any]]:
     with db.connect() as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def owner_role(cluster: PgCluster) -> str:
+    """``app_owner``: LOGIN NOSUPERUSER NOREPLICATION, member of pg_monitor (created once per cluster)."""
+    return _create_owner_role(cluster)
+
+
+@pytest.fixture
+def owner_db(cluster: PgCluster, owner_role: str) -> Iterator[Database]:
+    """A database owned by the non-superuser ``app_owner``; ``connect()`` and its Airflow connection id log in
+    as that role, so whatever the test creates through them is owned by it, as on RDS/Aurora."""
+    database = _create_database(cluster, owner=owner_role)
+    try:
+        yield database
+    finally:
+        _drop_database(database)
+
+
+@pytest.fixture
+def owner_conn(owner_db: Database) -> Iterator[psycopg.Connection[Any]]:
+    with owner_db.connect() as c:
         yield c
 
 

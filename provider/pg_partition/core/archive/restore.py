@@ -18,6 +18,7 @@ from pg_partition.core.archive.s3 import S3Client, segment
 from pg_partition.core.archive.tools import pg_restore_for
 from pg_partition.core.archive.verify import verify_archive
 from pg_partition.core.db import catalog, state
+from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import (
     InvalidInputError,
@@ -352,8 +353,9 @@ def _restore_attach(ex: Executor, s3: S3Client, plan: RestorePlan, preflight: st
         def create() -> None:
             ex.run(sql.SQL(
                 "CREATE TABLE {child} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
-                "INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS)"
-            ).format(child=child.ident, parent=parent.name.ident))
+                "{compression}INCLUDING GENERATED INCLUDING STATISTICS)"
+            ).format(child=child.ident, parent=parent.name.ident,
+                     compression=capabilities(ex.conn).like_compression(ex.logger)))
             if parent.tablespace:
                 ex.run(sql.SQL("ALTER TABLE {} SET TABLESPACE {}").format(child.ident,
                                                                        sql.Identifier(parent.tablespace)))

@@ -76,6 +76,9 @@ def find_pg_tool(name: str, min_major: int, explicit: str | None = None, *, serv
     hand-patched one silently misses newer catalog features; a pg_restore older than the pg_dump that wrote an
     archive cannot read it. We check before anything is uploaded and say which version to install.
     """
+    # pg_dump has a way around it: Parquet/CSV archives are written by our own COPY, no client program needed
+    instead = (" -- or archive without pg_dump: format: parquet (or csv) works with every server version"
+               if name == "pg_dump" else "")
     if explicit:
         tools = [tool_version(explicit)]
     else:
@@ -87,7 +90,7 @@ def find_pg_tool(name: str, min_major: int, explicit: str | None = None, *, serv
             raise PreflightError(
                 f"{name} was not found (looked in $PG_BINDIR, /usr/lib/postgresql/*/bin and PATH)",
                 fix=f"install the PostgreSQL {min_major} client programs (Debian: apt-get install "
-                f"postgresql-client-{min_major}) or pass the path of {name}")
+                f"postgresql-client-{min_major}) or pass the path of {name}{instead}")
     best = max(tools, key=lambda t: t.major)
     if best.major < min_major:
         what = server or f"PostgreSQL {min_major}"
@@ -97,7 +100,7 @@ def find_pg_tool(name: str, min_major: int, explicit: str | None = None, *, serv
             where=name,
             fix=f"install the PostgreSQL {min_major} (or newer) client programs (Debian: apt-get install "
             f"postgresql-client-{min_major}) and pass its path, e.g. /usr/lib/postgresql/{min_major}/bin/{name}, "
-            "or set PG_BINDIR",
+            f"or set PG_BINDIR{instead}",
         )
     return best
 

@@ -15,6 +15,7 @@ from pg_partition.core.archive.rds import archive_rds
 from pg_partition.core.archive.s3 import ArchiveTarget, MultipartUpload, S3Client, plan_keys
 from pg_partition.core.archive.tools import check_pg_dump, dump_pattern, server_version
 from pg_partition.core.db import catalog
+from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.errors import (
     PartitionError,
     PreflightError,
@@ -49,6 +50,7 @@ def archive_table(
     """
     conn = ex.conn
     table = target.table
+    capabilities(conn).require_supported("archive")
     info = catalog.describe(conn, table)
     if info.is_partitioned:
         raise PreflightError(f"{table} is a partitioned table; archive its partitions one by one",

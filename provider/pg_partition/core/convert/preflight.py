@@ -18,6 +18,7 @@ from psycopg import sql
 
 from pg_partition.core.convert.spec import SWAPPED, ConvertSpec, recorded_job
 from pg_partition.core.db import catalog
+from pg_partition.core.db.capabilities import capabilities, require_privileges
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import InvalidInputError, PreflightError
 from pg_partition.core.db.names import ColumnKind
@@ -159,9 +160,11 @@ def check(conn: psycopg.Connection[Any], spec: ConvertSpec) -> tuple[TableInfo, 
     """The refusals only (cheap catalog reads plus a NULL probe). Returns the source's TableInfo, warnings, and
     whether an intermediate table of this same conversion already exists (a resumed conversion)."""
     table = spec.table
+    capabilities(conn).require_supported("conversion")
     if not catalog.exists(conn, table):
         raise PreflightError(f"table {table} does not exist",
                              fix="check the schema and table name (quote mixed-case names: \"Sales\".\"Orders\")")
+    require_privileges(conn, f"the conversion of {table}", table_schema=table.schema, table=table.name)
     info = catalog.describe(conn, table)
     job = recorded_job(conn, table)
     if info.is_partitioned:

@@ -23,13 +23,15 @@ from pg_partition.core.convert.spec import (
     timed,
 )
 from pg_partition.core.db import catalog, state
+from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import Index, QualifiedName, TableInfo
 from pg_partition.core.db.errors import InvalidInputError, StateError
 from pg_partition.core.db.execute import Executor
 from pg_partition.core.db.names import Range, covering, fit_identifier, window
 from pg_partition.core.db.partitions import copy_grants, create_partition
 
-LIKE_OPTIONS = ("INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMPRESSION INCLUDING GENERATED "
+# {compression} is INCLUDING COMPRESSION where the server has it (14+): see db.capabilities.like_compression
+LIKE_OPTIONS = ("INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE {compression}INCLUDING GENERATED "
                 "INCLUDING IDENTITY INCLUDING STATISTICS INCLUDING COMMENTS")
 
 
@@ -128,7 +130,8 @@ def prep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: 
             ex.run(sql.SQL("SET LOCAL default_tablespace = {}").format(sql.Literal(spec.tablespace)))
         if not exists:
             ex.run(sql.SQL("CREATE TABLE {i} (LIKE {s} {opts}) PARTITION BY RANGE ({c}){ts}").format(
-                i=inter.ident, s=spec.table.ident, opts=sql.SQL(LIKE_OPTIONS), c=sql.Identifier(spec.column),
+                i=inter.ident, s=spec.table.ident, opts=sql.SQL(LIKE_OPTIONS).format(
+                    compression=capabilities(conn).like_compression(ex.logger)), c=sql.Identifier(spec.column),
                 ts=sql.SQL(" TABLESPACE {}").format(sql.Identifier(spec.tablespace)) if spec.tablespace
                 else sql.SQL("")))
             for col in src.columns:
@@ -273,8 +276,9 @@ def _create_default(ex: Executor, spec: ConvertSpec, parent: TableInfo, pk: tupl
         if ex.dry_run or not catalog.exists(ex.conn, child):
             ex.run(sql.SQL(
                 "CREATE TABLE {c} (LIKE {p} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
-                "INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS)").format(
-                c=child.ident, p=parent.name.ident))
+                "{compression}INCLUDING GENERATED INCLUDING STATISTICS)").format(
+                c=child.ident, p=parent.name.ident,
+                compression=capabilities(ex.conn).like_compression(ex.logger)))
             for col in parent.columns:
                 if col.stats_target is not None:
                     ex.run(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STATISTICS {}").format(
@@ -348,9 +352,9 @@ def build_indexes(ex: Executor, spec: ConvertSpec) -> dict[str, Any]:
 
 def analyze(ex: Executor, spec: ConvertSpec) -> dict[str, Any]:
     """Statistics for every partition and for the parent (the inheritance statistics the planner uses for the
-    whole table). Before PostgreSQL 17, ``ANALYZE parent`` already processes every partition, so one statement
-    does both (analyzing partitions first would sample everything twice); from 17, partitions one by one (with
-    a log line each) and then ``ANALYZE ONLY parent``."""
+    whole table). Before PostgreSQL 18, ``ANALYZE parent`` already processes every partition, so one statement
+    does both (analyzing partitions first would sample everything twice); from 18 (``ANALYZE ONLY`` arrived
+    there, not in 17), partitions one by one (with a log line each) and then ``ANALYZE ONLY parent``."""
     conn = ex.conn
     with timed(ex, spec, "analyze") as info:
         parent_name = _live_parent(conn, spec)
@@ -360,11 +364,14 @@ def analyze(ex: Executor, spec: ConvertSpec) -> dict[str, Any]:
             ex.run(sql.SQL("ANALYZE {}").format(parent_name.ident))
             return info
         parent = catalog.describe(conn, parent_name)
-        if catalog.server_version_num(conn) >= 170000:
+        caps = capabilities(conn)
+        if caps.analyze_only:
             for part in parent.partitions:
                 ex.run(sql.SQL("ANALYZE {}").format(part.name.ident))
             ex.run(sql.SQL("ANALYZE ONLY {}").format(parent_name.ident))
         else:
+            ex.logger.info("PostgreSQL %s has no ANALYZE ONLY (18+): ANALYZE of the parent, which also analyzes "
+                           "each partition", caps.major)
             ex.run(sql.SQL("ANALYZE {}").format(parent_name.ident))
         info["partitions"] = len(parent.partitions)
     return info

@@ -34,6 +34,7 @@ from pg_partition.core.convert.spec import (
     set_status,
 )
 from pg_partition.core.db import catalog, state
+from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import PreflightError, StateError
 from pg_partition.core.db.execute import Executor
@@ -47,13 +48,17 @@ def _publications(conn: psycopg.Connection[Any], table: QualifiedName) -> tuple[
     """Explicit memberships of ``table`` (with row filter and column list), and every publication that
     publishes it (FOR ALL TABLES / TABLES IN SCHEMA included)."""
     oid = catalog.table_oid(conn, table)
-    explicit = conn.execute(
-        """SELECT p.pubname, pg_get_expr(pr.prqual, pr.prrelid),
+    # row filters and column lists (prqual/prattrs) exist from 15; before, a membership is the whole table
+    filters = sql.SQL(
+        """pg_get_expr(pr.prqual, pr.prrelid),
                   CASE WHEN pr.prattrs IS NOT NULL THEN array(
                       SELECT a.attname FROM pg_attribute a WHERE a.attrelid = pr.prrelid
-                      AND a.attnum = ANY(pr.prattrs::int2[]) ORDER BY a.attnum)::text[] END
+                      AND a.attnum = ANY(pr.prattrs::int2[]) ORDER BY a.attnum)::text[] END"""
+        if capabilities(conn).publication_row_filters else "NULL::text, NULL::text[]")
+    explicit = conn.execute(sql.SQL(
+        """SELECT p.pubname, {filters}
            FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
-           WHERE pr.prrelid = %s ORDER BY 1""", (oid,)).fetchall()
+           WHERE pr.prrelid = %s ORDER BY 1""").format(filters=filters), (oid,)).fetchall()
     every = conn.execute(
         "SELECT DISTINCT pubname FROM pg_publication_tables WHERE schemaname = %s AND tablename = %s ORDER BY 1",
         (table.schema, table.name)).fetchall()

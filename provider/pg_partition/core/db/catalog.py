@@ -12,6 +12,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.errors import InvalidInputError
 from pg_partition.core.db.names import parse_bound, parse_bound_day
 
@@ -247,12 +248,12 @@ def describe(conn: psycopg.Connection[Any], name: QualifiedName) -> TableInfo:
 
 
 def columns(conn: psycopg.Connection[Any], oid: int) -> list[Column]:
-    rows = conn.execute(
+    rows = conn.execute(sql.SQL(
         """SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
                   CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END,
                   a.attidentity, a.attgenerated,
                   CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END,
-                  a.attstorage, a.attcompression, nullif(a.attstattarget, -1),
+                  a.attstorage, {compression}, nullif(a.attstattarget, -1),
                   CASE WHEN a.attcollation <> t.typcollation THEN co.collname END,
                   col_description(a.attrelid, a.attnum)
            FROM pg_attribute a
@@ -260,7 +261,7 @@ def columns(conn: psycopg.Connection[Any], oid: int) -> list[Column]:
            LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
            LEFT JOIN pg_collation co ON co.oid = a.attcollation
            WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
-           ORDER BY a.attnum""",
+           ORDER BY a.attnum""").format(compression=capabilities(conn).compression_column),
         (oid,),
     ).fetchall()
     return [
@@ -371,11 +372,11 @@ def list_partitions(conn: psycopg.Connection[Any], parent_oid: int) -> list[Part
     ``timestamptz`` bounds are rendered in the session's TimeZone; ``start_day``/``end_day`` convert them back
     to UTC days, so callers never depend on the session setting.
     """
-    rows = conn.execute(
-        """SELECT n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), i.inhdetachpending
+    rows = conn.execute(sql.SQL(
+        """SELECT n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), {pending}
            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
            JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE i.inhparent = %s""",
+           WHERE i.inhparent = %s""").format(pending=capabilities(conn).detach_pending_column),
         (parent_oid,),
     ).fetchall()
     out = []

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from pg_partition.core.db import catalog
+from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import InvalidInputError
 from pg_partition.core.db.execute import Executor
@@ -105,8 +106,9 @@ def create_partition(
         if ex.dry_run or not catalog.exists(ex.conn, child):
             ex.run(sql.SQL(
                 "CREATE TABLE {child} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
-                "INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS)"
-            ).format(child=child.ident, parent=parent.name.ident))
+                "{compression}INCLUDING GENERATED INCLUDING STATISTICS)"
+            ).format(child=child.ident, parent=parent.name.ident,
+                     compression=capabilities(ex.conn).like_compression(ex.logger)))
             # LIKE ... INCLUDING STATISTICS copies extended statistics only, not per-column targets.
             for col in parent.columns:
                 if col.stats_target is not None:

@@ -11,6 +11,7 @@ import psycopg
 from psycopg import sql
 
 from pg_partition.core.db import catalog, state
+from pg_partition.core.db.capabilities import Capabilities, capabilities, require_privileges
 from pg_partition.core.db.catalog import Partition, QualifiedName, TableInfo
 from pg_partition.core.db.errors import InvalidInputError, PreflightError
 from pg_partition.core.db.names import Period, Range, floor, partition_name, ranges, shift
@@ -216,9 +217,12 @@ def queue_status(conn: psycopg.Connection[Any], schema: str, name: str) -> str |
 
 
 def concurrent_detach_possible(server_version: int, has_default: bool) -> tuple[bool, str]:
-    """Whether ``DETACH ... CONCURRENTLY`` can run, and why not."""
-    if server_version < 140000:
-        return False, f"PostgreSQL {server_version // 10000} has no DETACH CONCURRENTLY (14+)"
+    """Whether ``DETACH ... CONCURRENTLY`` can run, and why not (the fallback is a plain DETACH under
+    lock_timeout with bounded retries; the reason is logged and returned in the detach result)."""
+    caps = Capabilities(server_version)
+    if not caps.detach_concurrently:
+        return False, (f"PostgreSQL {caps.major} has no DETACH CONCURRENTLY (14+): plain DETACH under "
+                       "lock_timeout with retries")
     if has_default:
         return False, "PostgreSQL refuses DETACH CONCURRENTLY when the table has a DEFAULT partition"
     return True, "no DEFAULT partition, PostgreSQL 14+"
@@ -226,7 +230,10 @@ def concurrent_detach_possible(server_version: int, has_default: bool) -> tuple[
 
 def plan(conn: psycopg.Connection[Any], cfg: RotationSpec, today: date) -> Plan:
     """Read-only: what premake and retention would create, move and detach today."""
+    capabilities(conn).require_supported("rotation")
     info = describe_managed(conn, cfg)
+    require_privileges(conn, f"the rotation of {info.name}", table_schema=info.name.schema, table=info.name.name,
+                       schemas=("pgpartition", cfg.archive_schema) if cfg.retention is not None else ("pgpartition",))
     where = f"{cfg.conn_id}: {info.name}"
     period = Period(cfg.period)
     result = Plan(cfg.conn_id, info.name, today)
@@ -253,7 +260,7 @@ def plan(conn: psycopg.Connection[Any], cfg: RotationSpec, today: date) -> Plan:
 
     cutoff = retention_cutoff(cfg, today)
     if cutoff is not None:
-        ok, why = concurrent_detach_possible(catalog.server_version_num(conn), info.default_partition is not None)
+        ok, why = concurrent_detach_possible(capabilities(conn).version_num, info.default_partition is not None)
         for p in attached:
             if p.is_default or not older(p, cutoff):
                 continue

@@ -11,6 +11,7 @@ import psycopg
 from psycopg import sql
 
 from pg_partition.core.db import catalog
+from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import PreflightError
 from pg_partition.core.db.execute import Executor, Progress
@@ -177,8 +178,9 @@ def _create_standalone(ex: Executor, cfg: RotationSpec, info: TableInfo, rng: Ra
     def body() -> None:
         ex.run(sql.SQL(
             "CREATE TABLE {child} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
-            "INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS)"
-        ).format(child=child.ident, parent=info.name.ident))
+            "{compression}INCLUDING GENERATED INCLUDING STATISTICS)"
+        ).format(child=child.ident, parent=info.name.ident,
+                 compression=capabilities(ex.conn).like_compression(ex.logger)))
         if info.tablespace:
             ex.run(sql.SQL("ALTER TABLE {} SET TABLESPACE {}").format(child.ident, sql.Identifier(info.tablespace)))
         ex.run(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({})").format(

@@ -12,6 +12,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pg_partition.core.db import catalog, state
+from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError, PartitionError
 from pg_partition.core.db.execute import Executor
@@ -115,6 +116,8 @@ def _detach_concurrently(ex: Executor, cfg: RotationSpec, parent: QualifiedName,
 
 
 def _is_detach_pending(conn: psycopg.Connection[Any], parent: QualifiedName, child: QualifiedName) -> bool:
+    if not capabilities(conn).detach_concurrently:
+        return False  # no DETACH CONCURRENTLY before 14, so nothing can be left pending
     row = conn.execute(
         "SELECT i.inhdetachpending FROM pg_inherits i WHERE i.inhrelid = to_regclass(%s) "
         "AND i.inhparent = to_regclass(%s)",

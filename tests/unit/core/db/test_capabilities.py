@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+from psycopg import sql
 
 from pg_partition.core.db.capabilities import Capabilities
 from pg_partition.core.db.errors import PreflightError
@@ -25,6 +28,23 @@ def test_feature_table(num: int, compression: bool, concurrently: bool, row_filt
     caps.require_supported()
 
 
-def test_older_than_13_is_refused_naming_the_version() -> None:
-    with pytest.raises(PreflightError, match="PostgreSQL 12 is older than the oldest supported version"):
-        Capabilities(120017).require_supported()
+def test_older_than_13_is_refused_naming_the_version_the_feature_and_the_way_out() -> None:
+    with pytest.raises(PreflightError, match=r"(?s)PostgreSQL 12 is older than the oldest version conversion "
+                                             r"supports \(13\).*How to fix: upgrade the server to PostgreSQL 13"):
+        Capabilities(120017).require_supported("conversion")
+
+
+@pytest.mark.parametrize(("num", "pending", "compression", "like"), [
+    (130023, "false", 'NULL::"char"', ""),
+    (140023, "i.inhdetachpending", "a.attcompression", "INCLUDING COMPRESSION "),
+    (180004, "i.inhdetachpending", "a.attcompression", "INCLUDING COMPRESSION "),
+])
+def test_catalog_fragments_follow_the_version(num: int, pending: str, compression: str, like: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    caps = Capabilities(num)
+    assert caps.detach_pending_column == sql.SQL(pending)
+    assert caps.compression_column == sql.SQL(compression)
+    with caplog.at_level(logging.INFO, logger="pg_partition"):
+        assert caps.like_compression() == sql.SQL(like)
+    # the fallback is logged, the normal path is not
+    assert ("without INCLUDING COMPRESSION" in caplog.text) == (like == "")

@@ -203,9 +203,9 @@ def task_instances(env: BenchEnv) -> list[dict[str, Any]]:
     return [{"task": r[0], "map_index": r[1], "state": r[2], "start": _ts(r[3]), "end": _ts(r[4])} for r in rows]
 
 
-def run_dag(env: BenchEnv, db: str) -> dict[str, Any]:
+def run_dag(env: BenchEnv, db: str, *, defer_indexes: bool = False) -> dict[str, Any]:
     conf = {"conn_id": CONN_ID, "table": "public.activities", "column": "created_at", "period": "month",
-            "future": FUTURE, "cover_data": True, "batch_size": BATCH}
+            "future": FUTURE, "cover_data": True, "batch_size": BATCH, "defer_indexes": defer_indexes}
     log = env.root / f"dags-test-{db}.log"
     t0 = time.monotonic()
     wall_start = time.time()
@@ -255,9 +255,9 @@ class TimedExecutor(Executor):
         return out
 
 
-def run_engine(env: BenchEnv, db: str) -> dict[str, Any]:
+def run_engine(env: BenchEnv, db: str, *, defer_indexes: bool = False) -> dict[str, Any]:
     """The DAG's steps called in-process (no Airflow), each timed; statements timed by kind for the profile."""
-    spec = ConvertSpec.create("activities", "created_at")
+    spec = ConvertSpec.create("activities", "created_at", defer_indexes=defer_indexes)
     steps: dict[str, float] = defaultdict(float)
     with env.connect(db) as conn:
         ex = TimedExecutor(conn)
@@ -295,14 +295,21 @@ def run_size(env: BenchEnv, rows: int, rounds: int, skip_pgslice: str | None) ->
     t0 = time.monotonic()
     template = seed_template(env, rows)
     print(f"  seeded {rows:,} rows in {time.monotonic() - t0:.1f}s", flush=True)
-    contestants: dict[str, Callable[[BenchEnv, str], dict[str, Any]]] = {"dag": run_dag, "engine": run_engine}
+    contestants: dict[str, Callable[[BenchEnv, str], dict[str, Any]]] = {
+        "dag": run_dag, "engine": run_engine,
+        "dag defer_indexes": lambda e, d: run_dag(e, d, defer_indexes=True),
+        "engine defer_indexes": lambda e, d: run_engine(e, d, defer_indexes=True),
+    }
+    wanted = os.environ.get("BENCH_PEER_CONTESTANTS")
+    if wanted:
+        contestants = {k: v for k, v in contestants.items() if k in {w.strip() for w in wanted.split(",")}}
     if skip_pgslice is None:
         contestants["pgslice"] = run_pgslice
     results: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in range(rounds):
         order = list(contestants) if r % 2 == 0 else list(reversed(contestants))
         for who in order:
-            db = clone(env, template, f"{who}{r}")
+            db = clone(env, template, f"{who.replace(' defer_indexes', 'd')}{r}")
             try:
                 out = contestants[who](env, db)
                 check_converted(env, db, rows, who)
@@ -310,7 +317,7 @@ def run_size(env: BenchEnv, rows: int, rounds: int, skip_pgslice: str | None) ->
                 drop(env, db)
             results[who].append(out)
             extra = (f" (wall {out['wall']:.1f}s, {out['before_first_task']:.1f}s before the first task, "
-                     f"{out['tasks']} tasks busy {out['task_seconds']:.1f}s)") if who == "dag" else ""
+                     f"{out['tasks']} tasks busy {out['task_seconds']:.1f}s)") if who.startswith("dag") else ""
             print(f"  round {r + 1} {who}: {out['total']:.1f}s{extra}; "
                   + ", ".join(f"{k} {v:.1f}" for k, v in out["steps"].items()), flush=True)
     drop(env, template)
@@ -319,53 +326,58 @@ def run_size(env: BenchEnv, rows: int, rounds: int, skip_pgslice: str | None) ->
 
 def figures_for(rows: int, results: dict[str, list[dict[str, Any]]], skip: str | None) -> list[Figure]:
     group = f"vs pgslice, {rows:,} rows"
+    prof = f"profile, {rows:,} rows"
     goal_ratio = 0.7 if rows >= 2_000_000 else 2.0
     goal = f"<= {goal_ratio}x"
-    n = len(results["dag"])
     med = {who: _median([x["total"] for x in xs]) for who, xs in results.items()}
     step_med = {who: {s: _median([x["steps"].get(s, 0.0) for x in xs]) for s in STEPS} for who, xs in results.items()}
     peer = med.get("pgslice")
     base_name = "pgslice 0.7.2 whole flow" if peer is not None else ""
     rounds_note = "; ".join(f"{who}: " + ", ".join(f"{x['total']:.1f}" for x in xs) for who, xs in results.items())
-    figs = [
-        Figure(group, "whole conversion, DAG run (Airflow start-up excluded)", med["dag"], "s", baseline=peer,
-               baseline_name=base_name, goal=goal if peer else "", met=(med["dag"] / peer <= goal_ratio) if peer
-               else None, note=f"median of {n} alternating rounds (s): {rounds_note}"),
-        Figure(group, "whole conversion, engine alone (no Airflow)", med["engine"], "s", baseline=peer,
-               baseline_name=base_name, goal=goal if peer else "",
-               met=(med["engine"] / peer <= goal_ratio) if peer else None),
-        Figure(group, "airflow dags test wall time (start-up included)", _median([x["wall"] for x in results["dag"]]),
-               "s", baseline=peer, baseline_name=base_name),
-        Figure(group, "Airflow start-up before the first task (imports, DAG parse, run creation)",
-               _median([x["before_first_task"] for x in results["dag"]]), "s",
-               note=f"{results['dag'][0]['tasks']} task instances ({results['dag'][0]['fill_tasks']} mapped fill), "
-               f"busy {_median([x['task_seconds'] for x in results['dag']]):.1f}s of the run"),
-    ]
+    ours = [w for w in results if w != "pgslice"]
+    figs: list[Figure] = []
+    for who in ours:
+        label = ("DAG run (Airflow start-up excluded)" if who.startswith("dag") else "engine alone (no Airflow)")
+        variant = " + defer_indexes" if who.endswith("defer_indexes") else ", defaults"
+        figs.append(Figure(group, f"whole conversion, {label}{variant}", med[who], "s", baseline=peer,
+                           baseline_name=base_name, goal=goal if peer else "",
+                           met=(med[who] / peer <= goal_ratio) if peer else None,
+                           note=f"median of {len(results[who])} alternating rounds (s): {rounds_note}"
+                           if who == ours[0] else ""))
+    for who in (w for w in ours if w.startswith("dag")):
+        xs = results[who]
+        figs.append(Figure(group, f"{who}: airflow dags test wall time (start-up included)",
+                           _median([x["wall"] for x in xs]), "s", baseline=peer, baseline_name=base_name))
+        figs.append(Figure(group, f"{who}: Airflow start-up before the first task (imports, DAG parse, run creation)",
+                           _median([x["before_first_task"] for x in xs]), "s",
+                           note=f"{xs[0]['tasks']} task instances ({xs[0]['fill_tasks']} mapped fill), "
+                           f"busy {_median([x['task_seconds'] for x in xs]):.1f}s of the run"))
     for s in STEPS:
-        for who, label in (("dag", "DAG"), ("engine", "engine")):
-            figs.append(Figure(group, f"step {s} ({label})", step_med[who][s], "s",
+        for who in ours:
+            figs.append(Figure(group, f"step {s} ({who})", step_med[who][s], "s",
                                baseline=step_med["pgslice"][s] if peer else None,
                                baseline_name=f"pgslice {s}" if peer else ""))
     if skip:
         figs.append(Figure(group, "pgslice skipped", 0.0, "", note=skip))
-    kinds: dict[str, list[float]] = defaultdict(list)
-    for x in results["engine"]:
-        for k, (secs, _count) in x["by_kind"].items():
-            kinds[k].append(secs)
-    counts = {k: c for k, (_s, c) in results["engine"][0]["by_kind"].items()}
-    for k, secs in sorted(kinds.items(), key=lambda kv: -_median(kv[1])):
-        if _median(secs) >= 0.05:
-            figs.append(Figure(f"profile, {rows:,} rows", f"engine statements {k} ({counts.get(k, 0)}x)",
-                               _median(secs), "s"))
-    prof = f"profile, {rows:,} rows"
-    tasks: dict[str, list[float]] = defaultdict(list)
-    for x in results["dag"]:
-        for k, secs in x["per_task"].items():
-            tasks[k].append(secs)
-    for k, secs in sorted(tasks.items(), key=lambda kv: -_median(kv[1])):
-        figs.append(Figure(prof, f"DAG task {k} (sum over its task instances)", _median(secs), "s"))
-    figs.append(Figure(prof, "DAG run: time between task instances (scheduling, task start-up)",
-                       _median([x["total"] - x["task_seconds"] for x in results["dag"]]), "s"))
+    for who in (w for w in ours if w.startswith("engine")):
+        kinds: dict[str, list[float]] = defaultdict(list)
+        for x in results[who]:
+            for k, (secs, _count) in x["by_kind"].items():
+                kinds[k].append(secs)
+        counts = {k: c for k, (_s, c) in results[who][0]["by_kind"].items()}
+        for k, secs in sorted(kinds.items(), key=lambda kv: -_median(kv[1])):
+            if _median(secs) >= 0.05:
+                figs.append(Figure(prof, f"{who}: statements {k} ({counts.get(k, 0)}x)", _median(secs), "s"))
+    for who in (w for w in ours if w.startswith("dag")):
+        tasks: dict[str, list[float]] = defaultdict(list)
+        for x in results[who]:
+            for k, secs in x["per_task"].items():
+                tasks[k].append(secs)
+        for k, secs in sorted(tasks.items(), key=lambda kv: -_median(kv[1])):
+            if _median(secs) >= 0.1:
+                figs.append(Figure(prof, f"{who}: task {k} (sum over its task instances)", _median(secs), "s"))
+        figs.append(Figure(prof, f"{who}: time between task instances (scheduling, task start-up)",
+                           _median([x["total"] - x["task_seconds"] for x in results[who]]), "s"))
     return figs
 
 

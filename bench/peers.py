@@ -42,9 +42,9 @@ import psycopg
 
 from bench.common import BenchEnv, Figure
 from pg_partition.core import convert
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db.execute import Executor
+from tools.seed import seed_activities
 from tools.stack import postgres_conn_json
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import psycopg
 from tenacity import Retrying, stop_after_attempt, wait_exponential
 
-from pg_partition.core.archive.policy import EXTENSIONS, S3_MAX_PARTS, S3_MIN_PART, ArchivePolicy, MiB
+from pg_partition.core.archive.policy import EXTENSIONS, S3_MAX_PART, S3_MAX_PARTS, S3_MIN_PART, ArchivePolicy, MiB
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import (
     PartitionError,
@@ -45,6 +47,28 @@ class S3Client(Protocol):
 # --------------------------------------------------------------------------------------------------- upload
 
 
+S3_MAX_OBJECT = 5 * 1024 * 1024 * MiB  # 5 TiB: the largest object S3 stores
+# Output may be larger than the relation it came from (text forms of timestamps and numbers in CSV/pg_dump): the
+# part size leaves this much room before the 10,000-part limit.
+SIZE_HEADROOM = 3
+# Parts up to this size are held in memory; larger ones (objects beyond ~50 GiB) are spooled to a temporary file,
+# so the process's memory stays flat whatever the table size.
+MEMORY_PART_LIMIT = 32 * MiB
+
+
+def part_size_for(expected_bytes: int | None, base: int = 8 * MiB) -> int:
+    """The part size for an object of about ``expected_bytes``, chosen once before the upload starts.
+
+    At least ``base`` (and S3's 5 MiB minimum), and large enough that ``SIZE_HEADROOM`` times the expected size
+    (capped at S3's 5 TiB object limit) fits in 10,000 parts; a whole number of MiB. 1.5 TiB -> 472 MiB parts.
+    """
+    size = max(base, S3_MIN_PART)
+    if expected_bytes:
+        need = math.ceil(min(expected_bytes * SIZE_HEADROOM, S3_MAX_OBJECT) / S3_MAX_PARTS)
+        size = max(size, need)
+    return min(math.ceil(size / MiB) * MiB, S3_MAX_PART)
+
+
 @dataclass
 class UploadResult:
     bucket: str
@@ -55,20 +79,57 @@ class UploadResult:
     parts: int
 
 
+class _Part:
+    """One part being filled: chunks in memory (small parts) or a temporary file (large parts)."""
+
+    def __init__(self, spool: bool) -> None:
+        self.size = 0
+        self.chunks: list[bytes] = []
+        # closed by close() once the part is uploaded (a part outlives any with-block here)
+        self.file: IO[bytes] | None = tempfile.TemporaryFile(prefix="pgp-part-") if spool else None  # noqa: SIM115
+
+    def write(self, data: bytes) -> None:
+        if self.file is not None:
+            self.file.write(data)
+        else:
+            self.chunks.append(data)
+        self.size += len(data)
+
+    def body(self) -> bytes | IO[bytes]:
+        if self.file is not None:
+            self.file.flush()
+            self.file.seek(0)
+            return self.file
+        body = b"".join(self.chunks)
+        self.chunks.clear()
+        return body
+
+    def close(self) -> None:
+        self.chunks.clear()
+        if self.file is not None:
+            self.file.close()
+
+
 class MultipartUpload:
     """A write-only stream into one S3 multipart upload, hashing as it goes. Aborted on any error.
 
-    Memory: one part being filled plus at most ``max_inflight`` parts uploading in background threads. Parts
-    grow (x2 every 1000 parts) so the 10,000-part limit is never hit whatever the object size. Use as a context
-    manager; call :meth:`complete` before leaving it, or the upload is aborted.
+    Part size: chosen once (:func:`part_size_for`) from ``expected_size`` (the relation's size) so that the
+    10,000-part limit is not reached for any object up to S3's 5 TiB. Memory: a part in memory is at most
+    ``MEMORY_PART_LIMIT``; at most ``max_inflight`` parts upload in background threads while the next fills, so
+    the upload holds at most ``(max_inflight + 1) * min(part size, MEMORY_PART_LIMIT)`` bytes; larger parts go
+    through temporary files (disk, not memory). Without ``expected_size`` the part size starts at ``part_size``
+    and doubles every 1,000 parts (the only way to stay under the part limit with no size known). Use as a
+    context manager; call :meth:`complete` before leaving it, or the upload is aborted.
     """
 
     def __init__(self, s3: S3Client, bucket: str, key: str, *, part_size: int = 8 * MiB, max_inflight: int = 2,
-                 put_args: dict[str, Any] | None = None, content_type: str | None = None,
-                 on_start: Callable[[str], None] | None = None, logger: logging.Logger | None = None) -> None:
+                 expected_size: int | None = None, put_args: dict[str, Any] | None = None,
+                 content_type: str | None = None, on_start: Callable[[str], None] | None = None,
+                 logger: logging.Logger | None = None) -> None:
         self.s3, self.bucket, self.key = s3, bucket, key
-        self.base_part_size = max(part_size, S3_MIN_PART)
-        self.max_inflight = max_inflight
+        self.expected_size = expected_size
+        self.base_part_size = part_size_for(expected_size, part_size)
+        self.max_inflight = max(1, max_inflight)
         self.put_args = dict(put_args or {})
         if content_type:
             self.put_args["ContentType"] = content_type
@@ -77,8 +138,7 @@ class MultipartUpload:
         self.upload_id: str | None = None
         self.sha = hashlib.sha256()
         self.size = 0
-        self._chunks: list[bytes] = []
-        self._pending = 0
+        self._part: _Part | None = None
         self._parts: list[dict[str, Any]] = []
         self._futures: list[Future[dict[str, Any]]] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -90,8 +150,9 @@ class MultipartUpload:
     def __enter__(self) -> MultipartUpload:
         resp = self.s3.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self.put_args)
         self.upload_id = str(resp["UploadId"])
-        self.logger.info("started multipart upload of s3://%s/%s (upload id %s)", self.bucket, self.key,
-                         self.upload_id)
+        self.logger.info("started multipart upload of s3://%s/%s (upload id %s, parts of %d MiB%s)", self.bucket,
+                         self.key, self.upload_id, self.base_part_size // MiB,
+                         ", spooled to disk" if self.base_part_size > MEMORY_PART_LIMIT else "")
         if self.on_start:
             self.on_start(self.upload_id)
         self._pool = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="s3-part")
@@ -111,6 +172,8 @@ class MultipartUpload:
         finally:
             if self._pool:
                 self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._part is not None:
+                self._part.close()
 
     # file-like -------------------------------------------------------------------------------------
     def writable(self) -> bool:
@@ -135,36 +198,44 @@ class MultipartUpload:
             return 0
         self.sha.update(data)
         self.size += n
-        # Keep the chunks and join them once per part: one allocation of about part_size per part, instead of a
-        # growing buffer plus slice copies. Parts need not be equal (only >= 5 MiB except the last).
-        self._chunks.append(data if isinstance(data, bytes) else bytes(data))
-        self._pending += n
-        if self._pending >= self._part_size():
+        # Parts need not be equal (only >= 5 MiB except the last), so a part ends at the first write that fills it.
+        if self._part is None:
+            self._part = _Part(spool=self._part_size() > MEMORY_PART_LIMIT)
+        self._part.write(data if isinstance(data, bytes) else bytes(data))
+        if self._part.size >= self._part_size():
             self._submit(self._take())
         self.progress.add(n)
         return n
 
-    def _take(self) -> bytes:
-        part = b"".join(self._chunks)
-        self._chunks.clear()
-        self._pending = 0
+    def _take(self) -> _Part:
+        part = self._part or _Part(spool=False)
+        self._part = None
         return part
 
     def _part_size(self) -> int:
-        return int(self.base_part_size * 2 ** ((self._next - 1) // 1000))
+        if self.expected_size:
+            return self.base_part_size
+        return min(int(self.base_part_size * 2 ** ((self._next - 1) // 1000)), S3_MAX_PART)
 
-    def _submit(self, body: bytes) -> None:
+    def _submit(self, part: _Part) -> None:
         assert self._pool is not None and self.upload_id is not None, "use MultipartUpload as a context manager"
         if self._next > S3_MAX_PARTS:
-            raise PartitionError("the object needs more than 10,000 multipart parts", fix="raise part_size")
+            part.close()
+            raise PartitionError(
+                f"the object needs more than 10,000 multipart parts of {self.base_part_size // MiB} MiB "
+                f"(expected about {self.expected_size or 0:,} bytes, already {self.size:,})",
+                fix="pass the relation's real size as expected_size (or raise part_size)")
         self._reap(block=len(self._futures) >= self.max_inflight)
         number = self._next
         self._next += 1
-        self._futures.append(self._pool.submit(self._upload_part, number, body))
+        self._futures.append(self._pool.submit(self._upload_part, number, part))
 
-    def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
-        resp = self.s3.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
-                                   Body=body)
+    def _upload_part(self, number: int, part: _Part) -> dict[str, Any]:
+        try:
+            resp = self.s3.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                       PartNumber=number, Body=part.body(), ContentLength=part.size)
+        finally:
+            part.close()
         return {"PartNumber": number, "ETag": resp["ETag"]}
 
     def _reap(self, *, block: bool) -> None:
@@ -183,7 +254,7 @@ class MultipartUpload:
 
     def complete(self) -> UploadResult:
         """Upload the last part, wait for all, complete the upload. Only call once the source ended cleanly."""
-        if self._pending or self._next == 1:
+        if self._part is not None or self._next == 1:
             self._submit(self._take())
         while self._futures:
             self._reap(block=True)

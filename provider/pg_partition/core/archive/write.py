@@ -103,8 +103,11 @@ def archive_table(
     # pg_dump output can outrun one upload at a time; Parquet/CSV output is slower than S3, so one part in
     # flight keeps their memory (Arrow buffers already) lower at no cost in speed.
     inflight = policy.max_inflight if policy.format == "pg_dump" else 1
+    # the part size is chosen once from the table's size (the 10,000-part limit holds up to S3's 5 TiB) and
+    # parts above MEMORY_PART_LIMIT are spooled to disk: memory stays flat whatever the table size
     with MultipartUpload(s3, policy.bucket, key, part_size=policy.part_size, max_inflight=inflight,
-                         put_args=policy.put_args(), content_type=CONTENT_TYPES[policy.object_format],
+                         expected_size=info.sizes.total, put_args=policy.put_args(),
+                         content_type=CONTENT_TYPES[policy.object_format],
                          on_start=started, logger=ex.logger) as sink, snapshot(conn, table) as (snap, rows):
         if policy.format == "pg_dump":
             assert tool is not None

@@ -42,6 +42,7 @@ def archive_table(
     pg_dump: str | None = None,
     lock_timeout: str = "2s",
     on_upload_started: Callable[[str, str], None] | None = None,
+    resume_upload_id: str | None = None,
 ) -> dict[str, Any]:
     """Stream one table to S3 in ``policy.format`` and write its manifest; returns the manifest.
 
@@ -106,7 +107,8 @@ def archive_table(
     # the part size is chosen once from the table's size (the 10,000-part limit holds up to S3's 5 TiB) and
     # parts above MEMORY_PART_LIMIT are spooled to disk: memory stays flat whatever the table size
     with MultipartUpload(s3, policy.bucket, key, part_size=policy.part_size, max_inflight=inflight,
-                         expected_size=info.sizes.total, put_args=policy.put_args(),
+                         expected_size=info.sizes.total, resume_upload_id=resume_upload_id,
+                         put_args=policy.put_args(),
                          content_type=CONTENT_TYPES[policy.object_format],
                          on_start=started, logger=ex.logger) as sink, snapshot(conn, table) as (snap, rows):
         if policy.format == "pg_dump":

@@ -10,7 +10,7 @@ FAULT_TRIALS ?= 3
 # Tests wait on servers (locks, replication, Airflow) more than on CPU: 3 workers, one service stack each.
 TEST_WORKERS ?= 3
 
-.PHONY: venv demo demo-clean test test-matrix lint typecheck bench faults clean
+.PHONY: venv demo demo-clean test test-matrix lint typecheck bench bench-large faults clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,10 @@ lint: venv
 
 bench: venv
 	BENCH_ROWS=$(BENCH_ROWS) $(VPY) -m bench.run
+
+# pgslice beside us at >= 10M rows (about an hour on 2 cores); the other suites at their usual size are skipped.
+bench-large: venv
+	BENCH_ROWS=$(BENCH_ROWS) BENCH_ONLY=pgslice BENCH_PEER_SIZES=$${BENCH_PEER_SIZES:-10000000} $(VPY) -m bench.run
 
 faults: venv
 	FAULT_SEED=$(FAULT_SEED) FAULT_TRIALS=$(FAULT_TRIALS) $(VPY) -m pytest tests/faults -m faults -q

@@ -15,6 +15,7 @@ Run alone: ``.venv/bin/python -m bench.impact`` (BENCH_ROWS).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -28,6 +29,7 @@ from bench.common import BenchEnv, Figure, bench_env
 from pg_partition.core import convert
 from pg_partition.core.convert import capture, replay
 from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.convert.throttle import Canary, LatencyThrottle, baseline_p99
 from pg_partition.core.db.execute import Executor
 from tools.seed import seed_activities
 
@@ -86,25 +88,37 @@ class Workload:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
 
 
-def _convert(env: BenchEnv, db: str, batch_size: int) -> dict[str, Any]:
-    """The whole conversion with change capture, as the DAG runs it."""
+CANARY = "SELECT id, key FROM activities WHERE id = 4242"  # what the application does most: a key lookup
+
+
+def _convert(env: BenchEnv, db: str, batch_size: int, target_factor: float | None) -> dict[str, Any]:
+    """The whole conversion with change capture, as the DAG runs it; with ``target_factor`` the fill, index
+    builds and replay are paced by a canary to that multiple of the canary's p99 before the conversion."""
     spec = ConvertSpec.create("activities", "created_at", defer_indexes=True)
-    with env.connect(db) as conn:
+    out: dict[str, Any] = {"paused_s": 0.0, "canary_p99_before": None}
+    with env.connect(db) as conn, contextlib.ExitStack() as stack:
         ex = Executor(conn, logger=logging.getLogger("pg_partition.bench"))
+        thr: LatencyThrottle | None = None
+        if target_factor is not None:
+            canary = stack.enter_context(Canary(lambda: env.connect(db), query=CANARY, interval=0.02, window=100))
+            base = baseline_p99(canary, 2.0)
+            thr = LatencyThrottle(canary, target_ms=target_factor * base)
+            out["canary_p99_before"] = base
         convert.prep(ex, spec)
         convert.add_partitions(ex, spec, cover_data=True, future=3)
         capture.install(ex, spec.table, spec.intermediate)
         convert.plan_fill(ex, spec, batch_size=batch_size)
-        convert.fill(ex, spec, progress_every=3600)
-        convert.build_indexes(ex, spec)
+        convert.fill(ex, spec, progress_every=3600, throttle=thr)
+        convert.build_indexes(ex, spec, throttle=thr)
         convert.analyze(ex, spec)
-        replay.replay(conn, spec.table, spec.intermediate, until_backlog_below=500)
-        return convert.swap(ex, spec, lock_timeout=f"{LOCK_TIMEOUT_MS}ms")
+        replay.replay(conn, spec.table, spec.intermediate, until_backlog_below=500, throttle=thr)
+        out.update(convert.swap(ex, spec, lock_timeout=f"{LOCK_TIMEOUT_MS}ms"))
+        out["paused_s"] = thr.paused if thr else 0.0
+    return out
 
 
-def run(env: BenchEnv, rows: int) -> list[Figure]:
-    seconds = int(os.environ.get("BENCH_IMPACT_SECONDS", str(max(3, min(20, rows // 50_000)))))
-    clients = int(os.environ.get("BENCH_IMPACT_CLIENTS", "4"))
+def measure(env: BenchEnv, rows: int, seconds: int, clients: int, target_factor: float | None) -> dict[str, Any]:
+    """One database, the workload alone, then the workload during a whole conversion."""
     db = env.new_database()
     with env.connect(db) as conn:
         seed_activities(conn, "public.activities", rows=rows, timestamptz=True)
@@ -119,7 +133,7 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
 
         def conversion() -> None:
             try:
-                result.update(_convert(env, db, 10_000))
+                result.update(_convert(env, db, 10_000, target_factor))
             except BaseException as exc:
                 errors.append(exc)
             finally:
@@ -134,14 +148,27 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
         if errors:
             raise errors[0]
         conversion_s = time.monotonic() - started
+    with env.connect("postgres") as conn:
+        conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
+    return {"before": before, "during": during, "result": result, "conversion_s": conversion_s}
+
+
+def run(env: BenchEnv, rows: int) -> list[Figure]:
+    seconds = int(os.environ.get("BENCH_IMPACT_SECONDS", str(max(3, min(20, rows // 50_000)))))
+    clients = int(os.environ.get("BENCH_IMPACT_CLIENTS", "4"))
+    factor = float(os.environ.get("BENCH_THROTTLE_TARGET", "1.5"))
+    plain = measure(env, rows, seconds, clients, None)
+    paced = measure(env, rows, seconds, clients, factor)
+    before, during, result = plain["before"], plain["during"], plain["result"]
     p99_before = before.percentile(0.99)
     figures = [
         Figure(GROUP, "application tps during conversion", during.tps, "tps", baseline=before.tps,
-               baseline_name="tps before", note=f"{clients} pgbench clients; conversion took {conversion_s:.1f}s; "
-               f"pgbench runs with errors: before {before.failures}, during {during.failures}"),
+               baseline_name="tps before", note=f"{clients} pgbench clients; conversion took "
+               f"{plain['conversion_s']:.1f}s; pgbench runs with errors: before {before.failures}, during "
+               f"{during.failures}"),
         Figure(GROUP, "application p50 latency during conversion", during.percentile(0.5), "ms",
                baseline=before.percentile(0.5), baseline_name="p50 before"),
-        Figure(GROUP, "application p99 latency during conversion", during.percentile(0.99), "ms",
+        Figure(GROUP, "application p99 latency during conversion (no throttle)", during.percentile(0.99), "ms",
                baseline=p99_before, baseline_name="p99 before", goal="<= 2x",
                met=during.percentile(0.99) <= 2 * max(p99_before, 1e-9)),
         Figure(GROUP, "slowest application transaction during conversion (bounds its longest lock wait)",
@@ -150,6 +177,20 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
                met=max(during.latencies_us or [0]) / 1000.0 <= LOCK_TIMEOUT_MS + p99_before),
         Figure(GROUP, "swap: exclusive lock held (with capture backlog applied)", float(result["lock_ms"]), "ms",
                goal="<= 100 ms", met=float(result["lock_ms"]) <= 100),
+    ]
+    pb, pd, pr = paced["before"], paced["during"], paced["result"]
+    p99_paced_before = pb.percentile(0.99)
+    figures += [
+        Figure(GROUP, f"application p99 during conversion, throttle on (canary target {factor}x)",
+               pd.percentile(0.99), "ms", baseline=p99_paced_before, baseline_name="p99 before", goal="<= 1.5x",
+               met=pd.percentile(0.99) <= 1.5 * max(p99_paced_before, 1e-9),
+               note=f"canary `{CANARY}` every 20 ms, its p99 before {pr['canary_p99_before'] or 0:.2f} ms; fill, "
+               f"index builds and replay paused {pr['paused_s']:.1f}s in total; tps {pd.tps:,.0f} vs "
+               f"{pb.tps:,.0f} before"),
+        Figure(GROUP, "conversion time, throttle on (the cost)", paced["conversion_s"], "s",
+               baseline=plain["conversion_s"], baseline_name="throttle off"),
+        Figure(GROUP, "swap: exclusive lock held, throttle on", float(pr["lock_ms"]), "ms", goal="<= 100 ms",
+               met=float(pr["lock_ms"]) <= 100),
     ]
     for f in figures:
         env.add(f)

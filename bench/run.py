@@ -1,7 +1,8 @@
 """`make bench`: every benchmark in one run against one real stack; writes bench/results/<date>.md and a PNG.
 
 Sizes scale with BENCH_ROWS (default 1,000,000: about 10-15 minutes on 2 cores). BENCH_ONLY=fill,impact,...
-runs a subset. Each figure is printed with its baseline and ratio as it is measured.
+runs a subset (pgslice: the side-by-side conversion with pgslice, bench/peers.py).
+Each figure is printed with its baseline and ratio as it is measured.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import time
 from bench import archive as archive_bench
 from bench import capture as capture_bench
 from bench import convert as convert_bench
-from bench import impact, scaling
+from bench import impact, peers, scaling
 from bench.common import bench_env, write_report
 
 # name -> (heading, entry point); each entry point is run(env, rows) and adds its figures to env.
 SUITES = {
+    "pgslice": ("pgslice beside us: whole conversion and steps", peers.run),
     "fill": ("fill and whole conversion", convert_bench.run),
     "impact": ("application impact", impact.run),
     "capture": ("change capture", capture_bench.run),

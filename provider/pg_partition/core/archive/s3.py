@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import psycopg
 from tenacity import Retrying, stop_after_attempt, wait_exponential
 
-from pg_partition.core.archive.policy import EXTENSIONS, S3_MAX_PARTS, S3_MIN_PART, ArchivePolicy, MiB
+from pg_partition.core.archive.policy import EXTENSIONS, S3_MAX_PART, S3_MAX_PARTS, S3_MIN_PART, ArchivePolicy, MiB
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import (
     PartitionError,
@@ -36,6 +38,7 @@ class S3Client(Protocol):
     def complete_multipart_upload(self, **kwargs: Any) -> Any: ...
     def abort_multipart_upload(self, **kwargs: Any) -> Any: ...
     def list_multipart_uploads(self, **kwargs: Any) -> Any: ...
+    def list_parts(self, **kwargs: Any) -> Any: ...
     def put_object(self, **kwargs: Any) -> Any: ...
     def get_object(self, **kwargs: Any) -> Any: ...
     def head_object(self, **kwargs: Any) -> Any: ...
@@ -43,6 +46,28 @@ class S3Client(Protocol):
 
 
 # --------------------------------------------------------------------------------------------------- upload
+
+
+S3_MAX_OBJECT = 5 * 1024 * 1024 * MiB  # 5 TiB: the largest object S3 stores
+# Output may be larger than the relation it came from (text forms of timestamps and numbers in CSV/pg_dump): the
+# part size leaves this much room before the 10,000-part limit.
+SIZE_HEADROOM = 3
+# Parts up to this size are held in memory; larger ones (objects beyond ~50 GiB) are spooled to a temporary file,
+# so the process's memory stays flat whatever the table size.
+MEMORY_PART_LIMIT = 32 * MiB
+
+
+def part_size_for(expected_bytes: int | None, base: int = 8 * MiB) -> int:
+    """The part size for an object of about ``expected_bytes``, chosen once before the upload starts.
+
+    At least ``base`` (and S3's 5 MiB minimum), and large enough that ``SIZE_HEADROOM`` times the expected size
+    (capped at S3's 5 TiB object limit) fits in 10,000 parts; a whole number of MiB. 1.5 TiB -> 472 MiB parts.
+    """
+    size = max(base, S3_MIN_PART)
+    if expected_bytes:
+        need = math.ceil(min(expected_bytes * SIZE_HEADROOM, S3_MAX_OBJECT) / S3_MAX_PARTS)
+        size = max(size, need)
+    return min(math.ceil(size / MiB) * MiB, S3_MAX_PART)
 
 
 @dataclass
@@ -55,20 +80,74 @@ class UploadResult:
     parts: int
 
 
+class _Part:
+    """One part being filled: chunks in memory (small parts) or a temporary file (large parts)."""
+
+    def __init__(self, spool: bool) -> None:
+        self.size = 0
+        self.chunks: list[bytes] = []
+        # closed by close() once the part is uploaded (a part outlives any with-block here)
+        self.file: IO[bytes] | None = tempfile.TemporaryFile(prefix="pgp-part-") if spool else None  # noqa: SIM115
+
+    def write(self, data: bytes) -> None:
+        if self.file is not None:
+            self.file.write(data)
+        else:
+            self.chunks.append(data)
+        self.size += len(data)
+
+    def body(self) -> bytes | IO[bytes]:
+        if self.file is not None:
+            self.file.flush()
+            self.file.seek(0)
+            return self.file
+        body = b"".join(self.chunks)
+        self.chunks.clear()
+        return body
+
+    def md5(self) -> str:
+        """MD5 of the part (S3's ETag of a part uploaded without KMS encryption): only computed on resume."""
+        digest = hashlib.md5(usedforsecurity=False)
+        if self.file is not None:
+            self.file.flush()
+            self.file.seek(0)
+            while block := self.file.read(MiB):
+                digest.update(block)
+        else:
+            for chunk in self.chunks:
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        self.chunks.clear()
+        if self.file is not None:
+            self.file.close()
+
+
 class MultipartUpload:
     """A write-only stream into one S3 multipart upload, hashing as it goes. Aborted on any error.
 
-    Memory: one part being filled plus at most ``max_inflight`` parts uploading in background threads. Parts
-    grow (x2 every 1000 parts) so the 10,000-part limit is never hit whatever the object size. Use as a context
-    manager; call :meth:`complete` before leaving it, or the upload is aborted.
+    Part size: chosen once (:func:`part_size_for`) from ``expected_size`` (the relation's size) so that the
+    10,000-part limit is not reached for any object up to S3's 5 TiB. Memory: a part in memory is at most
+    ``MEMORY_PART_LIMIT``; at most ``max_inflight`` parts upload in background threads while the next fills, so
+    the upload holds at most ``(max_inflight + 1) * min(part size, MEMORY_PART_LIMIT)`` bytes; larger parts go
+    through temporary files (disk, not memory). Without ``expected_size`` the part size starts at ``part_size``
+    and doubles every 1,000 parts (the only way to stay under the part limit with no size known). Use as a
+    context manager; call :meth:`complete` before leaving it, or the upload is aborted.
     """
 
     def __init__(self, s3: S3Client, bucket: str, key: str, *, part_size: int = 8 * MiB, max_inflight: int = 2,
-                 put_args: dict[str, Any] | None = None, content_type: str | None = None,
-                 on_start: Callable[[str], None] | None = None, logger: logging.Logger | None = None) -> None:
+                 expected_size: int | None = None, resume_upload_id: str | None = None,
+                 put_args: dict[str, Any] | None = None,
+                 content_type: str | None = None, on_start: Callable[[str], None] | None = None,
+                 logger: logging.Logger | None = None) -> None:
         self.s3, self.bucket, self.key = s3, bucket, key
-        self.base_part_size = max(part_size, S3_MIN_PART)
-        self.max_inflight = max_inflight
+        self.expected_size = expected_size
+        self.resume_upload_id = resume_upload_id
+        self._held: dict[int, tuple[str, int]] = {}  # parts S3 already holds (resume): number -> (ETag, size)
+        self.reused = 0
+        self.base_part_size = part_size_for(expected_size, part_size)
+        self.max_inflight = max(1, max_inflight)
         self.put_args = dict(put_args or {})
         if content_type:
             self.put_args["ContentType"] = content_type
@@ -77,8 +156,7 @@ class MultipartUpload:
         self.upload_id: str | None = None
         self.sha = hashlib.sha256()
         self.size = 0
-        self._chunks: list[bytes] = []
-        self._pending = 0
+        self._part: _Part | None = None
         self._parts: list[dict[str, Any]] = []
         self._futures: list[Future[dict[str, Any]]] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -88,10 +166,19 @@ class MultipartUpload:
 
     # context manager -------------------------------------------------------------------------------
     def __enter__(self) -> MultipartUpload:
-        resp = self.s3.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self.put_args)
-        self.upload_id = str(resp["UploadId"])
-        self.logger.info("started multipart upload of s3://%s/%s (upload id %s)", self.bucket, self.key,
-                         self.upload_id)
+        if self.resume_upload_id:
+            held = list_parts(self.s3, self.bucket, self.key, self.resume_upload_id)
+            if held is not None:
+                self.upload_id, self._held = self.resume_upload_id, held
+                self.logger.info("resuming multipart upload %s of s3://%s/%s: S3 holds %d part(s); each is kept "
+                                 "if the regenerated bytes match its MD5", self.upload_id, self.bucket, self.key,
+                                 len(held))
+        if self.upload_id is None:
+            resp = self.s3.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self.put_args)
+            self.upload_id = str(resp["UploadId"])
+        self.logger.info("started multipart upload of s3://%s/%s (upload id %s, parts of %d MiB%s)", self.bucket,
+                         self.key, self.upload_id, self.base_part_size // MiB,
+                         ", spooled to disk" if self.base_part_size > MEMORY_PART_LIMIT else "")
         if self.on_start:
             self.on_start(self.upload_id)
         self._pool = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="s3-part")
@@ -111,6 +198,8 @@ class MultipartUpload:
         finally:
             if self._pool:
                 self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._part is not None:
+                self._part.close()
 
     # file-like -------------------------------------------------------------------------------------
     def writable(self) -> bool:
@@ -135,36 +224,49 @@ class MultipartUpload:
             return 0
         self.sha.update(data)
         self.size += n
-        # Keep the chunks and join them once per part: one allocation of about part_size per part, instead of a
-        # growing buffer plus slice copies. Parts need not be equal (only >= 5 MiB except the last).
-        self._chunks.append(data if isinstance(data, bytes) else bytes(data))
-        self._pending += n
-        if self._pending >= self._part_size():
+        # Parts need not be equal (only >= 5 MiB except the last), so a part ends at the first write that fills it.
+        if self._part is None:
+            self._part = _Part(spool=self._part_size() > MEMORY_PART_LIMIT)
+        self._part.write(data if isinstance(data, bytes) else bytes(data))
+        if self._part.size >= self._part_size():
             self._submit(self._take())
         self.progress.add(n)
         return n
 
-    def _take(self) -> bytes:
-        part = b"".join(self._chunks)
-        self._chunks.clear()
-        self._pending = 0
+    def _take(self) -> _Part:
+        part = self._part or _Part(spool=False)
+        self._part = None
         return part
 
     def _part_size(self) -> int:
-        return int(self.base_part_size * 2 ** ((self._next - 1) // 1000))
+        if self.expected_size:
+            return self.base_part_size
+        return min(int(self.base_part_size * 2 ** ((self._next - 1) // 1000)), S3_MAX_PART)
 
-    def _submit(self, body: bytes) -> None:
+    def _submit(self, part: _Part) -> None:
         assert self._pool is not None and self.upload_id is not None, "use MultipartUpload as a context manager"
         if self._next > S3_MAX_PARTS:
-            raise PartitionError("the object needs more than 10,000 multipart parts", fix="raise part_size")
+            part.close()
+            raise PartitionError(
+                f"the object needs more than 10,000 multipart parts of {self.base_part_size // MiB} MiB "
+                f"(expected about {self.expected_size or 0:,} bytes, already {self.size:,})",
+                fix="pass the relation's real size as expected_size (or raise part_size)")
         self._reap(block=len(self._futures) >= self.max_inflight)
         number = self._next
         self._next += 1
-        self._futures.append(self._pool.submit(self._upload_part, number, body))
+        self._futures.append(self._pool.submit(self._upload_part, number, part))
 
-    def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
-        resp = self.s3.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
-                                   Body=body)
+    def _upload_part(self, number: int, part: _Part) -> dict[str, Any]:
+        held = self._held.get(number)
+        if held is not None and held[1] == part.size and held[0].strip('"') == part.md5():
+            part.close()  # S3 already holds exactly these bytes (an interrupted attempt uploaded them)
+            self.reused += 1
+            return {"PartNumber": number, "ETag": held[0]}
+        try:
+            resp = self.s3.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                       PartNumber=number, Body=part.body(), ContentLength=part.size)
+        finally:
+            part.close()
         return {"PartNumber": number, "ETag": resp["ETag"]}
 
     def _reap(self, *, block: bool) -> None:
@@ -183,7 +285,7 @@ class MultipartUpload:
 
     def complete(self) -> UploadResult:
         """Upload the last part, wait for all, complete the upload. Only call once the source ended cleanly."""
-        if self._pending or self._next == 1:
+        if self._part is not None or self._next == 1:
             self._submit(self._take())
         while self._futures:
             self._reap(block=True)
@@ -225,12 +327,32 @@ def abort_upload(s3: S3Client, bucket: str, key: str, upload_id: str, *, attempt
     logger.info("aborted multipart upload %s of s3://%s/%s", upload_id, bucket, key)
 
 
-def abort_stale_uploads(s3: S3Client, bucket: str, key: str, *, logger: logging.Logger | None = None) -> list[str]:
-    """Abort every open multipart upload of ``key`` (left by a worker that was killed mid-upload)."""
+def list_parts(s3: S3Client, bucket: str, key: str, upload_id: str) -> dict[int, tuple[str, int]] | None:
+    """The parts S3 holds for an open multipart upload (number -> (ETag, size)); None if the upload is gone."""
+    held: dict[int, tuple[str, int]] = {}
+    marker = 0
+    while True:
+        try:
+            resp = s3.list_parts(Bucket=bucket, Key=key, UploadId=upload_id, PartNumberMarker=marker)
+        except Exception as exc:
+            if _s3_code(exc) in {"NoSuchUpload", "404"}:
+                return None
+            raise
+        for p in resp.get("Parts", []) or []:
+            held[int(p["PartNumber"])] = (str(p["ETag"]), int(p["Size"]))
+        if not resp.get("IsTruncated"):
+            return held
+        marker = int(resp["NextPartNumberMarker"])
+
+
+def abort_stale_uploads(s3: S3Client, bucket: str, key: str, *, keep: str | None = None,
+                        logger: logging.Logger | None = None) -> list[str]:
+    """Abort every open multipart upload of ``key`` (left by a worker that was killed mid-upload), except
+    ``keep`` (the recorded one, which the next attempt resumes)."""
     resp = s3.list_multipart_uploads(Bucket=bucket, Prefix=key)
     aborted = []
     for up in resp.get("Uploads", []) or []:
-        if up.get("Key") == key:
+        if up.get("Key") == key and up.get("UploadId") != keep:
             abort_upload(s3, bucket, key, str(up["UploadId"]), logger=logger)
             aborted.append(str(up["UploadId"]))
     return aborted

@@ -43,6 +43,7 @@ def archive_table(
     pg_dump: str | None = None,
     lock_timeout: str = "2s",
     on_upload_started: Callable[[str, str], None] | None = None,
+    resume_upload_id: str | None = None,
 ) -> dict[str, Any]:
     """Stream one table to S3 in ``policy.format`` and write its manifest; returns the manifest.
 
@@ -105,8 +106,12 @@ def archive_table(
     # pg_dump output can outrun one upload at a time; Parquet/CSV output is slower than S3, so one part in
     # flight keeps their memory (Arrow buffers already) lower at no cost in speed.
     inflight = policy.max_inflight if policy.format == "pg_dump" else 1
+    # the part size is chosen once from the table's size (the 10,000-part limit holds up to S3's 5 TiB) and
+    # parts above MEMORY_PART_LIMIT are spooled to disk: memory stays flat whatever the table size
     with MultipartUpload(s3, policy.bucket, key, part_size=policy.part_size, max_inflight=inflight,
-                         put_args=policy.put_args(), content_type=CONTENT_TYPES[policy.object_format],
+                         expected_size=info.sizes.total, resume_upload_id=resume_upload_id,
+                         put_args=policy.put_args(),
+                         content_type=CONTENT_TYPES[policy.object_format],
                          on_start=started, logger=ex.logger) as sink, snapshot(conn, table) as (snap, rows):
         if policy.format == "pg_dump":
             assert tool is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import date, datetime, timezone
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pg_partition.core.convert.parallel import DEFAULT_WORKERS, run_bounded
 from pg_partition.core.convert.preflight import check, validate_where
 from pg_partition.core.convert.spec import (
     PREPPED,
@@ -304,10 +306,17 @@ def _live_parent(conn: psycopg.Connection[Any], spec: ConvertSpec) -> QualifiedN
     return spec.intermediate
 
 
-def build_indexes(ex: Executor, spec: ConvertSpec) -> dict[str, Any]:
+def build_indexes(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WORKERS,
+                  connect: Callable[[], psycopg.Connection[Any]] | None = None,
+                  throttle: Callable[[], None] | None = None) -> dict[str, Any]:
     """Build deferred indexes: an invalid index ON ONLY the parent, one plain CREATE INDEX per partition (the
-    partitions are not live, so no CONCURRENTLY is needed), then ATTACH each; the parent index becomes valid
-    when the last partition's is attached. Idempotent; reports each index's build time."""
+    partitions are not live, so no CONCURRENTLY is needed) on up to ``workers`` sessions at once, then ATTACH
+    each (catalog only, this session); the parent index becomes valid when the last partition's is attached.
+
+    Idempotent: a partition index built by an interrupted run (CREATE INDEX is transactional, so it is complete)
+    is attached, not rebuilt. ``connect`` opens a worker session (default: the same parameters as ``ex.conn``);
+    ``throttle`` is called before each build.
+    """
     conn = ex.conn
     with timed(ex, spec, "indexes") as info:
         rec = checkpoint(conn, spec, "prep")
@@ -319,12 +328,13 @@ def build_indexes(ex: Executor, spec: ConvertSpec) -> dict[str, Any]:
         parts = [p.name for p in parent.partitions] if parent else []
         have = {i.name: i for i in parent.indexes} if parent else {}
         timings: list[dict[str, Any]] = []
+        builds: list[sql.Composed] = []
+        attaches: list[sql.Composed] = []
         for m in deferred:
             # after the swap the parent's index already carries the source's name
             name = m["source"] if parent_name == spec.table else m["temp"]
-            started = time.monotonic()
             if name in have and have[name].is_valid:
-                timings.append({"index": name, "seconds": 0.0, "already": True})
+                timings.append({"index": name, "partitions": 0, "already": True})
                 continue
             unique = sql.SQL("UNIQUE ") if m["unique"] else sql.SQL("")
             if name not in have:
@@ -333,28 +343,39 @@ def build_indexes(ex: Executor, spec: ConvertSpec) -> dict[str, Any]:
             attached = set() if ex.dry_run else {r[0] for r in conn.execute(
                 """SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
                    WHERE i.inhparent = to_regclass(%s)""", (parent_name.sibling(name).ident.as_string(conn),))}
+            n = 0
             for part in parts:
                 child = part.sibling(fit_identifier(f"{part.name}_{m['source']}", ""))
                 if child.name in attached:
                     continue
-                t0 = time.monotonic()
-                ex.run(sql.SQL("CREATE {}INDEX IF NOT EXISTS {} ON {} {}").format(
+                builds.append(sql.SQL("CREATE {}INDEX IF NOT EXISTS {} ON {} {}").format(
                     unique, sql.Identifier(child.name), part.ident, sql.SQL(m["tail"])))
-                ex.run(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+                attaches.append(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
                     parent_name.sibling(name).ident, child.ident))
-                ex.logger.info("index %s on %s built in %.1fs", child.name, part, time.monotonic() - t0)
-            seconds = round(time.monotonic() - started, 3)
-            ex.logger.info("deferred index %s built on %d partitions in %.1fs", name, len(parts), seconds)
-            timings.append({"index": name, "seconds": seconds})
+                n += 1
+            timings.append({"index": name, "partitions": n})
+        started = time.monotonic()
+        run_bounded(ex, builds, workers=workers, connect=connect, throttle=throttle)
+        for stmt in attaches:
+            ex.run(stmt)
+        seconds = round(time.monotonic() - started, 3)
+        if builds:
+            ex.logger.info("%d partition index(es) of %d deferred index(es) built on up to %d session(s) and "
+                           "attached in %.1fs", len(builds), len(timings), max(1, min(workers, len(builds))),
+                           seconds)
         info["indexes"] = timings
+        info["build_seconds"] = seconds
+        info["workers"] = workers
     return info
 
 
-def analyze(ex: Executor, spec: ConvertSpec) -> dict[str, Any]:
+def analyze(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WORKERS,
+            connect: Callable[[], psycopg.Connection[Any]] | None = None,
+            throttle: Callable[[], None] | None = None) -> dict[str, Any]:
     """Statistics for every partition and for the parent (the inheritance statistics the planner uses for the
     whole table). Before PostgreSQL 18, ``ANALYZE parent`` already processes every partition, so one statement
     does both (analyzing partitions first would sample everything twice); from 18 (``ANALYZE ONLY`` arrived
-    there, not in 17), partitions one by one (with a log line each) and then ``ANALYZE ONLY parent``."""
+    there, not in 17), the partitions on up to ``workers`` sessions at once and then ``ANALYZE ONLY parent``."""
     conn = ex.conn
     with timed(ex, spec, "analyze") as info:
         parent_name = _live_parent(conn, spec)
@@ -366,8 +387,8 @@ def analyze(ex: Executor, spec: ConvertSpec) -> dict[str, Any]:
         parent = catalog.describe(conn, parent_name)
         caps = capabilities(conn)
         if caps.analyze_only:
-            for part in parent.partitions:
-                ex.run(sql.SQL("ANALYZE {}").format(part.name.ident))
+            run_bounded(ex, [sql.SQL("ANALYZE {}").format(part.name.ident) for part in parent.partitions],
+                        workers=workers, connect=connect, throttle=throttle)
             ex.run(sql.SQL("ANALYZE ONLY {}").format(parent_name.ident))
         else:
             ex.logger.info("PostgreSQL %s has no ANALYZE ONLY (18+): ANALYZE of the parent, which also analyzes "

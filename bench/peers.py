@@ -1,0 +1,396 @@
+"""pgslice beside us: the same conversion of twin tables in one run, in alternating order, step by step.
+
+Three contestants convert identical copies of the seeded ``activities`` table (the public_activity gem's schema:
+primary key + 4 indexes, monthly partitions covering the data + 3 future ones, batch 10,000):
+
+* **pgslice 0.7.2**, run by path (``BENCH_PGSLICE``, default ``../shared/peers/pgslice-0.7.2`` relative to the
+  repository; never copied here): ``prep``, ``add_partitions --intermediate --past N --future 3``, ``fill
+  --batch-size 10000``, ``analyze``, ``swap``, ``fill --swapped``;
+* **ours, the DAG**: ``airflow dags test pg_partition_convert`` in a fresh process against a throwaway SQLite
+  metadata DB. Its wall time is split into Airflow's start-up (process start, imports, DAG parse, run creation:
+  wall minus the span of its task instances) and the run itself (first task start to last task end);
+* **ours, the engine alone**: the same steps as the DAG, called in-process from ``pg_partition.core``, so the
+  Airflow overhead is visible as the difference.
+
+Each twin is a ``CREATE DATABASE ... TEMPLATE`` clone of one seeded database, checkpointed and read once before
+its contestant starts, and dropped after it. Rounds alternate the order (round 1: DAG, engine, pgslice; round 2:
+pgslice, engine, DAG; ...) and the report quotes medians and the ratio of medians. Without Ruby (or the pgslice
+directory) the pgslice contestant is skipped with a clear line and our numbers are still printed.
+
+Sizes: ``BENCH_PEER_SIZES`` (default 100,000 and 2,000,000; ``make bench-large`` uses 10,000,000), rounds
+``BENCH_PEER_ROUNDS`` (default 2). CI's tiny run (BENCH_ROWS below 100,000) uses BENCH_ROWS as the only size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.common import BenchEnv, Figure
+from pg_partition.core import convert
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db.execute import Executor
+from tools.seed import seed_activities
+from tools.stack import postgres_conn_json
+
+REPO = Path(__file__).resolve().parent.parent
+DAG_ID = "pg_partition_convert"
+CONN_ID = "pg_bench"
+FUTURE = 3
+BATCH = int(os.environ.get("BENCH_BATCH_SIZE", "10000"))
+
+# The steps compared side by side, and which of each contestant's tasks/commands make them up.
+STEPS = ("prep", "add_partitions", "fill", "indexes+analyze", "swap", "after swap")
+DAG_STEP = {
+    "preflight": "prep", "prep": "prep", "install_capture": "prep",
+    "add_partitions": "add_partitions",
+    "plan_fill": "fill", "lag_before_fill": "fill", "fill": "fill", "replay": "fill",
+    "lag_before_indexes": "indexes+analyze", "indexes": "indexes+analyze", "analyze": "indexes+analyze",
+    "verify": "swap", "lag_before_swap": "swap", "swap": "swap",
+    "verify_after_swap": "after swap", "catch_up": "after swap", "report": "after swap",
+}
+PGSLICE_STEP = {"prep": "prep", "add_partitions": "add_partitions", "fill": "fill", "analyze": "indexes+analyze",
+                "swap": "swap", "fill --swapped": "after swap"}
+
+
+def pgslice_dir() -> Path:
+    return (REPO / os.environ.get("BENCH_PGSLICE", "../shared/peers/pgslice-0.7.2")).resolve()
+
+
+def pgslice_missing() -> str | None:
+    """Why pgslice cannot run here (None when it can)."""
+    ruby = shutil.which("ruby")
+    if ruby is None:
+        return "Ruby is not installed (apt-get install ruby ruby-pg ruby-thor, see ../shared/peers/README.md)"
+    if not (pgslice_dir() / "exe" / "pgslice").exists():
+        return f"pgslice not found at {pgslice_dir()} (set BENCH_PGSLICE)"
+    probe = subprocess.run([ruby, "-e", 'require "pg"; require "thor"'], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"Ruby lacks the pg or thor library: {probe.stderr.strip()[:200]}"
+    return None
+
+
+def sizes(rows: int) -> list[int]:
+    given = os.environ.get("BENCH_PEER_SIZES")
+    if given:
+        return [int(s) for s in given.split(",") if s.strip()]
+    return [rows] if rows < 100_000 else [100_000, 2_000_000]
+
+
+# --- twins -----------------------------------------------------------------------------------------------------
+
+
+def seed_template(env: BenchEnv, rows: int) -> str:
+    name = env.new_database()
+    with env.connect(name) as conn:
+        seed_activities(conn, "public.activities", rows=rows, timestamptz=True)
+    return name
+
+
+def clone(env: BenchEnv, template: str, tag: str) -> str:
+    """A twin of the template database (file copy: seconds), checkpointed and with its table read once."""
+    name = f"{template}_{tag}"
+    with env.connect("postgres") as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY')
+    with env.connect(name) as conn:
+        conn.execute("CHECKPOINT")
+        conn.execute("SELECT count(*) FROM activities")
+    return name
+
+
+def drop(env: BenchEnv, name: str) -> None:
+    with env.connect("postgres") as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def check_converted(env: BenchEnv, db: str, rows: int, who: str) -> None:
+    """Every contestant must end with a partitioned ``activities`` holding every row, or its time means nothing."""
+    with env.connect(db) as conn:
+        kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = 'public.activities'::regclass").fetchone()
+        count = conn.execute("SELECT count(*) FROM activities").fetchone()
+    if not kind or kind[0] != "p" or not count or count[0] != rows:
+        raise RuntimeError(f"{who} did not convert the table: relkind {kind}, {count} rows (expected {rows})")
+
+
+# --- contestants ---------------------------------------------------------------------------------------------
+
+
+def run_pgslice(env: BenchEnv, db: str) -> dict[str, Any]:
+    url = f"postgres://postgres@127.0.0.1:{env.cluster.primary.port}/{db}"
+    with env.connect(db) as conn:
+        past = conn.execute(
+            "SELECT (extract(year FROM age(date_trunc('month', now()), date_trunc('month', min(created_at))))"
+            " * 12 + extract(month FROM age(date_trunc('month', now()), date_trunc('month', min(created_at)))))"
+            "::int FROM activities").fetchone()
+    commands = [
+        ("prep", ["prep", "activities", "created_at", "month"]),
+        ("add_partitions", ["add_partitions", "activities", "--intermediate", "--past", str((past or [0])[0] or 0),
+                            "--future", str(FUTURE)]),
+        ("fill", ["fill", "activities", "--batch-size", str(BATCH)]),
+        ("analyze", ["analyze", "activities"]),
+        ("swap", ["swap", "activities"]),
+        ("fill --swapped", ["fill", "activities", "--swapped", "--batch-size", str(BATCH)]),
+    ]
+    base = ["ruby", "-I", str(pgslice_dir() / "lib"), str(pgslice_dir() / "exe" / "pgslice")]
+    steps: dict[str, float] = defaultdict(float)
+    started = time.monotonic()
+    for name, args in commands:
+        t0 = time.monotonic()
+        res = subprocess.run([*base, *args, "--url", url], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"pgslice {name} failed: {res.stderr.strip()[-500:]}")
+        steps[PGSLICE_STEP[name]] += time.monotonic() - t0
+    return {"total": time.monotonic() - started, "steps": dict(steps)}
+
+
+def airflow_env(env: BenchEnv, db: str) -> dict[str, str]:
+    home = env.root / "airflow"
+    home.mkdir(exist_ok=True)
+    out = dict(os.environ)
+    out.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        "PG_PARTITION_CONFIG": str(REPO / "dags" / "pg_partition.yaml"),
+        f"AIRFLOW_CONN_{CONN_ID.upper()}": postgres_conn_json(env.cluster.primary, db),
+    })
+    return out
+
+
+def airflow_bin() -> str:
+    return shutil.which("airflow", path=str(Path(sys.executable).parent)) or "airflow"
+
+
+def migrate_airflow(env: BenchEnv) -> float:
+    t0 = time.monotonic()
+    subprocess.run([airflow_bin(), "db", "migrate"], check=True, capture_output=True, text=True,
+                   env=airflow_env(env, "postgres"))
+    return time.monotonic() - t0
+
+
+def _ts(value: str | None) -> float:
+    if not value:
+        return 0.0
+    return datetime.fromisoformat(value).timestamp()
+
+
+def task_instances(env: BenchEnv) -> list[dict[str, Any]]:
+    """The latest run's task instances, read straight from the SQLite metadata DB (no Airflow import here)."""
+    db = sqlite3.connect(env.root / "airflow" / "airflow.db")
+    try:
+        run = db.execute("SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", (DAG_ID,)).fetchone()
+        rows = db.execute("SELECT task_id, map_index, state, start_date, end_date FROM task_instance "
+                          "WHERE dag_id = ? AND run_id = ?", (DAG_ID, run[0])).fetchall()
+    finally:
+        db.close()
+    return [{"task": r[0], "map_index": r[1], "state": r[2], "start": _ts(r[3]), "end": _ts(r[4])} for r in rows]
+
+
+def run_dag(env: BenchEnv, db: str, *, defer_indexes: bool = False) -> dict[str, Any]:
+    conf = {"conn_id": CONN_ID, "table": "public.activities", "column": "created_at", "period": "month",
+            "future": FUTURE, "cover_data": True, "batch_size": BATCH, "defer_indexes": defer_indexes}
+    log = env.root / f"dags-test-{db}.log"
+    t0 = time.monotonic()
+    wall_start = time.time()
+    with log.open("w") as fh:
+        res = subprocess.run([airflow_bin(), "dags", "test", DAG_ID, "-c", json.dumps(conf)], stdout=fh,
+                             stderr=subprocess.STDOUT, env=airflow_env(env, db))
+    wall = time.monotonic() - t0
+    tis = task_instances(env)
+    bad = [t for t in tis if t["state"] not in ("success", "skipped")]
+    if res.returncode != 0 or bad:
+        raise RuntimeError(f"airflow dags test failed (rc {res.returncode}, {bad[:3]}); log {log}")
+    ran = [t for t in tis if t["start"] and t["end"]]
+    first, last = min(t["start"] for t in ran), max(t["end"] for t in ran)
+    steps: dict[str, float] = defaultdict(float)
+    spans: dict[str, list[float]] = {}
+    for t in ran:  # a step's time is the span of its tasks (mapped fill tasks may overlap)
+        s = spans.setdefault(DAG_STEP.get(t["task"], "other"), [t["start"], t["end"]])
+        s[0], s[1] = min(s[0], t["start"]), max(s[1], t["end"])
+    for name, (a, b) in spans.items():
+        steps[name] = b - a
+    busy = sum(t["end"] - t["start"] for t in ran)
+    per_task: dict[str, float] = defaultdict(float)
+    for t in ran:
+        per_task[t["task"]] += t["end"] - t["start"]
+    return {"total": last - first, "wall": wall, "before_first_task": first - wall_start,
+            "after_last_task": wall_start + wall - last,
+            "steps": dict(steps), "tasks": len(ran), "task_seconds": busy, "per_task": dict(per_task),
+            "fill_tasks": sum(1 for t in ran if t["task"] == "fill")}
+
+
+class TimedExecutor(Executor):
+    """The engine's executor, timing every statement by its first words (DELETE, INSERT, CREATE INDEX, ...)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        super().__init__(conn)
+        self.logger = logging.getLogger("pg_partition.bench")
+        self.by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+
+    def run(self, stmt: Any, params: Any = None) -> Any:
+        t0 = time.perf_counter()
+        out = super().run(stmt, params)
+        words = self.statements[-1].split()
+        kind = " ".join(words[:2]).upper() if words[:1] in (["CREATE"], ["ALTER"]) else (words[:1] or ["?"])[0].upper()
+        entry = self.by_kind[kind]
+        entry[0] += time.perf_counter() - t0
+        entry[1] += 1
+        return out
+
+
+def run_engine(env: BenchEnv, db: str, *, defer_indexes: bool = False) -> dict[str, Any]:
+    """The DAG's steps called in-process (no Airflow), each timed; statements timed by kind for the profile."""
+    spec = ConvertSpec.create("activities", "created_at", defer_indexes=defer_indexes)
+    steps: dict[str, float] = defaultdict(float)
+    with env.connect(db) as conn:
+        ex = TimedExecutor(conn)
+
+        def step(name: str, fn: Callable[[], Any]) -> Any:
+            t0 = time.monotonic()
+            out = fn()
+            steps[name] += time.monotonic() - t0
+            return out
+
+        started = time.monotonic()
+        step("prep", lambda: convert.preflight(conn, spec))
+        step("prep", lambda: convert.prep(ex, spec))
+        step("add_partitions", lambda: convert.add_partitions(ex, spec, cover_data=True, future=FUTURE))
+        step("prep", lambda: convert.install_capture(ex, spec, "auto"))
+        step("fill", lambda: convert.plan_fill(ex, spec, batch_size=BATCH))
+        step("fill", lambda: convert.fill(ex, spec, progress_every=3600))
+        step("indexes+analyze", lambda: convert.build_indexes(ex, spec))
+        step("indexes+analyze", lambda: convert.analyze(ex, spec))
+        step("swap", lambda: convert.swap(ex, spec))
+        step("after swap", lambda: convert.catch_up(ex, spec))
+        step("after swap", lambda: convert.report(conn, spec))
+        total = time.monotonic() - started
+    return {"total": total, "steps": dict(steps), "by_kind": {k: tuple(v) for k, v in ex.by_kind.items()}}
+
+
+# --- the suite -----------------------------------------------------------------------------------------------
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def run_size(env: BenchEnv, rows: int, rounds: int, skip_pgslice: str | None) -> list[Figure]:
+    t0 = time.monotonic()
+    template = seed_template(env, rows)
+    print(f"  seeded {rows:,} rows in {time.monotonic() - t0:.1f}s", flush=True)
+    contestants: dict[str, Callable[[BenchEnv, str], dict[str, Any]]] = {
+        "dag": run_dag, "engine": run_engine,
+        "dag defer_indexes": lambda e, d: run_dag(e, d, defer_indexes=True),
+        "engine defer_indexes": lambda e, d: run_engine(e, d, defer_indexes=True),
+    }
+    wanted = os.environ.get("BENCH_PEER_CONTESTANTS")
+    if wanted:
+        contestants = {k: v for k, v in contestants.items() if k in {w.strip() for w in wanted.split(",")}}
+    if skip_pgslice is None:
+        contestants["pgslice"] = run_pgslice
+    results: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in range(rounds):
+        order = list(contestants) if r % 2 == 0 else list(reversed(contestants))
+        for who in order:
+            db = clone(env, template, f"{who.replace(' defer_indexes', 'd')}{r}")
+            try:
+                out = contestants[who](env, db)
+                check_converted(env, db, rows, who)
+            finally:
+                drop(env, db)
+            results[who].append(out)
+            extra = (f" (wall {out['wall']:.1f}s, {out['before_first_task']:.1f}s before the first task, "
+                     f"{out['tasks']} tasks busy {out['task_seconds']:.1f}s)") if who.startswith("dag") else ""
+            print(f"  round {r + 1} {who}: {out['total']:.1f}s{extra}; "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in out["steps"].items()), flush=True)
+    drop(env, template)
+    return figures_for(rows, results, skip_pgslice)
+
+
+def figures_for(rows: int, results: dict[str, list[dict[str, Any]]], skip: str | None) -> list[Figure]:
+    group = f"vs pgslice, {rows:,} rows"
+    prof = f"profile, {rows:,} rows"
+    goal_ratio = 0.7 if rows >= 2_000_000 else 2.0
+    goal = f"<= {goal_ratio}x"
+    med = {who: _median([x["total"] for x in xs]) for who, xs in results.items()}
+    step_med = {who: {s: _median([x["steps"].get(s, 0.0) for x in xs]) for s in STEPS} for who, xs in results.items()}
+    peer = med.get("pgslice")
+    base_name = "pgslice 0.7.2 whole flow" if peer is not None else ""
+    rounds_note = "; ".join(f"{who}: " + ", ".join(f"{x['total']:.1f}" for x in xs) for who, xs in results.items())
+    ours = [w for w in results if w != "pgslice"]
+    figs: list[Figure] = []
+    for who in ours:
+        label = ("DAG run (Airflow start-up excluded)" if who.startswith("dag") else "engine alone (no Airflow)")
+        variant = " + defer_indexes" if who.endswith("defer_indexes") else ", defaults"
+        figs.append(Figure(group, f"whole conversion, {label}{variant}", med[who], "s", baseline=peer,
+                           baseline_name=base_name, goal=goal if peer else "",
+                           met=(med[who] / peer <= goal_ratio) if peer else None,
+                           note=f"median of {len(results[who])} alternating rounds (s): {rounds_note}"
+                           if who == ours[0] else ""))
+    for who in (w for w in ours if w.startswith("dag")):
+        xs = results[who]
+        figs.append(Figure(group, f"{who}: airflow dags test wall time (start-up included)",
+                           _median([x["wall"] for x in xs]), "s", baseline=peer, baseline_name=base_name))
+        figs.append(Figure(group, f"{who}: Airflow start-up before the first task (imports, DAG parse, run creation)",
+                           _median([x["before_first_task"] for x in xs]), "s",
+                           note=f"{xs[0]['tasks']} task instances ({xs[0]['fill_tasks']} mapped fill), "
+                           f"busy {_median([x['task_seconds'] for x in xs]):.1f}s of the run"))
+    for s in STEPS:
+        for who in ours:
+            figs.append(Figure(group, f"step {s} ({who})", step_med[who][s], "s",
+                               baseline=step_med["pgslice"][s] if peer else None,
+                               baseline_name=f"pgslice {s}" if peer else ""))
+    if skip:
+        figs.append(Figure(group, "pgslice skipped", 0.0, "", note=skip))
+    for who in (w for w in ours if w.startswith("engine")):
+        kinds: dict[str, list[float]] = defaultdict(list)
+        for x in results[who]:
+            for k, (secs, _count) in x["by_kind"].items():
+                kinds[k].append(secs)
+        counts = {k: c for k, (_s, c) in results[who][0]["by_kind"].items()}
+        for k, secs in sorted(kinds.items(), key=lambda kv: -_median(kv[1])):
+            if _median(secs) >= 0.05:
+                figs.append(Figure(prof, f"{who}: statements {k} ({counts.get(k, 0)}x)", _median(secs), "s"))
+    for who in (w for w in ours if w.startswith("dag")):
+        tasks: dict[str, list[float]] = defaultdict(list)
+        for x in results[who]:
+            for k, secs in x["per_task"].items():
+                tasks[k].append(secs)
+        for k, secs in sorted(tasks.items(), key=lambda kv: -_median(kv[1])):
+            if _median(secs) >= 0.1:
+                figs.append(Figure(prof, f"{who}: task {k} (sum over its task instances)", _median(secs), "s"))
+        figs.append(Figure(prof, f"{who}: time between task instances (scheduling, task start-up)",
+                           _median([x["total"] - x["task_seconds"] for x in results[who]]), "s"))
+    return figs
+
+
+def run(env: BenchEnv, rows: int) -> list[Figure]:
+    rounds = int(os.environ.get("BENCH_PEER_ROUNDS", "2" if rows >= 100_000 else "1"))
+    skip = pgslice_missing()
+    if skip:
+        print(f"  pgslice SKIPPED: {skip}", flush=True)
+    print(f"  airflow db migrate: {migrate_airflow(env):.1f}s (once, not counted)", flush=True)
+    figures: list[Figure] = []
+    for n in sizes(rows):
+        print(f"-- {n:,} rows, {rounds} round(s)", flush=True)
+        for f in run_size(env, n, rounds, skip):
+            env.add(f)
+            figures.append(f)
+    return figures

@@ -13,7 +13,7 @@ from psycopg import sql
 from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import PreflightError
-from pg_partition.core.db.execute import Executor, Progress
+from pg_partition.core.db.execute import Executor
 from pg_partition.core.db.names import Period, Range
 from pg_partition.core.db.partitions import (
     bounds_condition,
@@ -94,8 +94,10 @@ def move_default_rows_and_attach(ex: Executor, cfg: RotationSpec, info: TableInf
                                  child: QualifiedName, primary_key: tuple[str, ...] | None) -> int:
     """Move the DEFAULT partition's rows of ``rng`` into a new partition ``child`` and attach it.
 
-    Returns the number of rows moved. Safe to rerun after a crash at any point: the standalone table keeps the
-    rows moved by committed batches, and the next run continues from there.
+    Returns the number of rows moved. The move is one transaction (DELETE from the DEFAULT partition, ATTACH,
+    re-INSERT through the parent), so a row is visible through the parent at every instant: a reader either
+    waits for the lock or sees the row. Safe to rerun: a standalone table left by an interrupted run (or by an
+    older version that committed batches into it) is attached with its rows by the same transaction.
     """
     default = info.default_partition
     assert default is not None
@@ -116,28 +118,17 @@ def move_default_rows_and_attach(ex: Executor, cfg: RotationSpec, info: TableInf
     if ex.dry_run or not catalog.exists(ex.conn, child):
         _create_standalone(ex, cfg, info, rng, child, primary_key)
 
-    # 2. Large moves: committed batches straight into the standalone table (keeps the locked step short).
-    if total > cfg.batch_size and not info.publications:
-        progress = Progress(f"moving DEFAULT rows into {child}", total, logger=ex.logger)
-        batch = sql.SQL(
-            "WITH moved AS (DELETE FROM {d} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {d} WHERE {cond} LIMIT {n})) "
-            "RETURNING {cols}) INSERT INTO {child} ({cols}) SELECT {cols} FROM moved"
-        ).format(d=default.name.ident, cond=cond, n=sql.Literal(cfg.batch_size), cols=cols, child=child.ident)
-        while True:
-            with ex.transaction():
-                cur = ex.run(batch)
-            n = cur.rowcount if cur is not None else 0
-            moved += n
-            progress.add(n)
-            if ex.dry_run or n < cfg.batch_size:
-                break
-        progress.add(0, force=True)
-    elif total > cfg.batch_size:
-        ex.logger.warning(
-            "%s is published (%s): moving %d rows in one transaction so subscribers see them move atomically; "
-            "the DEFAULT partition is locked meanwhile", info.name, ", ".join(info.publications), total)
+    # 2. No committed batches: a row committed into a table that is not yet attached is invisible through the
+    #    parent (readers miss it, application UPDATEs and DELETEs hit nothing), so every row moves in the one
+    #    transaction below. Readers of the parent wait on its lock instead of seeing rows vanish.
+    if total > cfg.batch_size:
+        ex.logger.info("moving %d rows of %s in one transaction (readers of %s wait for it rather than miss rows)",
+                       total, default.name, info.name)
+        if info.publications:
+            ex.logger.info("%s is published (%s): subscribers see the rows move in that one transaction",
+                           info.name, ", ".join(info.publications))
 
-    # 3. The locked sweep: what is left (and whatever arrived meanwhile) moves through a temporary table, the
+    # 3. The locked sweep: every row of the range (and whatever arrived meanwhile) moves through a temporary table, the
     #    empty partition is attached, and the rows go back in through the parent, all in one transaction.
     overriding = sql.SQL(" OVERRIDING SYSTEM VALUE" if any(c.identity == "a" for c in info.columns) else "")
     counted: list[int] = []

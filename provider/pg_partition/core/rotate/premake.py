@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import date
+from functools import partial
 from typing import Any, NoReturn
 
 import psycopg
 from psycopg import sql
 
-from pg_partition.core.db import catalog
+from pg_partition.core.db import catalog, leaf
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import PreflightError
 from pg_partition.core.db.execute import Executor
@@ -46,7 +47,9 @@ def premake(ex: Executor, cfg: RotationSpec, today: date) -> PremakeResult:
     """Create the current and ``premake`` future partitions that are missing. Idempotent.
 
     Rows already in the DEFAULT partition for a range are moved into the new partition first (policy
-    ``move_rows``); with another policy such a range is refused with a clear error and nothing changes.
+    ``move_rows``); with another policy such a range is refused with a clear error and nothing changes. Each new
+    partition gets the storage options and replica identity of the newest existing one (``LIKE`` copies
+    neither, and PostgreSQL keeps them per leaf), so a table tuned at conversion stays tuned.
     """
     conn = ex.conn
     the_plan = plan(conn, cfg, today)
@@ -55,6 +58,7 @@ def premake(ex: Executor, cfg: RotationSpec, today: date) -> PremakeResult:
     for item in the_plan.create:
         info = describe_managed(conn, cfg)  # fresh: the previous iteration attached a partition
         pk = per_partition_key(conn, info)
+        settings = leaf.newest_leaf(conn, info)  # fillfactor, autovacuum_*, replica identity of the newest one
         rows = count_default_rows(conn, info, cfg.column, item.range)
         if rows and cfg.default_partition != "move_rows":
             _refuse_default_rows(cfg, info, item, rows)
@@ -70,6 +74,9 @@ def premake(ex: Executor, cfg: RotationSpec, today: date) -> PremakeResult:
                     _refuse_default_rows(cfg, info, item, count_default_rows(conn, info, cfg.column, item.range))
                 ex.logger.warning("rows for %s arrived in the DEFAULT partition meanwhile; moving them", item.name)
                 result.moved_rows += move_default_rows_and_attach(ex, cfg, info, item.range, item.name, pk)
+        if not settings.empty:  # storage options and replica identity live on leaves only
+            ex.with_lock_timeout(partial(leaf.apply, ex, item.name, settings), lock_timeout=cfg.lock_timeout,
+                                 retries=cfg.lock_retries, what=f"storage options of {item.name}")
         result.created.append(str(item.name))
         ex.logger.info("%s partition %s for [%s, %s)", "would create" if ex.dry_run else "created",
                        item.name, item.range.start, item.range.end)

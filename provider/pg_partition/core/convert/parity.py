@@ -25,10 +25,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pg_partition.core.convert.preflight import CAPTURE_TRIGGER_PREFIX
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.execute import Executor
 
-CAPTURE_PREFIX = "pg_partition"
 POLICY_COMMANDS = {"r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE", "*": "ALL"}
 TRIGGER_STATES = {"D": "DISABLE TRIGGER", "R": "ENABLE REPLICA TRIGGER", "A": "ENABLE ALWAYS TRIGGER"}
 
@@ -60,8 +60,8 @@ def read(conn: psycopg.Connection[Any], oid: int) -> Extras:
            FROM pg_policy WHERE polrelid = %s ORDER BY polname""", (oid,))]
     triggers = [{"name": r[0], "definition": r[1], "enabled": r[2]} for r in conn.execute(
         """SELECT tgname, pg_get_triggerdef(oid), tgenabled FROM pg_trigger
-           WHERE tgrelid = %s AND NOT tgisinternal AND tgname NOT LIKE %s ORDER BY tgname""",
-        (oid, CAPTURE_PREFIX + "%"))]
+           WHERE tgrelid = %s AND NOT tgisinternal AND left(tgname, length(%s)) <> %s ORDER BY tgname""",
+        (oid, CAPTURE_TRIGGER_PREFIX, CAPTURE_TRIGGER_PREFIX))]
     return Extras(bool(rel[0]), bool(rel[1]), policies, triggers, dependent_views(conn, oid))
 
 
@@ -162,8 +162,9 @@ def apply_extras(ex: Executor, extras: Extras, target: QualifiedName, target_oid
         for (name,) in conn.execute("SELECT polname FROM pg_policy WHERE polrelid = %s", (target_oid,)).fetchall():
             ex.run(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(name), target.ident))
         for (name,) in conn.execute(
-                "SELECT tgname FROM pg_trigger WHERE tgrelid = %s AND NOT tgisinternal AND tgname NOT LIKE %s",
-                (target_oid, CAPTURE_PREFIX + "%")).fetchall():
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = %s AND NOT tgisinternal "
+                "AND left(tgname, length(%s)) <> %s", (target_oid, CAPTURE_TRIGGER_PREFIX, CAPTURE_TRIGGER_PREFIX)
+        ).fetchall():
             ex.run(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(name), target.ident))
     for p in extras.policies:
         roles = sql.SQL(", ").join(_role(oid, name) for oid, name in p["roles"])

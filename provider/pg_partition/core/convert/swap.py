@@ -301,6 +301,8 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
         _move_publications(ex, explicit, [], spec.intermediate, spec.table, via_root=False)
         parity.sync_privileges(ex, new_info.oid, old_info.oid, spec.table)
         parity.repoint_views(ex, views)
+        # the intermediate is not live any more: no RLS, policies or user triggers acting on a later refill
+        parity.apply_extras(ex, parity.Extras(), spec.intermediate, new_info.oid)
         _resume_user_triggers(ex, spec, paused)
         _notify(ex, spec)
         if not ex.dry_run:

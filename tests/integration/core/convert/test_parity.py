@@ -322,6 +322,11 @@ def test_random_shape_keeps_its_definition_through_convert_and_unswap(conn, role
     rolled = definition(conn, "parity_t")
     diff = {k: (before[k], rolled[k]) for k in before if before[k] != rolled[k]}
     assert not diff, f"definition changed by the unswap (seed {seed}):\n{shape_text}\n{diff}"
+    # the intermediate is idle again: nothing on it may act during a later refill
+    assert conn.execute("SELECT relrowsecurity, relforcerowsecurity, (SELECT count(*) FROM pg_trigger WHERE "
+                        "tgrelid = c.oid AND NOT tgisinternal), (SELECT count(*) FROM pg_policy WHERE polrelid = "
+                        "c.oid) FROM pg_class c WHERE c.oid = 'parity_t_intermediate'::regclass").fetchone() == (
+        False, False, 0, 0)
     convert.unprep(Executor(conn), spec)
     assert row_hash(conn, "parity_t") == hashed
 

@@ -7,10 +7,14 @@ STAMP := $(VENV)/.installed
 BENCH_ROWS ?= 1000000
 FAULT_SEED ?= 1
 FAULT_TRIALS ?= 3
+# make soak: a conversion of SOAK_ROWS rows under SOAK_RATE tx/s of mixed writes for SOAK_SECONDS (bench/soak.py)
+SOAK_ROWS ?= 2000000
+SOAK_RATE ?= 500
+SOAK_SECONDS ?= 300
 # Tests wait on servers (locks, replication, Airflow) more than on CPU: 3 workers, one service stack each.
 TEST_WORKERS ?= 3
 
-.PHONY: venv demo demo-clean test test-matrix lint typecheck bench bench-large faults clean
+.PHONY: venv demo demo-clean test test-matrix lint typecheck bench bench-large faults soak soak-max-rate clean
 
 venv: $(STAMP)
 
@@ -48,6 +52,12 @@ bench: venv
 # pgslice beside us at >= 10M rows (about an hour on 2 cores); the other suites at their usual size are skipped.
 bench-large: venv
 	BENCH_ROWS=$(BENCH_ROWS) BENCH_ONLY=pgslice BENCH_PEER_SIZES=$${BENCH_PEER_SIZES:-10000000} $(VPY) -m bench.run
+
+soak: venv
+	SOAK_ROWS=$(SOAK_ROWS) SOAK_RATE=$(SOAK_RATE) SOAK_SECONDS=$(SOAK_SECONDS) $(VPY) -m bench.soak
+
+soak-max-rate: venv
+	SOAK_ROWS=$(SOAK_ROWS) $(VPY) -m bench.soak --max-rate
 
 faults: venv
 	FAULT_SEED=$(FAULT_SEED) FAULT_TRIALS=$(FAULT_TRIALS) $(VPY) -m pytest tests/faults -m faults -q

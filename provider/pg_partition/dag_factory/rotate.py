@@ -71,17 +71,28 @@ def select_due(entries: Sequence[dict[str, Any]], *, dag_schedule: str | None, r
 
 
 def pending_conn_ids(conn_ids: Sequence[str]) -> list[str]:
-    """Connections whose state schema holds archive-queue rows still 'pending'."""
+    """Connections whose state schema holds archive-queue rows still 'pending'.
+
+    A connection that cannot be read (unknown conn_id, database down) is logged and left out rather than raised:
+    its own premake/detach tasks already fail the run, and raising here would withhold the archive event from
+    every healthy database rotated in the same run (issue 15).
+    """
     out = []
     queue = sql.Identifier(state.SCHEMA, "archive_queue")
     for conn_id in sorted(set(conn_ids)):
-        with PartitionHook(postgres_conn_id=conn_id).open() as conn:
-            exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (queue.as_string(conn),)).fetchone()
-            if not (exists and exists[0]):
-                continue
-            row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE status = 'pending'").format(queue)).fetchone()
-            if row and row[0]:
-                out.append(conn_id)
+        try:
+            with PartitionHook(postgres_conn_id=conn_id).open() as conn:
+                exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (queue.as_string(conn),)).fetchone()
+                if not (exists and exists[0]):
+                    continue
+                row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE status = 'pending'").format(
+                    queue)).fetchone()
+        except Exception as exc:  # one bad entry must not silence the others
+            log.error("cannot read the archive queue of %s (left out of the archive event): %s: %s", conn_id,
+                      type(exc).__name__, exc)
+            continue
+        if row and row[0]:
+            out.append(conn_id)
     return out
 
 

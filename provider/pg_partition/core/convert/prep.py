@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pg_partition.core.convert import parity
 from pg_partition.core.convert.parallel import DEFAULT_WORKERS, run_bounded
 from pg_partition.core.convert.preflight import check, validate_where
 from pg_partition.core.convert.spec import (
@@ -24,10 +25,10 @@ from pg_partition.core.convert.spec import (
     set_status,
     timed,
 )
-from pg_partition.core.db import catalog, state
+from pg_partition.core.db import catalog, leaf, state
 from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import Index, QualifiedName, TableInfo
-from pg_partition.core.db.errors import InvalidInputError, StateError
+from pg_partition.core.db.errors import InvalidInputError, PreflightError, StateError
 from pg_partition.core.db.execute import Executor
 from pg_partition.core.db.names import Range, covering, fit_identifier, window
 from pg_partition.core.db.partitions import copy_grants, create_partition
@@ -121,7 +122,12 @@ def prep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: 
     src, warnings, resuming = check(conn, spec)
     for w in warnings:
         ex.logger.warning("%s", w)
+    refused = parity.refusals(conn, src.oid, spec.table)
+    if refused:  # before anything changes
+        raise PreflightError("; ".join(p for p, _ in refused), where=str(spec.table),
+                             fix="; ".join(f for _, f in refused))
     indexes = index_plan(conn, spec, src)
+    settings = leaf.read(conn, src.oid)
     _start_job(ex, spec, resuming)
     started = time.monotonic()
     exists = catalog.exists(conn, spec.intermediate)
@@ -145,7 +151,13 @@ def prep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: 
             current = conn.execute("SELECT current_user").fetchone()
             if current and current[0] != src.owner:
                 ex.run(sql.SQL("ALTER TABLE {} OWNER TO {}").format(inter.ident, sql.Identifier(src.owner)))
-            copy_grants(ex, src.grants, inter)
+            inter_oid = None if ex.dry_run else catalog.table_oid(conn, inter)
+            if inter_oid is None:
+                copy_grants(ex, src.grants, inter)
+            else:  # a diff: grant options, column grants and the owner's trimmed privileges too
+                parity.sync_privileges(ex, src.oid, inter_oid, inter)
+            # replica identity FULL/NOTHING on the parent too (publish_via_partition_root reads the parent's)
+            leaf.apply(ex, inter, leaf.LeafSettings(replica_identity=settings.replica_identity))
             for fk in src.foreign_keys_out:
                 ex.run(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
                     inter.ident, sql.Identifier(fk.name), sql.SQL(fk.definition)))
@@ -165,7 +177,7 @@ def prep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: 
                 ex.run(sql.SQL("CREATE {}INDEX {} ON {} {}").format(
                     sql.SQL("UNIQUE ") if m["unique"] else sql.SQL(""), sql.Identifier(m["temp"]), inter.ident,
                     sql.SQL(m["tail"])))
-        put(ex, spec, "prep", {"indexes": indexes, "source_oid": src.oid})
+        put(ex, spec, "prep", {"indexes": indexes, "source_oid": src.oid, "leaf": settings.as_dict()})
         set_status(ex, spec, PREPPED)
 
     ex.with_lock_timeout(body, lock_timeout=lock_timeout, retries=retries, what=f"prep {inter}")
@@ -258,16 +270,31 @@ def add_partitions(
                 continue
             made = create_partition(ex, parent, spec.column, rng, spec.period, name=spec.partition(rng.start),
                                     primary_key=pk, lock_timeout=lock_timeout, retries=retries)
+            _apply_leaf(ex, spec, made.name, lock_timeout=lock_timeout, retries=retries)
             created.append(str(made.name))
         default = None
         if spec.default_partition and parent.default_partition is None:
             default = _create_default(ex, spec, parent, pk, lock_timeout=lock_timeout, retries=retries)
+            _apply_leaf(ex, spec, spec.default_name, lock_timeout=lock_timeout, retries=retries)
         if skipped:
             ex.logger.warning("skipped ranges overlapping existing partitions of %s: %s", parent.name,
                               ", ".join(skipped))
         info.update({"created": created, "skipped_overlapping": skipped, "default": default,
                      "existing": len(existing)})
     return info
+
+
+def _apply_leaf(ex: Executor, spec: ConvertSpec, child: QualifiedName, *, lock_timeout: str, retries: int) -> None:
+    """The source's storage options and replica identity on a new partition (they live on leaves only)."""
+    rec = checkpoint(ex.conn, spec, "prep") if not ex.dry_run else None
+    settings = leaf.LeafSettings.from_dict((rec or {}).get("leaf"))
+    if ex.dry_run and rec is None and catalog.exists(ex.conn, spec.table):
+        src = catalog.describe(ex.conn, spec.table)
+        settings = leaf.read(ex.conn, src.oid) if not src.is_partitioned else settings
+    if settings.empty:
+        return
+    ex.with_lock_timeout(lambda: leaf.apply(ex, child, settings), lock_timeout=lock_timeout, retries=retries,
+                         what=f"storage options of {child}")
 
 
 def _create_default(ex: Executor, spec: ConvertSpec, parent: TableInfo, pk: tuple[str, ...] | None, *,

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pg_partition.core.convert import capture, replay
+from pg_partition.core.convert import capture, parity, replay
 from pg_partition.core.convert.capture import CAPTURE_STEP, capture_on
 from pg_partition.core.convert.catchup import (
     catch_up,
@@ -223,6 +223,7 @@ def swap(
     low = safe_low(conn, spec, plan) if plan else 0
     # every catalog read happens here, before the lock: the locked transaction only acts
     new_info = None if ex.dry_run else catalog.describe(conn, spec.intermediate)
+    extras = parity.read(conn, src.oid)  # RLS, policies, user triggers, dependent views of the source
     prepared = prepare_locked_copy(conn, plan, spec.table, spec.intermediate) \
         if sync and plan and not ex.dry_run else None
     last_pass: dict[str, Any] | None = None
@@ -262,7 +263,12 @@ def swap(
         _move_publications(ex, explicit, every, spec.retired, spec.table, via_root=True)
         if identity_full:  # see new_identity_needed: subscribers need a key for UPDATE/DELETE on the root
             ex.run(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(spec.table.ident))
-        copy_grants(ex, src.grants, spec.table)
+        if new_info is None:
+            copy_grants(ex, src.grants, spec.table)
+        else:  # schema parity (issue 15): privileges as a diff, RLS, policies, triggers, views re-pointed
+            parity.sync_privileges(ex, src.oid, new_info.oid, spec.table)
+        parity.apply_extras(ex, extras, spec.table, new_info.oid if new_info else None)
+        parity.repoint_views(ex, extras.views)
         _notify(ex, spec)
         put(ex, spec, "swap", {"high_water": synced["high_water"], "synced_rows": synced["rows"],
                                "outside_rows": synced["outside_rows"]})
@@ -345,9 +351,13 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
     swap_cp = checkpoint(conn, spec, "swap") or {}
     low = int(swap_cp.get("high_water", plan["high_water"]))
     columns = _columns_back(ex, spec, plan, low)
+    old_info = catalog.describe(conn, spec.retired)
+    # rows copied back were written (and seen by the user triggers) on the partitioned table: the original's
+    # triggers must not fire for them a second time (an audit row twice); re-enabled under the lock below
+    paused = _pause_user_triggers(ex, spec, old_info.oid, lock_timeout=lock_timeout, retries=retries)
     pre = copy_missing(ex, back, spec.table, spec.retired, low=low, live=True, wait_timeout=wait_timeout)
     new_info = catalog.describe(conn, spec.table)
-    old_info = catalog.describe(conn, spec.retired)
+    views = parity.dependent_views(conn, new_info.oid)
     explicit, _ = _publications(conn, spec.table)
     prepared = prepare_locked_copy(conn, back, spec.table, spec.retired)
     captured = capture_on(conn, spec.table)
@@ -374,9 +384,15 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
         seqs = _move_sequences(ex, new_info, old_info, spec.table,
                                top=max(int(synced["high_water"]), int(top[0]) if top and top[0] else 0))
         _move_publications(ex, explicit, [], spec.intermediate, spec.table, via_root=False)
+        parity.sync_privileges(ex, new_info.oid, old_info.oid, spec.table)
+        parity.repoint_views(ex, views)
+        # the intermediate is not live any more: no RLS, policies or user triggers acting on a later refill
+        parity.apply_extras(ex, parity.Extras(), spec.intermediate, new_info.oid)
+        _resume_user_triggers(ex, spec, paused)
         _notify(ex, spec)
         if not ex.dry_run:
-            forget(conn, spec, ("swap", CAPTURE_STEP, *(("plan", "fill", "catch_up") if captured else ())))
+            forget(conn, spec, ("swap", CAPTURE_STEP, "unswap_triggers",
+                                *(("plan", "fill", "catch_up") if captured else ())))
         set_status(ex, spec, PREPPED)
         outcome.update(synced_rows=synced["rows"], sequences=seqs, **columns)
 
@@ -389,6 +405,33 @@ def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries
                           "(it installs capture and fills again) before swapping again", spec.table)
     return {"lock_ms": lock_ms, "copied_back_rows": pre["rows"] + outcome.get("synced_rows", 0),
             "capture_removed": removed, "refill_needed": captured, **outcome}
+
+
+def _pause_user_triggers(ex: Executor, spec: ConvertSpec, oid: int, *, lock_timeout: str,
+                         retries: int) -> list[dict[str, Any]]:
+    """Disable the original table's user triggers for the copy-back; their states are recorded first (once, so
+    a retried unswap restores the states from before the first attempt, not the disabled ones)."""
+    recorded = checkpoint(ex.conn, spec, "unswap_triggers")
+    if recorded is not None:
+        return list(recorded["triggers"])
+    triggers = [{"name": t["name"], "enabled": t["enabled"]} for t in parity.read(ex.conn, oid).triggers]
+    if ex.dry_run or not triggers:
+        return triggers
+
+    def body() -> None:
+        put(ex, spec, "unswap_triggers", {"triggers": triggers})
+        for t in triggers:
+            ex.run(sql.SQL("ALTER TABLE {} DISABLE TRIGGER {}").format(spec.retired.ident, sql.Identifier(t["name"])))
+
+    ex.with_lock_timeout(body, lock_timeout=lock_timeout, retries=retries, what=f"pause triggers of {spec.retired}")
+    return triggers
+
+
+def _resume_user_triggers(ex: Executor, spec: ConvertSpec, triggers: list[dict[str, Any]]) -> None:
+    """Restore each paused trigger's recorded state (the table is already renamed back)."""
+    for t in triggers:
+        state_sql = parity.TRIGGER_STATES.get(t["enabled"], "ENABLE TRIGGER")
+        ex.run(sql.SQL("ALTER TABLE {} {} {}").format(spec.table.ident, sql.SQL(state_sql), sql.Identifier(t["name"])))
 
 
 def unprep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: int = 5) -> dict[str, Any]:

@@ -22,11 +22,10 @@ Choices, and why:
   the DEFAULT's lock) fails with "violates partition constraint"; with it, inserts pause for the few
   milliseconds of the final step and then route to the new partition. (That step scans the DEFAULT partition,
   so it is short only while the DEFAULT stays small, which the health check enforces.)
-  When more than ``batch_size`` rows must move (and the table is not published) they are first moved in
-  committed batches straight into the standalone new table, to keep the locked step short; those rows are
-  invisible through the parent until the ATTACH a few statements later (the trade-off against holding the
-  locks for the whole move). Tables referenced by foreign keys are refused: deleting rows from the DEFAULT
-  partition would cascade or fail.
+  Every row moves in that one transaction, however many: rows committed in batches into a table that is not
+  yet attached would be invisible through the parent (readers miss them, UPDATEs and DELETEs hit nothing), so
+  readers wait on the lock for the move instead (issue 15). Tables referenced by foreign keys are refused:
+  deleting rows from the DEFAULT partition would cascade or fail.
 * **Retention** detaches partitions wholly older than the window with ``DETACH PARTITION ... CONCURRENTLY``
   (PostgreSQL 14+, outside any transaction), which never blocks readers or writers. PostgreSQL refuses it when a
   DEFAULT partition exists; then, and on PostgreSQL 13, a plain ``DETACH`` runs under ``lock_timeout`` with

@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import date
+from functools import partial
 from typing import Any, NoReturn
 
 import psycopg
 from psycopg import sql
 
-from pg_partition.core.db import catalog
+from pg_partition.core.db import catalog, leaf
 from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import PreflightError
-from pg_partition.core.db.execute import Executor, Progress
+from pg_partition.core.db.execute import Executor
 from pg_partition.core.db.names import Period, Range
 from pg_partition.core.db.partitions import (
     bounds_condition,
@@ -47,7 +48,9 @@ def premake(ex: Executor, cfg: RotationSpec, today: date) -> PremakeResult:
     """Create the current and ``premake`` future partitions that are missing. Idempotent.
 
     Rows already in the DEFAULT partition for a range are moved into the new partition first (policy
-    ``move_rows``); with another policy such a range is refused with a clear error and nothing changes.
+    ``move_rows``); with another policy such a range is refused with a clear error and nothing changes. Each new
+    partition gets the storage options and replica identity of the newest existing one (``LIKE`` copies
+    neither, and PostgreSQL keeps them per leaf), so a table tuned at conversion stays tuned.
     """
     conn = ex.conn
     the_plan = plan(conn, cfg, today)
@@ -56,6 +59,7 @@ def premake(ex: Executor, cfg: RotationSpec, today: date) -> PremakeResult:
     for item in the_plan.create:
         info = describe_managed(conn, cfg)  # fresh: the previous iteration attached a partition
         pk = per_partition_key(conn, info)
+        settings = leaf.newest_leaf(conn, info)  # fillfactor, autovacuum_*, replica identity of the newest one
         rows = count_default_rows(conn, info, cfg.column, item.range)
         if rows and cfg.default_partition != "move_rows":
             _refuse_default_rows(cfg, info, item, rows)
@@ -71,6 +75,9 @@ def premake(ex: Executor, cfg: RotationSpec, today: date) -> PremakeResult:
                     _refuse_default_rows(cfg, info, item, count_default_rows(conn, info, cfg.column, item.range))
                 ex.logger.warning("rows for %s arrived in the DEFAULT partition meanwhile; moving them", item.name)
                 result.moved_rows += move_default_rows_and_attach(ex, cfg, info, item.range, item.name, pk)
+        if not settings.empty:  # storage options and replica identity live on leaves only
+            ex.with_lock_timeout(partial(leaf.apply, ex, item.name, settings), lock_timeout=cfg.lock_timeout,
+                                 retries=cfg.lock_retries, what=f"storage options of {item.name}")
         result.created.append(str(item.name))
         ex.logger.info("%s partition %s for [%s, %s)", "would create" if ex.dry_run else "created",
                        item.name, item.range.start, item.range.end)
@@ -95,8 +102,10 @@ def move_default_rows_and_attach(ex: Executor, cfg: RotationSpec, info: TableInf
                                  child: QualifiedName, primary_key: tuple[str, ...] | None) -> int:
     """Move the DEFAULT partition's rows of ``rng`` into a new partition ``child`` and attach it.
 
-    Returns the number of rows moved. Safe to rerun after a crash at any point: the standalone table keeps the
-    rows moved by committed batches, and the next run continues from there.
+    Returns the number of rows moved. The move is one transaction (DELETE from the DEFAULT partition, ATTACH,
+    re-INSERT through the parent), so a row is visible through the parent at every instant: a reader either
+    waits for the lock or sees the row. Safe to rerun: a standalone table left by an interrupted run (or by an
+    older version that committed batches into it) is attached with its rows by the same transaction.
     """
     default = info.default_partition
     assert default is not None
@@ -117,28 +126,17 @@ def move_default_rows_and_attach(ex: Executor, cfg: RotationSpec, info: TableInf
     if ex.dry_run or not catalog.exists(ex.conn, child):
         _create_standalone(ex, cfg, info, rng, child, primary_key)
 
-    # 2. Large moves: committed batches straight into the standalone table (keeps the locked step short).
-    if total > cfg.batch_size and not info.publications:
-        progress = Progress(f"moving DEFAULT rows into {child}", total, logger=ex.logger)
-        batch = sql.SQL(
-            "WITH moved AS (DELETE FROM {d} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {d} WHERE {cond} LIMIT {n})) "
-            "RETURNING {cols}) INSERT INTO {child} ({cols}) SELECT {cols} FROM moved"
-        ).format(d=default.name.ident, cond=cond, n=sql.Literal(cfg.batch_size), cols=cols, child=child.ident)
-        while True:
-            with ex.transaction():
-                cur = ex.run(batch)
-            n = cur.rowcount if cur is not None else 0
-            moved += n
-            progress.add(n)
-            if ex.dry_run or n < cfg.batch_size:
-                break
-        progress.add(0, force=True)
-    elif total > cfg.batch_size:
-        ex.logger.warning(
-            "%s is published (%s): moving %d rows in one transaction so subscribers see them move atomically; "
-            "the DEFAULT partition is locked meanwhile", info.name, ", ".join(info.publications), total)
+    # 2. No committed batches: a row committed into a table that is not yet attached is invisible through the
+    #    parent (readers miss it, application UPDATEs and DELETEs hit nothing), so every row moves in the one
+    #    transaction below. Readers of the parent wait on its lock instead of seeing rows vanish.
+    if total > cfg.batch_size:
+        ex.logger.info("moving %d rows of %s in one transaction (readers of %s wait for it rather than miss rows)",
+                       total, default.name, info.name)
+        if info.publications:
+            ex.logger.info("%s is published (%s): subscribers see the rows move in that one transaction",
+                           info.name, ", ".join(info.publications))
 
-    # 3. The locked sweep: what is left (and whatever arrived meanwhile) moves through a temporary table, the
+    # 3. The locked sweep: every row of the range (and whatever arrived meanwhile) moves through a temporary table, the
     #    empty partition is attached, and the rows go back in through the parent, all in one transaction.
     overriding = sql.SQL(" OVERRIDING SYSTEM VALUE" if any(c.identity == "a" for c in info.columns) else "")
     counted: list[int] = []

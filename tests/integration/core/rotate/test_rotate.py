@@ -157,7 +157,7 @@ def test_premake_moves_default_rows_of_an_upcoming_range(conn) -> None:
     assert "events_202412" in partitions(conn)
 
 
-def test_premake_batched_move_with_concurrent_inserts(db, conn) -> None:
+def test_premake_move_with_concurrent_inserts(db, conn) -> None:
     make_events(conn, ["2024-11"], default=True)
     fill(conn, "2024-12-01", "2024-12-31", 5_000)  # all in the DEFAULT partition
     fill(conn, "2024-11-01", "2024-11-30", 1_000)

@@ -84,7 +84,7 @@ class ConvertPreflightOperator(ConvertBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         with self.run_step() as (ex, spec):
-            report = convert.preflight(ex.conn, spec, where=parse_text(self.where))
+            report = convert.preflight(ex.conn, spec, where=parse_text(self.where), dry_run=ex.dry_run)
             if self.capture_changes is not None:  # refuse capture + where here, before anything changes
                 report["capture"] = convert.decide_capture(ex.conn, spec, self.capture_changes,
                                                            where=parse_text(self.where))

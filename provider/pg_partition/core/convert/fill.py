@@ -34,7 +34,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pg_partition.core.convert.preflight import validate_where
+from pg_partition.core.convert.preflight import read_only, validate_where
 from pg_partition.core.convert.spec import ConvertSpec, checkpoint, forget, put
 from pg_partition.core.db import catalog, state
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
@@ -237,7 +237,9 @@ def plan_fill(
         conds.append(sql.SQL("{} >= {}").format(k, sql.Literal(int(start))))
     if stop is not None:
         conds.append(sql.SQL("{} <= {}").format(k, sql.Literal(int(stop))))
-    if where_sql is not None:
+    if where_sql is not None and ex.dry_run:  # a dry run executes nothing the user wrote, not even a count
+        ex.logger.info("[dry run] the where filter was validated but not run: the planned counts cover every row")
+    elif where_sql is not None:
         conds.append(where_sql)
     filt = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")
     bucket: sql.Composable
@@ -247,8 +249,8 @@ def plan_fill(
             sql.SQL(", ").join(sql.Literal(bound_literal(d, kind)) for d in bounds), sql.SQL(kind.value))
     else:
         bucket = sql.SQL("NULL::int")
-    stats = conn.execute(sql.SQL("SELECT {b} AS b, min({k}), max({k}), count(*) FROM {t}{f} GROUP BY 1").format(
-        b=bucket, k=k, t=spec.table.ident, f=filt)).fetchall()
+    stats = read_only(conn, sql.SQL("SELECT {b} AS b, min({k}), max({k}), count(*) FROM {t}{f} GROUP BY 1").format(
+        b=bucket, k=k, t=spec.table.ident, f=filt))
 
     by_bucket = {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in stats}
     part_of_bucket: dict[int, tuple[QualifiedName, Range]] = {}

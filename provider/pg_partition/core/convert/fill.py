@@ -199,6 +199,7 @@ def plan_fill(
     if batch_size < 1:
         raise PartitionError(f"batch_size must be positive, got {batch_size}", fix="pass e.g. batch_size=10000")
     conn = ex.conn
+    validate_where(conn, spec.table, where)  # before anything, also before a recorded plan is returned
     recorded = None if replan else checkpoint(conn, spec, "plan")
     if recorded is not None:
         if (recorded.get("where") or None) != (where or None):

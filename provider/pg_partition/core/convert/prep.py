@@ -226,13 +226,14 @@ def add_partitions(
     if past < 0 or future < 0:
         raise InvalidInputError("past and future must be >= 0", fix="pass counts of periods, e.g. past=24")
     conn = ex.conn
+    # the filter is checked before anything else, so a refused one leaves no trace (not even a timing row)
+    where_sql = validate_where(conn, spec.table, where) if cover_data and target == "intermediate" else None
     with timed(ex, spec, f"add_partitions:{target}") as info:
         parent = _parent_for(ex, spec, target)
         wanted = set(window(today or datetime.now(timezone.utc).date(), spec.period, past, future))
         if cover_data:
             data_table = spec.table
-            where_sql = validate_where(conn, data_table, where) if target == "intermediate" else None
-            lo, hi = _min_max(conn, data_table, spec.column, where_sql)
+            lo, hi = _min_max(conn, data_table, spec.column, None if ex.dry_run else where_sql)  # dry run: not run
             if target == "table" and catalog.exists(conn, spec.retired):
                 rlo, rhi = _min_max(conn, spec.retired, spec.column, None)
                 lo = rlo if lo is None else (lo if rlo is None else min(lo, rlo))

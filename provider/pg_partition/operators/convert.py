@@ -205,6 +205,11 @@ class ConvertFillOperator(LagGated, ConvertBaseOperator):
         self.init_lag(max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds, watch_slots=watch_slots,
                       max_pause_seconds=max_pause_seconds, lag_poll_seconds=lag_poll_seconds)
 
+    def table_lock_mode(self) -> tuple[bool, str | None]:
+        """Mapped fill tasks of one run share the table's lock; each item is locked on its own."""
+        item = self.item if isinstance(self.item, dict) else {}
+        return True, str(item.get("key") or self.item)
+
     def execute(self, context: Context) -> dict[str, Any]:
         return self._fill()
 

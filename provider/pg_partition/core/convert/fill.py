@@ -41,6 +41,7 @@ from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import PartitionError, StateError
 from pg_partition.core.db.execute import Executor, Progress
 from pg_partition.core.db.names import ColumnKind, Range, bound_literal, covering
+from pg_partition.core.params import BATCH_SIZE, SLEEP_SECONDS, bounded_float, bounded_int
 
 log = logging.getLogger("pg_partition")
 
@@ -196,8 +197,7 @@ def plan_fill(
     ``replan`` (then the fill's checkpoints are cleared too; batches replace ranges, so re-copying is safe).
     ``start``/``stop`` limit the copied ids (inclusive), like pgslice's options.
     """
-    if batch_size < 1:
-        raise PartitionError(f"batch_size must be positive, got {batch_size}", fix="pass e.g. batch_size=10000")
+    batch_size = bounded_int(batch_size, what="batch_size", bounds=BATCH_SIZE, fix="pass e.g. batch_size=10000")
     conn = ex.conn
     validate_where(conn, spec.table, where)  # before anything, also before a recorded plan is returned
     recorded = None if replan else checkpoint(conn, spec, "plan")
@@ -391,6 +391,9 @@ def fill(
     (replication-lag gating plugs in here: it may sleep as long as it needs, or raise to stop the item, which then
     resumes from its checkpoint); ``sleep_seconds`` is a fixed pause between batches.
     """
+    if batch_size is not None:
+        batch_size = bounded_int(batch_size, what="batch_size", bounds=BATCH_SIZE, fix="pass e.g. batch_size=10000")
+    sleep_seconds = bounded_float(sleep_seconds, what="sleep_seconds", bounds=SLEEP_SECONDS)
     conn = ex.conn
     if plan is None:
         if ex.dry_run and not state.ready(conn):

@@ -18,7 +18,7 @@ from psycopg import sql
 
 from pg_partition.core.convert import where as where_filter
 from pg_partition.core.convert.spec import SWAPPED, ConvertSpec, recorded_job
-from pg_partition.core.db import catalog
+from pg_partition.core.db import catalog, state
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import InvalidInputError, PreflightError
 from pg_partition.core.db.names import ColumnKind
@@ -95,7 +95,7 @@ def validate_where(conn: psycopg.Connection[Any], table: QualifiedName, where: s
     return fragment
 
 
-def read_only(conn: psycopg.Connection[Any], query: sql.Composable) -> list[tuple[Any, ...]]:
+def read_only(conn: psycopg.Connection[Any], query: sql.Composed) -> list[Any]:
     """Run a query that only reads (planning, counting) in a READ ONLY transaction when no transaction is open,
     so even a filter that slipped through every gate could not write."""
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
@@ -110,6 +110,42 @@ class _Rollback(Exception):
 
 
 # --- preflight -----------------------------------------------------------------------------------------------
+
+RELKINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence", "i": "an index",
+            "I": "a partitioned index", "c": "a composite type", "t": "a TOAST table"}
+
+
+def check_owner(conn: psycopg.Connection[Any], table: QualifiedName, problems: _Problems) -> None:
+    """The running role must own the table (or be a superuser): every step creates, renames or drops things only
+    the owner may; refusing up front beats failing halfway on "must be owner"."""
+    row = conn.execute(
+        """SELECT pg_get_userbyid(c.relowner), current_user,
+                  c.relowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)
+                  OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = %s AND c.relname = %s""", (table.schema, table.name)).fetchone()
+    if row is not None and not row[2]:
+        problems.add(f"{table} is owned by {row[0]}; pg-partition connects as {row[1]}, which does not own it",
+                     f"connect as {row[0]} (the Airflow connection's login), or have the owner run the conversion")
+
+
+def check_tablespace(conn: psycopg.Connection[Any], tablespace: str | None, problems: _Problems) -> None:
+    """The tablespace must exist and the running role must be allowed to create in it (pg_default always is)."""
+    if not tablespace:
+        return
+    row = conn.execute("SELECT spcname FROM pg_tablespace WHERE spcname = %s", (tablespace,)).fetchone()
+    if row is None:
+        names = [r[0] for r in conn.execute("SELECT spcname FROM pg_tablespace ORDER BY 1").fetchall()]
+        problems.add(f"tablespace={tablespace!r} does not exist", "use one of: " + ", ".join(names)
+                     + " (or leave tablespace empty for the database's default)")
+        return
+    if tablespace == "pg_default":
+        return
+    ok = conn.execute("SELECT has_tablespace_privilege(%s, 'CREATE')", (tablespace,)).fetchone()
+    if not (ok and ok[0]):
+        problems.add(f"tablespace={tablespace!r}: the running role has no CREATE privilege on it",
+                     f"GRANT CREATE ON TABLESPACE {sql.Identifier(tablespace).as_string(conn)} TO <the role>, "
+                     "or choose another tablespace")
 
 
 @dataclass
@@ -140,8 +176,23 @@ def check(conn: psycopg.Connection[Any], spec: ConvertSpec) -> tuple[TableInfo, 
     whether an intermediate table of this same conversion already exists (a resumed conversion)."""
     table = spec.table
     if not catalog.exists(conn, table):
+        kind = conn.execute(
+            """SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = %s AND c.relname = %s""", (table.schema, table.name)).fetchone()
+        if kind is not None:
+            what = RELKINDS.get(kind[0], f"not a table (relkind {kind[0]})")
+            raise PreflightError(f"{table} is {what}; only an ordinary table can be converted",
+                                 fix="convert the table it reads from, or materialize it into a table first")
         raise PreflightError(f"table {table} does not exist",
                              fix="check the schema and table name (quote mixed-case names: \"Sales\".\"Orders\")")
+    problems = _Problems([])
+    check_owner(conn, table, problems)
+    check_tablespace(conn, spec.tablespace, problems)
+    for why in state.untrusted(conn):
+        problems.add(why, f"as a superuser, inspect the {state.SCHEMA} schema (its rows may be forged), then drop it "
+                     f"(DROP SCHEMA {state.SCHEMA} CASCADE) or give it and its tables to the role running "
+                     "pg-partition and revoke the other roles' privileges")
+    problems.raise_if_any(table)
     info = catalog.describe(conn, table)
     job = recorded_job(conn, table)
     if info.is_partitioned:
@@ -165,6 +216,13 @@ def check(conn: psycopg.Connection[Any], spec: ConvertSpec) -> tuple[TableInfo, 
 
     problems = _Problems([])
     warnings: list[str] = []
+    persistence = conn.execute("SELECT relpersistence FROM pg_class WHERE oid = %s", (info.oid,)).fetchone()
+    if persistence and persistence[0] == "u":
+        problems.add(
+            f"{table} is UNLOGGED: a partitioned table cannot be UNLOGGED, so the converted table would be "
+            "LOGGED (every row written to WAL and replicated to standbys), unlike the original",
+            f"choose: make it logged first (ALTER TABLE {_quote(conn, table)} SET LOGGED; rewrites the table into "
+            "WAL) and convert that, or leave this table unconverted")
     if col.generated:
         problems.add(f"column {spec.column!r} is a generated column, which cannot be a partition key",
                      "partition on a stored timestamp column instead")

@@ -118,7 +118,8 @@ def _check(node: Any, text: str, table_names: frozenset[tuple[str, ...]], found:
         return
     if isinstance(node, ast.A_Expr):
         if node.kind not in EXPR_KINDS:
-            raise _refuse(text, f"the operator form {node.kind.name} (e.g. = ANY(...)) is not allowed; use IN (...)")
+            kind = node.kind.name if node.kind is not None else "?"
+            raise _refuse(text, f"the operator form {kind} (e.g. = ANY(...)) is not allowed; use IN (...)")
         names = tuple(n.sval for n in (node.name or ()) if isinstance(n, ast.String))
         if len(names) != 1 or (node.kind == A_Expr_Kind.AEXPR_OP and names[0] not in OPERATORS):
             raise _refuse(text, f"the operator {'.'.join(names) or '?'} is not allowed")
@@ -127,6 +128,8 @@ def _check(node: Any, text: str, table_names: frozenset[tuple[str, ...]], found:
         return
     if isinstance(node, ast.TypeCast):
         tn = node.typeName
+        if tn is None:
+            raise _refuse(text, "a cast without a type")
         names = tuple(n.sval for n in (tn.names or ()) if isinstance(n, ast.String))
         if (tn.setof or tn.pct_type or tn.arrayBounds or not names or names[-1] not in TYPES
                 or (len(names) == 2 and names[0] != "pg_catalog") or len(names) > 2):
@@ -151,7 +154,7 @@ def _check(node: Any, text: str, table_names: frozenset[tuple[str, ...]], found:
         return
     if isinstance(node, ast.SQLValueFunction):
         if node.op not in VALUE_FUNCTIONS:
-            raise _refuse(text, f"{node.op.name} is not allowed (only current date/time values)")
+            raise _refuse(text, f"{getattr(node.op, 'name', '?')} is not allowed (only current date/time values)")
         return
     if isinstance(node, ast.SubLink | ast.SelectStmt | ast.RangeVar):
         raise _refuse(text, "subqueries and other tables are not allowed")
@@ -194,9 +197,9 @@ def parse(text: str, *, table: Iterable[str] = (), columns: Iterable[str] | None
         raise _refuse(text, "it holds more than one statement")
     stmt = stmts[0].stmt
     if (not isinstance(stmt, ast.SelectStmt) or stmt.whereClause is None or stmt.targetList or stmt.fromClause
-            or stmt.op.name != "SETOP_NONE" or stmt.groupClause or stmt.havingClause or stmt.sortClause
-            or stmt.limitCount or stmt.limitOffset or stmt.lockingClause or stmt.withClause or stmt.windowClause
-            or stmt.distinctClause or stmt.intoClause or stmt.valuesLists):
+            or getattr(stmt.op, "name", None) != "SETOP_NONE" or stmt.groupClause or stmt.havingClause
+            or stmt.sortClause or stmt.limitCount or stmt.limitOffset or stmt.lockingClause or stmt.withClause
+            or stmt.windowClause or stmt.distinctClause or stmt.intoClause or stmt.valuesLists):
         raise _refuse(text, "it is not a single boolean expression (it adds clauses or statements)")
     parts = tuple(table)
     table_names = frozenset({parts[-1:], parts[-2:]}) if parts else frozenset()
@@ -210,7 +213,9 @@ def parse(text: str, *, table: Iterable[str] = (), columns: Iterable[str] | None
     printed = RawStream()(where)
     # The deparse must mean exactly the checked tree: parse it again and compare (positions aside).
     again = parse_sql("SELECT WHERE " + printed)
-    if len(again) != 1 or _shape(again[0].stmt.whereClause(skip_none=True)) != _shape(where(skip_none=True)):
+    again_stmt = again[0].stmt if len(again) == 1 else None
+    if not isinstance(again_stmt, ast.SelectStmt) or again_stmt.whereClause is None \
+            or _shape(again_stmt.whereClause(skip_none=True)) != _shape(where(skip_none=True)):
         raise _refuse(text, "it could not be printed back unambiguously")  # pragma: no cover - deparser bug
     return WhereFilter(text=text, sql=printed, functions=frozenset(found["functions"]),
                        columns=frozenset(found["columns"]))

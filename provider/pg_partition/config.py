@@ -40,6 +40,7 @@ from pg_partition.core.archive.policy import ArchivePolicy
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError
 from pg_partition.core.db.names import Period
+from pg_partition.core.params import parse_lock_timeout
 from pg_partition.core.rotate import RotationSpec
 
 ENV_VAR = "PG_PARTITION_CONFIG"
@@ -102,6 +103,15 @@ class TableConfig(BaseModel):
     batch_size: int = Field(10_000, ge=1, le=10_000_000,
                             description="Rows per transaction when moving rows out of the DEFAULT partition.")
     enabled: bool = Field(True, description="false keeps the entry in the file but skips it.")
+
+    @field_validator("lock_timeout")
+    @classmethod
+    def _lock_timeout(cls, value: str) -> str:
+        try:
+            parse_lock_timeout(value)
+        except InvalidInputError as exc:
+            raise ValueError(f"{exc.what}; {exc.fix}") from None
+        return value
 
     @field_validator("table")
     @classmethod

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from typing import Any
 
 import boto3
@@ -81,11 +82,11 @@ def test_a_replaced_archive_is_refused_at_restore(db, conn, bucket) -> None:
     fake = manifest | {"sha256": hashlib.sha256(forged).hexdigest(), "bytes": len(forged)}
     client.put_object(Bucket=bucket.name, Key=manifest["manifest_key"], Body=json.dumps(fake).encode())
     tampered = archive.get_manifest(client, bucket.name, result["key"])
-    before = catalog_snapshot(conn)
+    before, parent = catalog_snapshot(conn), row_hash(conn, PARENT)
     with pytest.raises(VerificationError, match=r"differs from what archive queue row \d+ recorded"):
         archive.restore(Executor(conn), client, tampered, target="attach")
     assert catalog_snapshot(conn) == before and not exists(conn, DETACHED)
-    assert row_hash(conn, PARENT) == s.parent_hash
+    assert row_hash(conn, PARENT) == parent
 
 
 def test_a_missing_bucket_is_named(conn, bucket) -> None:
@@ -127,19 +128,27 @@ def test_no_secret_leaves_the_connection(db, conn, bucket, s3_server, caplog, mo
 
     def watching_popen(cmd: Any, *args: Any, **kwargs: Any) -> Any:
         proc = real_popen(cmd, *args, **kwargs)  # the real pg_dump runs; we only look at it
-        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
-            argv = f.read().decode(errors="replace")
-        service = kwargs.get("env", {}).get("PGSERVICEFILE")
-        seen.append({"argv": argv, "service_mode": os.stat(service).st_mode & 0o777 if service else None,
-                     "service": service})
+        argv = ""
+        for _ in range(400):  # until the child has exec'd pg_dump (it cannot finish: we have not read its pipe)
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace")
+            if "pg_" in argv:
+                break
+            time.sleep(0.005)
+        env = kwargs.get("env") or {}
+        service = env.get("PGSERVICEFILE")
+        if any(str(c).startswith("--dbname=") for c in cmd):  # the pg_dump that connects (not --version probes)
+            seen.append({"argv": argv, "service": service, "service_mode": os.stat(service).st_mode & 0o777
+                         if service else None, "pgpassword": env.get("PGPASSWORD")})
         return proc
 
     monkeypatch.setattr(export.subprocess, "Popen", watching_popen)
     caplog.set_level(logging.DEBUG)
     result = archive.archive_queued(Executor(secret_conn), client, s.queue_id)
     assert result["status"] == "dropped"
-    assert seen and "pg_dump" in seen[0]["argv"] and "--dbname=" in seen[0]["argv"]
-    assert seen[0]["service_mode"] == 0o600 and not os.path.exists(seen[0]["service"])  # removed afterwards
+    assert len(seen) == 1 and "pg_dump" in seen[0]["argv"] and "--dbname=" in seen[0]["argv"]  # read while alive
+    assert seen[0]["pgpassword"] == password  # through the environment...
+    assert seen[0]["service_mode"] == 0o600 and not os.path.exists(seen[0]["service"])  # ...and a removed file
     manifest_text = json.dumps(archive.get_manifest(client, bucket.name, result["key"]))
     state_text = json.dumps(conn.execute("SELECT json_agg(q) FROM pgpartition.archive_queue q").fetchone()[0])
     jobs_text = json.dumps(conn.execute("SELECT json_agg(j) FROM pgpartition.jobs j").fetchone()[0])

@@ -16,6 +16,7 @@ This module needs no database (tests/unit/core/convert/test_where.py); the serve
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from pglast.stream import RawStream
 
 from pg_partition.core.db.errors import InvalidInputError
 
+PREFIX = "SELECT WHERE "
 MAX_WHERE_CHARS = 4000
 MAX_NODES = 500
 
@@ -190,9 +192,12 @@ def parse(text: str, *, table: Iterable[str] = (), columns: Iterable[str] | None
     try:
         # The text sits in a SELECT of its own and the result must be exactly that one SELECT with only a WHERE:
         # a filter that closes the statement (";"), adds a UNION, a FROM or a LIMIT is refused below.
-        stmts = parse_sql("SELECT WHERE " + text)
+        stmts = parse_sql(PREFIX + text)
     except ParseError as exc:
-        raise _refuse(text, f"it is not valid SQL ({exc})") from None
+        # positions are counted in the user's text, not in the "SELECT WHERE " it was parsed in
+        detail = re.sub(r"at index (\d+)", lambda m: f"at character {max(int(m.group(1)) - len(PREFIX), 0) + 1}",
+                        str(exc))
+        raise _refuse(text, f"it is not valid SQL ({detail})") from None
     if len(stmts) != 1:
         raise _refuse(text, "it holds more than one statement")
     stmt = stmts[0].stmt
@@ -212,7 +217,7 @@ def parse(text: str, *, table: Iterable[str] = (), columns: Iterable[str] | None
             raise _refuse(text, f"column(s) {', '.join(unknown)} do not exist in the table")
     printed = RawStream()(where)
     # The deparse must mean exactly the checked tree: parse it again and compare (positions aside).
-    again = parse_sql("SELECT WHERE " + printed)
+    again = parse_sql(PREFIX + printed)
     again_stmt = again[0].stmt if len(again) == 1 else None
     if not isinstance(again_stmt, ast.SelectStmt) or again_stmt.whereClause is None \
             or _shape(again_stmt.whereClause(skip_none=True)) != _shape(where(skip_none=True)):

@@ -65,12 +65,18 @@ class PartitionBaseOperator(BaseOperator):
         executor, any worker) fails naming the session that holds it. Every param is checked first."""
         self.lock_kwargs()
         with self.hook().open(autocommit=autocommit) as conn:
-            if is_none(self.table):  # the archive operator learns its table from the queue row (the engine locks)
+            # the archive operator learns its table from the queue row (the engine locks it); a second connection
+            # of the same task (the lag gate's) is covered by the lock its first connection holds
+            if is_none(self.table) or getattr(self, "_holds_table_lock", False):
                 yield conn
                 return
             shared, item = self.table_lock_mode()
             with table_lock(conn, self.qualified_table, what=f"task {self.task_id}", shared=shared, item=item):
-                yield conn
+                self._holds_table_lock = True
+                try:
+                    yield conn
+                finally:
+                    self._holds_table_lock = False
 
     def sql_executor(self, conn: psycopg.Connection[Any]) -> Executor:
         """Not named ``executor``: Airflow's BaseOperator.__init__ sets ``self.executor`` (the executor name)."""

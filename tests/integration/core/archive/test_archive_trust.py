@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import time
+import uuid
 from typing import Any
 
 import boto3
@@ -50,13 +51,14 @@ def test_a_forged_queue_row_naming_an_ordinary_table_is_refused(conn, bucket) ->
 def test_a_queue_row_naming_a_table_owned_by_another_role_is_refused(conn, bucket) -> None:
     """Even a well-formed <parent>_retired row is refused when the table is not the running role's own."""
     partitioned_activities(conn, policy=policy(bucket))
-    conn.execute("CREATE ROLE pgp_carol")
+    carol = f"pgp_carol_{uuid.uuid4().hex[:8]}"  # roles are cluster-wide: a name of its own
+    conn.execute(f"CREATE ROLE {carol}")
     conn.execute("CREATE TABLE public.activities_retired (id int)")
-    conn.execute("ALTER TABLE public.activities_retired OWNER TO pgp_carol")
+    conn.execute(f"ALTER TABLE public.activities_retired OWNER TO {carol}")
     rid = archive.enqueue_retired(conn, PARENT, policy=policy(bucket))
     assert rid is not None
     before, keys = catalog_snapshot(conn), bucket.keys()
-    with pytest.raises(StateError, match=r"names public.activities_retired, owned by pgp_carol, not by the role "
+    with pytest.raises(StateError, match=rf"names public.activities_retired, owned by {carol}, not by the role "
                        r"running pg-partition"):
         archive.archive_queued(Executor(conn), bucket.client(), rid)
     assert catalog_snapshot(conn) == before and bucket.keys() == keys

@@ -3,6 +3,7 @@ and the fix; a snapshot of the database (schema dump, sequences, row hashes, the
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import psycopg
@@ -21,6 +22,13 @@ def _base(conn: psycopg.Connection[Any]) -> None:
     conn.execute("CREATE TABLE ev (id bigserial PRIMARY KEY, at timestamptz NOT NULL, v text)")
     conn.execute("INSERT INTO ev (at, v) SELECT timestamptz '2024-01-01 00:00+00' + g * interval '1 hour', g::text "
                  "FROM generate_series(1, 500) g")
+
+
+def _role(conn: psycopg.Connection[Any], prefix: str) -> str:
+    """A new role (roles are cluster-wide, so each test gets its own name)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE ROLE {name}")
+    return name
 
 
 def _state(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
@@ -129,13 +137,13 @@ def test_views_are_reported_as_views(conn, ddl: str, what: str) -> None:
 
 def test_a_non_owner_is_refused_up_front_naming_the_owner(conn) -> None:
     _base(conn)
-    conn.execute("CREATE ROLE pgp_bob")
-    conn.execute("GRANT SELECT ON ev TO pgp_bob")
-    conn.execute("GRANT CREATE ON DATABASE " + conn.info.dbname + " TO pgp_bob")
+    bob = _role(conn, "pgp_bob")
+    conn.execute(f"GRANT SELECT ON ev TO {bob}")
+    conn.execute(f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {bob}")
     before = _state(conn)
     try:
-        conn.execute("SET ROLE pgp_bob")
-        with pytest.raises(PreflightError, match=r"public\.ev is owned by postgres; pg-partition connects as pgp_bob"):
+        conn.execute(f"SET ROLE {bob}")
+        with pytest.raises(PreflightError, match=rf"public\.ev is owned by postgres; pg-partition connects as {bob}"):
             convert.prep(Executor(conn), ConvertSpec.create("ev", "at"))
     finally:
         conn.execute("RESET ROLE")
@@ -145,12 +153,12 @@ def test_a_non_owner_is_refused_up_front_naming_the_owner(conn) -> None:
 def test_a_state_schema_owned_by_another_role_is_refused(conn) -> None:
     """The attack of the issue: a role with CREATE on the database creates the state schema first."""
     _base(conn)
-    conn.execute("CREATE ROLE pgp_mallory")
-    conn.execute("CREATE SCHEMA pgpartition AUTHORIZATION pgp_mallory")
+    mallory = _role(conn, "pgp_mallory")
+    conn.execute(f"CREATE SCHEMA pgpartition AUTHORIZATION {mallory}")
     before = _state(conn)
-    with pytest.raises(PreflightError, match="the state schema pgpartition is owned by pgp_mallory"):
+    with pytest.raises(PreflightError, match=f"the state schema pgpartition is owned by {mallory}"):
         convert.prep(Executor(conn), ConvertSpec.create("ev", "at"))
-    with pytest.raises(StateError, match="owned by pgp_mallory") as err:
+    with pytest.raises(StateError, match=f"owned by {mallory}") as err:
         state.ensure_schema(conn)
     assert "DROP SCHEMA pgpartition CASCADE" in str(err.value)
     assert _state(conn) == before
@@ -159,10 +167,10 @@ def test_a_state_schema_owned_by_another_role_is_refused(conn) -> None:
 def test_a_state_schema_others_can_write_is_refused(conn) -> None:
     _base(conn)
     state.ensure_schema(conn)
-    conn.execute("CREATE ROLE pgp_mallory")
-    conn.execute("GRANT INSERT ON pgpartition.archive_queue TO pgp_mallory")
+    mallory = _role(conn, "pgp_mallory")
+    conn.execute(f"GRANT INSERT ON pgpartition.archive_queue TO {mallory}")
     before = _state(conn)
-    with pytest.raises(PartitionError, match=r"role\(s\) pgp_mallory may write to pgpartition.archive_queue"):
+    with pytest.raises(PartitionError, match=rf"role\(s\) {mallory} may write to pgpartition.archive_queue"):
         convert.prep(Executor(conn), ConvertSpec.create("ev", "at"))
     assert _state(conn) == before
 

@@ -40,6 +40,7 @@ from pg_partition.core.archive.policy import ArchivePolicy
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError
 from pg_partition.core.db.names import Period
+from pg_partition.core.params import parse_lock_timeout
 from pg_partition.core.rotate import RotationSpec
 
 ENV_VAR = "PG_PARTITION_CONFIG"
@@ -102,6 +103,15 @@ class TableConfig(BaseModel):
     batch_size: int = Field(10_000, ge=1, le=10_000_000,
                             description="Rows per transaction when moving rows out of the DEFAULT partition.")
     enabled: bool = Field(True, description="false keeps the entry in the file but skips it.")
+
+    @field_validator("lock_timeout")
+    @classmethod
+    def _lock_timeout(cls, value: str) -> str:
+        try:
+            parse_lock_timeout(value)
+        except InvalidInputError as exc:
+            raise ValueError(f"{exc.what}; {exc.fix}") from None
+        return value
 
     @field_validator("table")
     @classmethod
@@ -209,10 +219,41 @@ def config_path(path: str | os.PathLike[str] | None = None) -> Path:
     return Path(dags) / DEFAULT_FILENAME
 
 
+# A fleet of a few hundred tables is a few hundred lines; 256 KiB leaves room for thousands of one-line entries
+# while keeping a hostile or mistaken file from stalling the DAG processor (Airflow's DAG-file import timeout is
+# 30 s; a file at the limit parses in about a second).
+MAX_CONFIG_BYTES = 256 * 1024
+MAX_CONFIG_TABLES = 5000
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases: the config needs neither (``defaults`` covers sharing), and
+    alias expansion is how a 644-byte file becomes billions of nodes (a "billion laughs" bomb)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.MarkedYAMLError(None, None, "anchors and aliases (&name / *name) are not allowed here",
+                                       event.start_mark)
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if getattr(event, "anchor", None) is not None:
+            raise yaml.MarkedYAMLError(None, None, "anchors and aliases (&name / *name) are not allowed here",
+                                       event.start_mark)
+        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+
+
+def _too_big(size: int, source: str) -> ConfigError:
+    return ConfigError(f"{source}: the config is {size:,} bytes, more than the {MAX_CONFIG_BYTES:,}-byte limit",
+                       fix="split the fleet into several config files/DAG folders, or remove unused entries")
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> FleetConfig:
     """Read and validate the fleet config. Raises :class:`ConfigError` naming file, line and field."""
     file = config_path(path)
     try:
+        size = file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise _too_big(size, str(file))
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(
@@ -225,15 +266,24 @@ def load_config(path: str | os.PathLike[str] | None = None) -> FleetConfig:
 
 def parse_config(text: str, *, source: str = "<string>") -> FleetConfig:
     """Validate config text. All problems are reported at once, each as ``source, line N, field: message``."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise _too_big(len(text.encode("utf-8", "surrogatepass")), source)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = _NoAliasLoader(text)
+        try:
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f", line {mark.line + 1}" if mark else ""
         context = ""
         if exc.context and exc.context_mark and mark and exc.context_mark.line != mark.line:
             context = f" ({exc.context} at line {exc.context_mark.line + 1})"
+        if "anchors and aliases" in str(exc.problem):
+            raise ConfigError(f"{source}{line}: {exc.problem}", fix="write the value out, or put settings "
+                              "shared by several tables in the defaults: section") from None
         raise ConfigError(f"{source}{line}: invalid YAML: {exc.problem or exc}{context}",
                           fix="fix the YAML syntax at that line (indentation, quotes, colons)") from None
     except yaml.YAMLError as exc:
@@ -257,6 +307,9 @@ def parse_config(text: str, *, source: str = "<string>") -> FleetConfig:
     if not isinstance(tables_raw, list):
         problems.append(_where(source, tables_node, "tables") + ": must be a list of table entries")
         tables_raw = []
+    if len(tables_raw) > MAX_CONFIG_TABLES:
+        raise ConfigError(f"{source}: {len(tables_raw):,} table entries, more than the limit of {MAX_CONFIG_TABLES:,}",
+                          fix="split the fleet into several config files")
 
     top = {k: v for k, v in data.items() if k not in ("defaults", "tables")}
     try:

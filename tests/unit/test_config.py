@@ -151,3 +151,34 @@ def test_rotate_dag_selects_due_entries() -> None:
                                              logical_date=wednesday)] == ["a", "b", "c"]
     assert [e["conn_id"] for e in select_due(entries, dag_schedule="@daily", run_type="manual",
                                              logical_date=wednesday, conn_ids=["b"])] == ["b"]
+
+
+# --- issue 16: bounded parsing -----------------------------------------------------------------------------------
+
+ALIAS_BOMB = "\n".join(
+    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    + ["tables: []"]) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once() -> None:
+    assert len(ALIAS_BOMB.encode()) < 700  # the issue's was 644 bytes; this one expands to 9**9 strings
+    with pytest.raises(ConfigError, match=r"anchors and aliases .* are not allowed") as err:
+        parse_config(ALIAS_BOMB, source="bomb.yaml")
+    assert "bomb.yaml, line 1" in str(err.value) and "defaults" in str(err.value)
+
+
+def test_a_lone_anchor_is_refused_too() -> None:
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        parse_config("defaults: &d {table: public.a}\ntables:\n  - conn_id: pg_a\n")
+
+
+def test_a_10_mib_config_is_refused_by_size(tmp_path) -> None:
+    line = "  - {conn_id: pg_x, table: public.activities}\n"
+    path = tmp_path / "big.yaml"
+    path.write_text("tables:\n" + line * (10 * 1024 * 1024 // len(line)))
+    with pytest.raises(ConfigError, match=r"more than the 262,144-byte limit") as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(ConfigError, match="byte limit"):
+        parse_config(path.read_text())

@@ -167,3 +167,54 @@ def parse_float(value: Any, default: float = 0.0, *, what: str = "value") -> flo
 def parse_text(value: Any) -> str | None:
     """Text, or ``None`` when not set ("", "None", "null" are what an empty form field renders to)."""
     return None if is_none(value) else str(value)
+
+
+# --- bounds of the conversion/rotation params (issue 16): checked before the first change ----------------------
+
+BATCH_SIZE = (1, 1_000_000)  # rows per transaction: one "short" transaction must stay short
+PERIODS = (0, 120)  # past/future periods asked at once (10 years of months)
+MAX_PARTITIONS = 2000  # partitions one add_partitions call may create (cover_data included)
+LOCK_TIMEOUT_SECONDS = (0.001, 600.0)  # 1ms .. 10min; 0 would mean "wait forever"
+LOCK_RETRIES = (1, 100)
+SLEEP_SECONDS = (0.0, 3600.0)
+_PG_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(us|ms|s|min|h|d)?\s*")
+_PG_UNITS = {"us": 0.000001, "ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def bounded_int(value: Any, *, what: str, bounds: tuple[int, int], default: int | None = None,
+                fix: str = "") -> int:
+    """A whole number within ``bounds`` (inclusive); the message names the field, the value, the rule, the fix."""
+    number = parse_int(value, default, what=what)
+    lo, hi = bounds
+    if number is None or not lo <= number <= hi:
+        raise InvalidInputError(f"{what}={value!r} is out of range: it must be a whole number from {lo:,} to {hi:,}",
+                                fix=fix or f"pass a value between {lo:,} and {hi:,}")
+    return number
+
+
+def bounded_float(value: Any, *, what: str, bounds: tuple[float, float], default: float = 0.0, fix: str = "") -> float:
+    number = parse_float(value, default, what=what)
+    lo, hi = bounds
+    if not lo <= number <= hi:
+        raise InvalidInputError(f"{what}={value!r} is out of range: it must be a number from {lo:g} to {hi:g}",
+                                fix=fix or f"pass a value between {lo:g} and {hi:g}")
+    return number
+
+
+def parse_lock_timeout(value: Any, *, what: str = "lock_timeout") -> str:
+    """A PostgreSQL duration between 1ms and 10min ("2s", "500ms", "1min", or a number of milliseconds as
+    PostgreSQL reads a bare number), returned in a form the server accepts. "forever", "0", "-1s" are refused:
+    DDL on a live table must give up quickly and retry, never queue behind a long transaction."""
+    text = "" if value is None else str(value).strip()
+    m = _PG_DURATION.fullmatch(text) if not isinstance(value, bool) else None
+    seconds = None
+    if m:
+        # a bare number is milliseconds for lock_timeout, as in PostgreSQL
+        seconds = float(m.group(1)) * (_PG_UNITS[m.group(2)] if m.group(2) else 0.001)
+    lo, hi = LOCK_TIMEOUT_SECONDS
+    if seconds is None or not lo <= seconds <= hi:
+        raise InvalidInputError(
+            f"{what}={value!r} is not allowed: it must be a PostgreSQL duration from 1ms to 10min",
+            fix=f"use e.g. {what}='2s' (the default), '500ms' or '30s'; for long waits raise lock_retries instead")
+    number, unit = m.group(1), m.group(2) or "ms"  # type: ignore[union-attr]
+    return f"{number}{unit}"

@@ -32,6 +32,8 @@ class PartitionHook(PostgresHook):
             conn.row_factory = tuple_row  # type: ignore[assignment]
             conn.autocommit = autocommit
             conn.execute("SELECT set_config('application_name', %s, false)", (APPLICATION_NAME,))
+            # literals we print (validated filters, bounds) are meant to be read the standard way
+            conn.execute("SET standard_conforming_strings = on")
             if not autocommit:
                 conn.commit()
             yield conn
@@ -39,10 +41,17 @@ class PartitionHook(PostgresHook):
             conn.close()
 
     def conninfo(self) -> str:
-        """A libpq connection string for the same connection (for async triggers and subprocesses)."""
+        """A libpq connection string for the same connection, without the password (it would end up in logs,
+        XCom or a child's command line); libpq finds it in ``PGPASSWORD`` or a passfile, see :meth:`secret_env`."""
         c = self.connection  # the Airflow Connection (DbApiHook's cached property)
         parts = {
-            "host": c.host or "localhost", "port": c.port or 5432, "user": c.login, "password": c.password,
+            "host": c.host or "localhost", "port": c.port or 5432, "user": c.login,
             "dbname": self.database or c.schema, "application_name": APPLICATION_NAME,
         }
         return psycopg.conninfo.make_conninfo(**{k: v for k, v in parts.items() if v not in (None, "")})
+
+    def secret_env(self) -> dict[str, str]:
+        """The environment entries carrying the connection's password for a child process or a connection made
+        from :meth:`conninfo` (``PGPASSWORD``; empty when the connection has none)."""
+        password = self.connection.password
+        return {"PGPASSWORD": password} if password else {}

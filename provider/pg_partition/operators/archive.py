@@ -84,7 +84,7 @@ class ArchivePartitionOperator(PartitionBaseOperator):
                 self.sql_executor(conn), s3_client(aws_conn_id), queue_id, defaults=self.defaults(),
                 pg_dump=None if is_none(self.pg_dump) else self.pg_dump,
                 pg_restore=None if is_none(self.pg_restore) else self.pg_restore,
-                lock_timeout=str(self.lock_timeout), retries=int(self.lock_retries))
+                **self.lock_kwargs())
         return result | {"conn_id": self.conn_id}
 
 
@@ -143,5 +143,5 @@ class RestorePartitionOperator(PartitionBaseOperator):
                 parent=table if target == "attach" else None,
                 schema=None if is_none(self.schema) else str(self.schema),
                 pg_restore=None if is_none(self.pg_restore) else str(self.pg_restore),
-                lock_timeout=str(self.lock_timeout), retries=int(self.lock_retries))
+                **self.lock_kwargs())
         return result | {"conn_id": self.conn_id, "bucket": bucket}

@@ -11,7 +11,8 @@ from airflow.sdk import BaseOperator
 
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.execute import Executor
-from pg_partition.core.params import parse_bool
+from pg_partition.core.db.locks import table_lock
+from pg_partition.core.params import LOCK_RETRIES, bounded_int, is_none, parse_bool, parse_lock_timeout
 from pg_partition.hooks.partition import PartitionHook
 
 
@@ -53,14 +54,35 @@ class PartitionBaseOperator(BaseOperator):
     def hook(self) -> PartitionHook:
         return PartitionHook(postgres_conn_id=self.conn_id)
 
+    def table_lock_mode(self) -> tuple[bool, str | None]:
+        """(shared, item) for :func:`pg_partition.core.db.locks.table_lock`: exclusive by default; the mapped
+        fill tasks share the table's lock and each locks its own item."""
+        return False, None
+
     @contextmanager
     def connection(self, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
+        """A connection holding the table's pg-partition lock for the task: a second run on the same table (any
+        executor, any worker) fails naming the session that holds it. Every param is checked first."""
+        self.lock_kwargs()
         with self.hook().open(autocommit=autocommit) as conn:
-            yield conn
+            # the archive operator learns its table from the queue row (the engine locks it); a second connection
+            # of the same task (the lag gate's) is covered by the lock its first connection holds
+            if is_none(self.table) or getattr(self, "_holds_table_lock", False):
+                yield conn
+                return
+            shared, item = self.table_lock_mode()
+            with table_lock(conn, self.qualified_table, what=f"task {self.task_id}", shared=shared, item=item):
+                self._holds_table_lock = True
+                try:
+                    yield conn
+                finally:
+                    self._holds_table_lock = False
 
     def sql_executor(self, conn: psycopg.Connection[Any]) -> Executor:
         """Not named ``executor``: Airflow's BaseOperator.__init__ sets ``self.executor`` (the executor name)."""
         return Executor(conn, dry_run=self.is_dry_run)
 
     def lock_kwargs(self) -> dict[str, Any]:
-        return {"lock_timeout": str(self.lock_timeout), "retries": int(self.lock_retries)}
+        """lock_timeout and lock_retries, checked (1ms..10min; 1..100) before anything runs."""
+        return {"lock_timeout": parse_lock_timeout(self.lock_timeout),
+                "retries": bounded_int(self.lock_retries, what="lock_retries", bounds=LOCK_RETRIES, default=5)}

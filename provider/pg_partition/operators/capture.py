@@ -22,7 +22,7 @@ from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError
 from pg_partition.core.db.names import derived_name
 from pg_partition.core.lag import LagPauseTooLong
-from pg_partition.core.params import parse_bool
+from pg_partition.core.params import BATCH_SIZE, SLEEP_SECONDS, bounded_float, bounded_int, parse_bool
 from pg_partition.operators.base import PartitionBaseOperator
 from pg_partition.sensors.lag import LAG_FIELDS, LagGated
 
@@ -60,12 +60,9 @@ class ReplayChangesOperator(LagGated, PartitionBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         table = self.qualified_table
-        try:
-            batch, below, pause = int(self.batch_size), int(self.until_backlog_below), float(self.sleep_seconds)
-        except ValueError as exc:
-            raise InvalidInputError(f"invalid replay setting: {exc}",
-                                    fix="batch_size and until_backlog_below are integers, sleep_seconds a number"
-                                    ) from None
+        batch = bounded_int(self.batch_size, what="batch_size", bounds=BATCH_SIZE, fix="pass e.g. batch_size=5000")
+        below = bounded_int(self.until_backlog_below, what="until_backlog_below", bounds=(0, 10**9))
+        pause = bounded_float(self.sleep_seconds, what="sleep_seconds", bounds=SLEEP_SECONDS)
         with self.connection() as conn:
             if not capture.is_installed(conn, table):
                 self.log.info("no change capture on %s: nothing to replay", table)

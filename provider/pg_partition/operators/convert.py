@@ -84,7 +84,7 @@ class ConvertPreflightOperator(ConvertBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         with self.run_step() as (ex, spec):
-            report = convert.preflight(ex.conn, spec, where=parse_text(self.where))
+            report = convert.preflight(ex.conn, spec, where=parse_text(self.where), dry_run=ex.dry_run)
             if self.capture_changes is not None:  # refuse capture + where here, before anything changes
                 report["capture"] = convert.decide_capture(ex.conn, spec, self.capture_changes,
                                                            where=parse_text(self.where))
@@ -204,6 +204,11 @@ class ConvertFillOperator(LagGated, ConvertBaseOperator):
         self.sleep_seconds = sleep_seconds
         self.init_lag(max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds, watch_slots=watch_slots,
                       max_pause_seconds=max_pause_seconds, lag_poll_seconds=lag_poll_seconds)
+
+    def table_lock_mode(self) -> tuple[bool, str | None]:
+        """Mapped fill tasks of one run share the table's lock; each item is locked on its own."""
+        item = self.item if isinstance(self.item, dict) else {}
+        return True, str(item.get("key") or self.item)
 
     def execute(self, context: Context) -> dict[str, Any]:
         return self._fill()

@@ -86,3 +86,36 @@ def test_operators_dry_run_and_refusals(db, conn) -> None:
     with pytest.raises(StateError, match="not a swapped-in conversion"):
         ConvertUnswapOperator(task_id="unswap", **_common(db)).execute({})
     assert snapshot(conn) == before
+
+
+def test_a_second_run_on_the_same_table_fails_naming_the_holder(db, conn) -> None:
+    """Issue 16: two runs (an API-triggered run and a CLI `dags test`) on one table. Every operator step holds
+    the table's advisory lock; the second fails with who holds it and changes nothing."""
+    from pg_partition.core.db.locks import TableBusyError, table_lock
+
+    seed_activities(conn, "public.activities", rows=2_000, months=2)
+    c = _common(db)
+    before, rows = snapshot(conn), row_hash(conn, "activities")
+    with db.connect() as other:
+        other.execute("SET application_name = 'the_api_run'")
+        with table_lock(other, QualifiedName("public", "activities"), what="prep"):
+            with pytest.raises(TableBusyError, match=rf"pid {other.info.backend_pid}, application_name "
+                               r"'the_api_run'"):
+                ConvertPrepOperator(task_id="prep", **c).execute({})
+            assert snapshot(conn) == before and row_hash(conn, "activities") == rows
+    assert ConvertPrepOperator(task_id="prep", **c).execute({})["created"] is True  # free again
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("lock_timeout", "forever", "lock_timeout='forever' is not allowed"),
+    ("lock_timeout", "-1s", "lock_timeout='-1s' is not allowed"),
+    ("lock_retries", "0", "lock_retries='0' is out of range"),
+])
+def test_lock_params_are_refused_before_connecting(db, conn, field: str, value: str, message: str) -> None:
+    from pg_partition.core.db.errors import InvalidInputError
+
+    seed_activities(conn, "public.activities", rows=500, months=1)
+    before = snapshot(conn)
+    with pytest.raises(InvalidInputError, match=message):
+        ConvertPrepOperator(task_id="prep", **(_common(db) | {field: value})).execute({})
+    assert snapshot(conn) == before

@@ -8,11 +8,17 @@ import pytest
 
 from pg_partition.core.db.errors import InvalidInputError
 from pg_partition.core.params import (
+    BATCH_SIZE,
+    PERIODS,
+    SLEEP_SECONDS,
+    bounded_float,
+    bounded_int,
     is_none,
     parse_bool,
     parse_bytes,
     parse_float,
     parse_int,
+    parse_lock_timeout,
     parse_seconds,
     parse_switch,
     parse_text,
@@ -69,3 +75,39 @@ def test_numbers_and_text_from_templates() -> None:
         parse_int("1e3", what="batch_size")
     with pytest.raises(InvalidInputError, match="is not a finite number"):
         parse_float("inf", what="sleep_seconds")
+
+
+# --- issue 16: bounds checked before the first change -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [("2s", "2s"), ("500ms", "500ms"), ("10min", "10min"),
+                                                  ("100", "100ms"), (" 1.5 s", "1.5s"), ("1ms", "1ms")])
+def test_lock_timeout_accepts_short_postgresql_durations(value: str, expected: str) -> None:
+    assert parse_lock_timeout(value) == expected
+
+
+@pytest.mark.parametrize("value", ["forever", "-1s", "0", "0s", "11min", "1h", "", None, True, "1 hour", "2s; x"])
+def test_lock_timeout_refuses_forever_negative_and_long(value: object) -> None:
+    with pytest.raises(InvalidInputError, match=r"lock_timeout=.* is not allowed: it must be a PostgreSQL duration "
+                       r"from 1ms to 10min") as err:
+        parse_lock_timeout(value)
+    assert "lock_retries" in str(err.value)  # the fix
+
+
+@pytest.mark.parametrize(("value", "ok"), [(1, True), (1_000_000, True), ("5000", True), (0, False),
+                                           (10**12, False), ("-3", False)])
+def test_batch_size_bounds(value: object, ok: bool) -> None:
+    if ok:
+        assert bounded_int(value, what="batch_size", bounds=BATCH_SIZE) == int(str(value))
+    else:
+        with pytest.raises(InvalidInputError, match=r"batch_size=.* is out of range: it must be a whole number "
+                           r"from 1 to 1,000,000"):
+            bounded_int(value, what="batch_size", bounds=BATCH_SIZE)
+
+
+def test_periods_and_sleep_bounds() -> None:
+    with pytest.raises(InvalidInputError, match="future=10000 is out of range"):
+        bounded_int(10_000, what="future", bounds=PERIODS)
+    with pytest.raises(InvalidInputError, match="sleep_seconds=-1 is out of range"):
+        bounded_float(-1, what="sleep_seconds", bounds=SLEEP_SECONDS)
+    assert bounded_float("0.5", what="sleep_seconds", bounds=SLEEP_SECONDS) == 0.5

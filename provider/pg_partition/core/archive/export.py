@@ -16,7 +16,14 @@ from psycopg import sql
 
 from pg_partition.core.archive.policy import MiB
 from pg_partition.core.archive.s3 import MultipartUpload
-from pg_partition.core.archive.tools import PgTool, TailReader, dump_pattern, grow_pipe, libpq_target
+from pg_partition.core.archive.tools import (
+    PgTool,
+    TailReader,
+    dump_pattern,
+    grow_pipe,
+    libpq_target,
+    release_target,
+)
 from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import (
@@ -134,7 +141,11 @@ def write_pg_dump(conn: psycopg.Connection[Any], table: QualifiedName, sink: Mul
     if compress is not None:
         cmd.append(f"--compress={compress}")
     log.info("running: %s", " ".join(c if not c.startswith("--dbname=") else "--dbname=<conninfo>" for c in cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
+    except BaseException:
+        release_target(env)
+        raise
     assert proc.stdout is not None and proc.stderr is not None
     grow_pipe(proc.stdout.fileno())
     err = TailReader(proc.stderr)
@@ -150,6 +161,7 @@ def write_pg_dump(conn: psycopg.Connection[Any], table: QualifiedName, sink: Mul
         raise
     finally:
         proc.stdout.close()
+        release_target(env)  # the private service file holding sslpassword, if any
     if rc != 0:
         raise PartitionError(f"pg_dump of {table} failed (exit {rc}): {err.text()}", where=str(table),
                              fix="see the pg_dump message above; the table was left in place and will be retried")

@@ -26,6 +26,7 @@ from pg_partition.core.db.errors import (
     VerificationError,
 )
 from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.locks import table_lock
 from pg_partition.core.db.names import derived_name
 from pg_partition.core.db.partitions import partition_column
 
@@ -201,6 +202,40 @@ def _claim(conn: psycopg.Connection[Any], queue_id: int) -> Iterator[None]:
             conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
 
 
+def check_queued_table(conn: psycopg.Connection[Any], row: QueueRow) -> None:
+    """Re-check a queue row against the catalog before its table is uploaded or dropped.
+
+    Only a table this product detached or retired qualifies: a plain table (not a partition, not partitioned)
+    owned by the running role, which is either ``<parent>_retired`` beside its parent (a conversion's original
+    table) or sits in a schema other than its parent's that the running role owns (the archive schema rotation
+    moves detached partitions to). A row naming anything else was not written by pg-partition."""
+    info = conn.execute(
+        """SELECT c.relkind, c.relispartition, pg_get_userbyid(c.relowner),
+                  c.relowner = (SELECT oid FROM pg_roles WHERE rolname = current_user),
+                  n.nspowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = %s AND c.relname = %s""", (row.schema_name, row.table_name)).fetchone()
+    fix = ("delete this archive_queue row (it was not written by pg-partition) and check who can write to the "
+           f"{state.SCHEMA} schema; only tables rotation detached or a conversion retired are archived")
+    if info is None:
+        return  # the caller reports a missing table with its own message
+    relkind, is_partition, owner, mine, schema_mine = info
+    if relkind != "r" or is_partition:
+        raise StateError(f"archive queue row {row.id} names {row.table}, which is not a detached table "
+                         f"(relkind {relkind}{', attached as a partition' if is_partition else ''}); refusing to "
+                         "archive or drop it", fix=fix)
+    if not mine:
+        raise StateError(f"archive queue row {row.id} names {row.table}, owned by {owner}, not by the role running "
+                         "pg-partition; refusing to archive or drop it", fix=fix)
+    retired = bool(row.parent_schema and row.parent_table and row.schema_name == row.parent_schema
+                   and row.table_name == derived_name(row.parent_table, "retired"))
+    detached = bool(row.parent_schema and row.schema_name != row.parent_schema and schema_mine)
+    if not (retired or detached):
+        raise StateError(f"archive queue row {row.id} names {row.table}, which is neither a conversion's retired "
+                         "table (<parent>_retired) nor a detached partition in the archive schema; refusing to "
+                         "archive or drop it", fix=fix)
+
+
 def archive_queued(
     ex: Executor,
     s3: S3Client,
@@ -221,6 +256,7 @@ def archive_queued(
     conn = ex.conn
     state.ensure_schema(conn)
     row = queue_row(conn, queue_id)
+    check_queued_table(conn, row)
     base = defaults.model_dump() if isinstance(defaults, ArchivePolicy) else (defaults or {})
     result: dict[str, Any] = {"queue_id": queue_id, "table": str(row.table)}
     if row.status in DONE:
@@ -233,10 +269,11 @@ def archive_queued(
             ex.run(sql.SQL("DROP TABLE {}").format(row.table.ident))
         return result | {"status": row.status, "dry_run": True, "key": plan["key"],
                          "statements": list(ex.statements)}
-    with _claim(conn, queue_id):
+    with table_lock(conn, row.table, what=f"archive of queue row {queue_id}"), _claim(conn, queue_id):
         row = queue_row(conn, queue_id)
         if row.status in DONE:
             return result | {"status": row.status, "skipped": True}
+        check_queued_table(conn, row)
         stage = row.archive.get("stage")
         manifest: dict[str, Any] | None = row.archive.get("manifest")
         try:
@@ -267,6 +304,7 @@ def archive_queued(
                                          on_upload_started=remember, resume_upload_id=resume)
                 update(conn, queue_id, status="uploaded", remove=["upload"],
                         patch={"stage": "uploaded", "manifest": manifest, "key": manifest["key"],
+                               "sha256": manifest["sha256"], "bytes": manifest["bytes"],
                                "bucket": policy.bucket, "manifest_key": manifest["manifest_key"]})
                 stage = "uploaded"
             assert manifest is not None
@@ -284,11 +322,26 @@ def archive_queued(
                 final = "kept"
                 ex.logger.info("archive policy drop=false: %s is kept in the database", row.table)
         except BaseException as exc:
-            _mark_failed(conn, queue_id, exc, ex.logger)
+            clear = no_such_bucket(exc, policy.bucket)
+            _mark_failed(conn, queue_id, clear or exc, ex.logger)
+            if clear is not None:
+                raise clear from None
             raise
     return result | {"status": final, "key": manifest["key"], "bucket": manifest["bucket"],
                      "manifest_key": manifest["manifest_key"], "rows": manifest["rows"],
                      "bytes": manifest["bytes"], "sha256": manifest["sha256"], "format": manifest["format"]}
+
+
+def no_such_bucket(exc: BaseException, bucket: str) -> InvalidInputError | None:
+    """botocore's NoSuchBucket as an error naming the bucket and the fix (None for any other error)."""
+    response = getattr(exc, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    if code != "NoSuchBucket":
+        return None
+    return InvalidInputError(f"the S3 bucket {bucket!r} does not exist (or is not visible to these credentials)",
+                             where=f"s3://{bucket}",
+                             fix="create the bucket, or fix the archive policy's bucket / the AWS connection "
+                             "(aws_conn_id, endpoint, region); the table was not touched")
 
 
 def _cleanup_uploads(s3: S3Client, bucket: str, key: str, recorded: Mapping[str, Any] | None,

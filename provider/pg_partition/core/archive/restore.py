@@ -226,6 +226,37 @@ class RestorePlan:
     range: Range | None
 
 
+def check_recorded(conn: psycopg.Connection[Any], manifest: dict[str, Any], logger: Any) -> bool:
+    """Compare the manifest with what the archive queue recorded when the archive was written (sha256, bytes,
+    rows). Why: whoever can write the bucket can replace an object and its manifest together, so the manifest
+    alone proves nothing; the record in the database can. Returns whether a record was found (an archive made by
+    another database has none: then only the manifest is checked, and a warning says so)."""
+    if not state.ready(conn):
+        logger.warning("no archive record in this database (no state schema): restoring s3://%s/%s on the "
+                       "manifest's checksum alone", manifest["bucket"], manifest["key"])
+        return False
+    state.check_trusted(conn)
+    rec = conn.execute(sql.SQL(
+        """SELECT id, coalesce(archive->>'sha256', archive->'manifest'->>'sha256'),
+                  coalesce(archive->>'bytes', archive->'manifest'->>'bytes'), archive->'manifest'->>'rows'
+           FROM {} WHERE archive->>'bucket' = %s AND archive->>'key' = %s ORDER BY id DESC LIMIT 1""").format(
+        state.QUEUE), (manifest["bucket"], manifest["key"])).fetchone()
+    if rec is None:
+        logger.warning("s3://%s/%s has no record in this database's archive queue: restoring on the manifest's "
+                       "checksum alone", manifest["bucket"], manifest["key"])
+        return False
+    queue_id, sha, size, rows = rec
+    if (sha, str(size), str(rows)) != (manifest["sha256"], str(manifest["bytes"]), str(manifest["rows"])):
+        raise VerificationError(
+            f"the manifest of s3://{manifest['bucket']}/{manifest['key']} (sha256 {manifest['sha256']}, "
+            f"{manifest['bytes']} bytes, {manifest['rows']} rows) differs from what archive queue row {queue_id} "
+            f"recorded when it was written (sha256 {sha}, {size} bytes, {rows} rows)",
+            where=f"s3://{manifest['bucket']}/{manifest['key']}",
+            fix="the object or its manifest was replaced after archiving; nothing was restored. Check who can "
+            "write the bucket, and restore from a copy whose checksum matches the record")
+    return True
+
+
 def restore(
     ex: Executor,
     s3: S3Client,
@@ -263,6 +294,7 @@ def restore(
     if preflight == "done":
         ex.logger.info("%s is already restored from s3://%s/%s", plan.table, manifest["bucket"], manifest["key"])
         return result | {"status": "already restored"}
+    result["recorded"] = check_recorded(conn, manifest, ex.logger)
     checks: dict[str, Any] = {}
     if verify and not ex.dry_run:
         checks = _verify_before_restore(s3, manifest, pg_restore)

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,19 +135,47 @@ _LIBPQ_PORTABLE = {"host", "hostaddr", "port", "dbname", "user", "passfile", "co
                    "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout"}
 
 
-def libpq_target(conn: psycopg.Connection[Any]) -> tuple[str, dict[str, str]]:
-    """A conninfo for client programs reaching the same database, and an environment carrying the password.
+SECRET_PARAMS = ("password", "sslpassword")
+SERVICE = "pg_partition_child"
 
-    The password goes in ``PGPASSWORD`` rather than the command line, where ``ps`` would show it.
+
+def libpq_target(conn: psycopg.Connection[Any]) -> tuple[str, dict[str, str]]:
+    """A conninfo for client programs reaching the same database, and an environment carrying the secrets.
+
+    No secret is ever on the command line, where ``ps`` and /proc/<pid>/cmdline show it to every local user:
+    the password goes in ``PGPASSWORD``; ``sslpassword`` (which has no environment variable) goes in a private
+    service file (mode 0600 in a private directory) named by ``PGSERVICEFILE``/``PGSERVICE``. Call
+    :func:`release_target` with the environment once the child has connected or ended, to remove that file.
     """
     # Only options every libpq since PG 12 knows: psycopg's bundled (newer) libpq reports options such as
     # sslcertmode that an older pg_dump's libpq rejects as "invalid connection option".
-    params = {k: v for k, v in conn.info.get_parameters().items() if k in _LIBPQ_PORTABLE}
+    all_params = conn.info.get_parameters()
+    params = {k: v for k, v in all_params.items() if k in _LIBPQ_PORTABLE and k not in SECRET_PARAMS}
     params["application_name"] = "pg_partition_archive"
     env = dict(os.environ)
+    env.pop("PGSERVICEFILE", None)
+    env.pop("PGSERVICE", None)
     if conn.info.password:
         env["PGPASSWORD"] = conn.info.password
+    ssl_password = all_params.get("sslpassword")
+    if ssl_password:
+        if "\n" in ssl_password or "\r" in ssl_password:
+            raise ValueError("sslpassword contains a line break; it cannot be passed to pg_dump safely")
+        folder = tempfile.mkdtemp(prefix="pg_partition_")  # mode 0700
+        path = os.path.join(folder, "pg_service.conf")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"[{SERVICE}]\nsslpassword={ssl_password}\n")
+        env["PGSERVICEFILE"] = path
+        params["service"] = SERVICE
     return psycopg.conninfo.make_conninfo(**params), env
+
+
+def release_target(env: dict[str, str]) -> None:
+    """Remove the private service file :func:`libpq_target` may have written (idempotent)."""
+    path = env.get("PGSERVICEFILE")
+    if path and os.path.basename(os.path.dirname(path)).startswith("pg_partition_"):
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 def dump_pattern(table: QualifiedName) -> str:

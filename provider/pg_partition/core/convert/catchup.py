@@ -39,6 +39,7 @@ from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import PartitionError
 from pg_partition.core.db.execute import Executor
 from pg_partition.core.db.names import ColumnKind
+from pg_partition.core.params import BATCH_SIZE, bounded_int
 
 log = logging.getLogger("pg_partition")
 
@@ -69,6 +70,7 @@ def catch_up(
     out by the application or a cached sequence), and rows already present are skipped by id, so repeating it
     copies nothing twice. Rows outside every partition are counted, not copied.
     """
+    batch_size = bounded_int(batch_size, what="batch_size", bounds=BATCH_SIZE, fix="pass e.g. batch_size=10000")
     conn = ex.conn
     with timed(ex, spec, "catch_up") as info:
         plan = checkpoint(conn, spec, "plan")

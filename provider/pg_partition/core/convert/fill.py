@@ -34,13 +34,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pg_partition.core.convert.preflight import validate_where
+from pg_partition.core.convert.preflight import read_only, validate_where
 from pg_partition.core.convert.spec import ConvertSpec, checkpoint, forget, put
 from pg_partition.core.db import catalog, state
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import PartitionError, StateError
 from pg_partition.core.db.execute import Executor, Progress
 from pg_partition.core.db.names import ColumnKind, Range, bound_literal, covering
+from pg_partition.core.params import BATCH_SIZE, SLEEP_SECONDS, bounded_float, bounded_int
 
 log = logging.getLogger("pg_partition")
 
@@ -196,9 +197,9 @@ def plan_fill(
     ``replan`` (then the fill's checkpoints are cleared too; batches replace ranges, so re-copying is safe).
     ``start``/``stop`` limit the copied ids (inclusive), like pgslice's options.
     """
-    if batch_size < 1:
-        raise PartitionError(f"batch_size must be positive, got {batch_size}", fix="pass e.g. batch_size=10000")
+    batch_size = bounded_int(batch_size, what="batch_size", bounds=BATCH_SIZE, fix="pass e.g. batch_size=10000")
     conn = ex.conn
+    validate_where(conn, spec.table, where)  # before anything, also before a recorded plan is returned
     recorded = None if replan else checkpoint(conn, spec, "plan")
     if recorded is not None:
         if (recorded.get("where") or None) != (where or None):
@@ -237,7 +238,9 @@ def plan_fill(
         conds.append(sql.SQL("{} >= {}").format(k, sql.Literal(int(start))))
     if stop is not None:
         conds.append(sql.SQL("{} <= {}").format(k, sql.Literal(int(stop))))
-    if where_sql is not None:
+    if where_sql is not None and ex.dry_run:  # a dry run executes nothing the user wrote, not even a count
+        ex.logger.info("[dry run] the where filter was validated but not run: the planned counts cover every row")
+    elif where_sql is not None:
         conds.append(where_sql)
     filt = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")
     bucket: sql.Composable
@@ -247,8 +250,8 @@ def plan_fill(
             sql.SQL(", ").join(sql.Literal(bound_literal(d, kind)) for d in bounds), sql.SQL(kind.value))
     else:
         bucket = sql.SQL("NULL::int")
-    stats = conn.execute(sql.SQL("SELECT {b} AS b, min({k}), max({k}), count(*) FROM {t}{f} GROUP BY 1").format(
-        b=bucket, k=k, t=spec.table.ident, f=filt)).fetchall()
+    stats = read_only(conn, sql.SQL("SELECT {b} AS b, min({k}), max({k}), count(*) FROM {t}{f} GROUP BY 1").format(
+        b=bucket, k=k, t=spec.table.ident, f=filt))
 
     by_bucket = {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in stats}
     part_of_bucket: dict[int, tuple[QualifiedName, Range]] = {}
@@ -388,6 +391,9 @@ def fill(
     (replication-lag gating plugs in here: it may sleep as long as it needs, or raise to stop the item, which then
     resumes from its checkpoint); ``sleep_seconds`` is a fixed pause between batches.
     """
+    if batch_size is not None:
+        batch_size = bounded_int(batch_size, what="batch_size", bounds=BATCH_SIZE, fix="pass e.g. batch_size=10000")
+    sleep_seconds = bounded_float(sleep_seconds, what="sleep_seconds", bounds=SLEEP_SECONDS)
     conn = ex.conn
     if plan is None:
         if ex.dry_run and not state.ready(conn):

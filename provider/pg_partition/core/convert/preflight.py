@@ -5,7 +5,7 @@ exactly as it was. Every refusal says what is wrong, where, and what to do about
 reported together so the user can fix them in one pass.
 
 Also home of :func:`validate_where`, the gate every user-supplied row filter passes before it is ever placed in
-a statement.
+a statement (parsed by :mod:`pg_partition.core.convert.where`, re-checked on the server).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pg_partition.core.convert import where as where_filter
 from pg_partition.core.convert.spec import SWAPPED, ConvertSpec, recorded_job
-from pg_partition.core.db import catalog
+from pg_partition.core.db import catalog, state
 from pg_partition.core.db.capabilities import capabilities, require_privileges
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import InvalidInputError, PreflightError
@@ -30,78 +31,47 @@ CAPTURE_TRIGGER_PREFIX = "pg_partition_capture"
 # --- the row filter ------------------------------------------------------------------------------------------
 
 
-def _scan_where(text: str) -> None:
-    """Lexical gate: outside string literals and quoted identifiers, no ``;``, no comments, no dollar quoting,
-    and parentheses that never close more than they opened. This is what keeps ``true) UNION SELECT ...`` or
-    ``true); DROP TABLE x; --`` from escaping the ``WHERE (...)`` it will be wrapped in; the parser check in
-    :func:`validate_where` then proves the text is one boolean expression over the table."""
-    depth, i, n = 0, 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "'":
-            escapes = i > 0 and text[i - 1] in "eE" and (i == 1 or not (text[i - 2].isalnum() or text[i - 2] == "_"))
-            i += 1
-            while i < n:
-                if escapes and text[i] == "\\":
-                    i += 2
-                    continue
-                if text[i] == "'":
-                    if i + 1 < n and text[i + 1] == "'":
-                        i += 2
-                        continue
-                    break
-                i += 1
-            else:
-                raise InvalidInputError("the where filter has an unterminated string literal",
-                                        fix="close every quote: where=\"status = 'active'\"")
-        elif ch == '"':
-            i += 1
-            while i < n:
-                if text[i] == '"':
-                    if i + 1 < n and text[i + 1] == '"':
-                        i += 2
-                        continue
-                    break
-                i += 1
-            else:
-                raise InvalidInputError("the where filter has an unterminated quoted identifier",
-                                        fix='close every double quote: where=\'"Account" = 1\'')
-        elif ch == ";":
-            raise InvalidInputError("the where filter contains ';'",
-                                    fix="pass one boolean expression, e.g. where=\"account_id = 123\"; "
-                                    "it must not hold several statements")
-        elif text.startswith("--", i) or text.startswith("/*", i):
-            raise InvalidInputError("the where filter contains an SQL comment",
-                                    fix="remove the comment; pass one boolean expression")
-        elif ch == "$" and (i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_")):
-            raise InvalidInputError("the where filter uses dollar quoting or parameters ($)",
-                                    fix="write string constants with single quotes")
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth < 0:
-                raise InvalidInputError("the where filter closes a parenthesis it did not open",
-                                        fix="pass one boolean expression with balanced parentheses")
-        i += 1
-    if depth != 0:
-        raise InvalidInputError("the where filter has unbalanced parentheses",
-                                fix="pass one boolean expression with balanced parentheses")
+def _table_columns(conn: psycopg.Connection[Any], table: QualifiedName) -> list[str]:
+    rows = conn.execute(
+        """SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped""",
+        (table.schema, table.name)).fetchall()
+    return [r[0] for r in rows]
+
+
+def ensure_conforming_strings(conn: psycopg.Connection[Any]) -> None:
+    """The validated filter is printed with standard string syntax (a backslash is an ordinary character); a
+    session with ``standard_conforming_strings = off`` would read it differently, so ours never runs that way."""
+    if conn.info.parameter_status("standard_conforming_strings") != "on":
+        conn.execute("SET standard_conforming_strings = on")
 
 
 def validate_where(conn: psycopg.Connection[Any], table: QualifiedName, where: str | None) -> sql.Composable | None:
-    """Check that ``where`` is a single boolean expression over ``table`` and return it ready to embed.
+    """Check that ``where`` is a row filter over ``table``'s own columns and return pglast's re-deparse of it,
+    ready to embed (never the user's text).
 
-    After the lexical gate, PostgreSQL itself parses and type-checks it with ``EXPLAIN SELECT 1 FROM t WHERE
-    (<where>)`` inside a read-only transaction that is always rolled back (EXPLAIN plans but does not execute,
-    and the read-only transaction stops anything that would write). A non-boolean expression, unknown columns or
-    a syntax error become an InvalidInputError and the database is unchanged.
+    Three gates: :func:`pg_partition.core.convert.where.parse` (PostgreSQL's grammar, an allowlist of node types,
+    functions and casts); the server's ``pg_proc`` (every function used must be immutable or stable and return
+    one row); and ``EXPLAIN SELECT 1 FROM t WHERE (<filter>)`` inside a READ ONLY transaction that is always
+    rolled back, which type-checks it without executing anything. A refusal is an InvalidInputError and the
+    database is unchanged.
     """
     if where is None or not str(where).strip():
         return None
     text = str(where).strip()
-    _scan_where(text)
-    fragment = sql.SQL("(" + text + ")")  # safe: lexically gated above, parsed by the server below
+    checked = where_filter.parse(text, table=(table.schema, table.name), columns=_table_columns(conn, table))
+    if checked.functions:
+        bad = conn.execute(
+            """SELECT DISTINCT proname FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace
+               AND proname = ANY(%s) AND (provolatile = 'v' OR proretset) ORDER BY 1""",
+            (sorted(checked.functions),)).fetchall()
+        if bad:
+            raise InvalidInputError(
+                f"the where filter {text!r} was refused: {', '.join(r[0] for r in bad)} is volatile or returns a "
+                "set on this server (pg_proc); nothing was run", fix=where_filter.FIX)
+    ensure_conforming_strings(conn)
+    fragment = sql.SQL("(" + checked.sql + ")")  # safe: pglast's print of a tree checked against the allowlist
     probe = sql.SQL("EXPLAIN SELECT 1 FROM {} WHERE {}").format(table.ident, fragment)
     outer_tx = conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
     try:
@@ -126,11 +96,57 @@ def validate_where(conn: psycopg.Connection[Any], table: QualifiedName, where: s
     return fragment
 
 
+def read_only(conn: psycopg.Connection[Any], query: sql.Composed) -> list[Any]:
+    """Run a query that only reads (planning, counting) in a READ ONLY transaction when no transaction is open,
+    so even a filter that slipped through every gate could not write."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return conn.execute(query).fetchall()
+    with conn.transaction():
+        conn.execute("SET TRANSACTION READ ONLY")
+        return conn.execute(query).fetchall()
+
+
 class _Rollback(Exception):
     """Raised inside ``conn.transaction()`` to roll the probe back on purpose."""
 
 
 # --- preflight -----------------------------------------------------------------------------------------------
+
+RELKINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence", "i": "an index",
+            "I": "a partitioned index", "c": "a composite type", "t": "a TOAST table"}
+
+
+def check_owner(conn: psycopg.Connection[Any], table: QualifiedName, problems: _Problems) -> None:
+    """The running role must own the table (or be a superuser): every step creates, renames or drops things only
+    the owner may; refusing up front beats failing halfway on "must be owner"."""
+    row = conn.execute(
+        """SELECT pg_get_userbyid(c.relowner), current_user,
+                  c.relowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)
+                  OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = %s AND c.relname = %s""", (table.schema, table.name)).fetchone()
+    if row is not None and not row[2]:
+        problems.add(f"{table} is owned by {row[0]}; pg-partition connects as {row[1]}, which does not own it",
+                     f"connect as {row[0]} (the Airflow connection's login), or have the owner run the conversion")
+
+
+def check_tablespace(conn: psycopg.Connection[Any], tablespace: str | None, problems: _Problems) -> None:
+    """The tablespace must exist and the running role must be allowed to create in it (pg_default always is)."""
+    if not tablespace:
+        return
+    row = conn.execute("SELECT spcname FROM pg_tablespace WHERE spcname = %s", (tablespace,)).fetchone()
+    if row is None:
+        names = [r[0] for r in conn.execute("SELECT spcname FROM pg_tablespace ORDER BY 1").fetchall()]
+        problems.add(f"tablespace={tablespace!r} does not exist", "use one of: " + ", ".join(names)
+                     + " (or leave tablespace empty for the database's default)")
+        return
+    if tablespace == "pg_default":
+        return
+    ok = conn.execute("SELECT has_tablespace_privilege(%s, 'CREATE')", (tablespace,)).fetchone()
+    if not (ok and ok[0]):
+        problems.add(f"tablespace={tablespace!r}: the running role has no CREATE privilege on it",
+                     f"GRANT CREATE ON TABLESPACE {sql.Identifier(tablespace).as_string(conn)} TO <the role>, "
+                     "or choose another tablespace")
 
 
 @dataclass
@@ -162,8 +178,23 @@ def check(conn: psycopg.Connection[Any], spec: ConvertSpec) -> tuple[TableInfo, 
     table = spec.table
     capabilities(conn).require_supported("conversion")
     if not catalog.exists(conn, table):
+        kind = conn.execute(
+            """SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = %s AND c.relname = %s""", (table.schema, table.name)).fetchone()
+        if kind is not None:
+            what = RELKINDS.get(kind[0], f"not a table (relkind {kind[0]})")
+            raise PreflightError(f"{table} is {what}; only an ordinary table can be converted",
+                                 fix="convert the table it reads from, or materialize it into a table first")
         raise PreflightError(f"table {table} does not exist",
                              fix="check the schema and table name (quote mixed-case names: \"Sales\".\"Orders\")")
+    problems = _Problems([])
+    check_owner(conn, table, problems)
+    check_tablespace(conn, spec.tablespace, problems)
+    for why in state.untrusted(conn):
+        problems.add(why, f"as a superuser, inspect the {state.SCHEMA} schema (its rows may be forged), then drop it "
+                     f"(DROP SCHEMA {state.SCHEMA} CASCADE) or give it and its tables to the role running "
+                     "pg-partition and revoke the other roles' privileges")
+    problems.raise_if_any(table)
     require_privileges(conn, f"the conversion of {table}", table_schema=table.schema, table=table.name)
     info = catalog.describe(conn, table)
     job = recorded_job(conn, table)
@@ -188,6 +219,13 @@ def check(conn: psycopg.Connection[Any], spec: ConvertSpec) -> tuple[TableInfo, 
 
     problems = _Problems([])
     warnings: list[str] = []
+    persistence = conn.execute("SELECT relpersistence FROM pg_class WHERE oid = %s", (info.oid,)).fetchone()
+    if persistence and persistence[0] == "u":
+        problems.add(
+            f"{table} is UNLOGGED: a partitioned table cannot be UNLOGGED, so the converted table would be "
+            "LOGGED (every row written to WAL and replicated to standbys), unlike the original",
+            f"choose: make it logged first (ALTER TABLE {_quote(conn, table)} SET LOGGED; rewrites the table into "
+            "WAL) and convert that, or leave this table unconverted")
     if col.generated:
         problems.add(f"column {spec.column!r} is a generated column, which cannot be a partition key",
                      "partition on a stored timestamp column instead")
@@ -337,6 +375,7 @@ def preflight(
     where: str | None = None,
     exact_below: int = 2_000_000,
     sample_rows: int = 200_000,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """Refuse unsafe conversions (PreflightError) or report what the conversion faces.
 
@@ -359,10 +398,11 @@ def preflight(
     exact = info.row_estimate < exact_below
     pct = 100.0 if exact else max(min(100.0 * sample_rows / max(info.row_estimate, 1), 100.0), 0.01)
     sample = sql.SQL("") if exact else sql.SQL(" TABLESAMPLE SYSTEM ({}) REPEATABLE (42)").format(sql.Literal(pct))
-    filt = sql.SQL(" WHERE {}").format(where_sql) if where_sql is not None else sql.SQL("")
-    rows = conn.execute(sql.SQL(
+    # A dry run validates the filter (parse, pg_proc, EXPLAIN) but executes nothing the user wrote.
+    filt = sql.SQL(" WHERE {}").format(where_sql) if where_sql is not None and not dry_run else sql.SQL("")
+    rows = read_only(conn, sql.SQL(
         "SELECT date_trunc({unit}, {utc})::date AS p, count(*) FROM {t}{sample}{filt} GROUP BY 1 ORDER BY 1"
-    ).format(unit=sql.Literal(spec.period.value), utc=utc, t=spec.table.ident, sample=sample, filt=filt)).fetchall()
+    ).format(unit=sql.Literal(spec.period.value), utc=utc, t=spec.table.ident, sample=sample, filt=filt))
     scale = 100.0 / pct
     per_period = [{"period": str(p) if p is not None else None, "rows": round(n * scale)} for p, n in rows]
     total = sum(r["rows"] for r in per_period)
@@ -386,7 +426,7 @@ def preflight(
         "period": spec.period.value,
         "resuming": resuming,
         "rows": total if where_sql is None else info.row_estimate,
-        "rows_matching_where": total if where_sql is not None else None,
+        "rows_matching_where": total if where_sql is not None and not dry_run else None,
         "rows_exact": exact,
         "row_estimate": info.row_estimate,
         "size": {"table": info.sizes.table, "indexes": info.sizes.indexes, "toast": info.sizes.toast,

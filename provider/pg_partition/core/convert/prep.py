@@ -32,6 +32,7 @@ from pg_partition.core.db.errors import InvalidInputError, PreflightError, State
 from pg_partition.core.db.execute import Executor
 from pg_partition.core.db.names import Range, covering, fit_identifier, window
 from pg_partition.core.db.partitions import copy_grants, create_partition
+from pg_partition.core.params import LOCK_RETRIES, MAX_PARTITIONS, PERIODS, bounded_int, parse_lock_timeout
 
 # {compression} is INCLUDING COMPRESSION where the server has it (14+): see db.capabilities.like_compression
 LIKE_OPTIONS = ("INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE {compression}INCLUDING GENERATED "
@@ -119,6 +120,8 @@ def prep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: 
     (e.g. an index created on the source during the fill).
     """
     conn = ex.conn
+    lock_timeout = parse_lock_timeout(lock_timeout)  # every param checked before the first change
+    retries = bounded_int(retries, what="lock_retries", bounds=LOCK_RETRIES)
     src, warnings, resuming = check(conn, spec)
     for w in warnings:
         ex.logger.warning("%s", w)
@@ -133,14 +136,18 @@ def prep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: 
     exists = catalog.exists(conn, spec.intermediate)
     inter = spec.intermediate
 
+    # PostgreSQL refuses "TABLESPACE pg_default" on a partitioned table (it means "the database's default" there);
+    # like pgslice, pg_default is then simply not named on the parent: its partitions land in the default.
+    parent_ts = spec.tablespace if spec.tablespace and spec.tablespace != "pg_default" else None
+
     def body() -> None:
-        if spec.tablespace:
-            ex.run(sql.SQL("SET LOCAL default_tablespace = {}").format(sql.Literal(spec.tablespace)))
+        if parent_ts:
+            ex.run(sql.SQL("SET LOCAL default_tablespace = {}").format(sql.Literal(parent_ts)))
         if not exists:
             ex.run(sql.SQL("CREATE TABLE {i} (LIKE {s} {opts}) PARTITION BY RANGE ({c}){ts}").format(
                 i=inter.ident, s=spec.table.ident, opts=sql.SQL(LIKE_OPTIONS).format(
                     compression=capabilities(conn).like_compression(ex.logger)), c=sql.Identifier(spec.column),
-                ts=sql.SQL(" TABLESPACE {}").format(sql.Identifier(spec.tablespace)) if spec.tablespace
+                ts=sql.SQL(" TABLESPACE {}").format(sql.Identifier(parent_ts)) if parent_ts
                 else sql.SQL("")))
             for col in src.columns:
                 if col.stats_target is not None:
@@ -240,22 +247,34 @@ def add_partitions(
     table). Ranges overlapping an existing partition are skipped, so the step is idempotent."""
     if target not in ("intermediate", "table"):
         raise InvalidInputError(f"unknown target {target!r}", fix="use 'intermediate' or 'table'")
-    if past < 0 or future < 0:
-        raise InvalidInputError("past and future must be >= 0", fix="pass counts of periods, e.g. past=24")
+    past = bounded_int(past, what="past", bounds=PERIODS, fix="pass a count of periods, e.g. past=24")
+    future = bounded_int(future, what="future", bounds=PERIODS, fix="pass a count of periods, e.g. future=3")
+    lock_timeout = parse_lock_timeout(lock_timeout)
+    retries = bounded_int(retries, what="lock_retries", bounds=LOCK_RETRIES)
     conn = ex.conn
+    # the filter is checked before anything else, so a refused one leaves no trace (not even a timing row)
+    where_sql = validate_where(conn, spec.table, where) if cover_data and target == "intermediate" else None
     with timed(ex, spec, f"add_partitions:{target}") as info:
         parent = _parent_for(ex, spec, target)
         wanted = set(window(today or datetime.now(timezone.utc).date(), spec.period, past, future))
         if cover_data:
             data_table = spec.table
-            where_sql = validate_where(conn, data_table, where) if target == "intermediate" else None
-            lo, hi = _min_max(conn, data_table, spec.column, where_sql)
+            lo, hi = _min_max(conn, data_table, spec.column, None if ex.dry_run else where_sql)  # dry run: not run
             if target == "table" and catalog.exists(conn, spec.retired):
                 rlo, rhi = _min_max(conn, spec.retired, spec.column, None)
                 lo = rlo if lo is None else (lo if rlo is None else min(lo, rlo))
                 hi = rhi if hi is None else (hi if rhi is None else max(hi, rhi))
             if lo is not None and hi is not None:
+                if _periods_between(lo, hi, spec.period) > MAX_PARTITIONS:
+                    raise InvalidInputError(
+                        f"cover_data would create more than {MAX_PARTITIONS:,} {spec.period.value} partitions "
+                        f"({lo} .. {hi})", where=str(spec.table),
+                        fix="use a longer period, a where filter that excludes outliers, or clean the outlying "
+                        "rows first")
                 wanted |= set(covering(lo, hi, spec.period))
+        if len(wanted) > MAX_PARTITIONS:
+            raise InvalidInputError(f"{len(wanted):,} partitions asked; at most {MAX_PARTITIONS:,} at once",
+                                    where=str(spec.table), fix="ask fewer past/future periods")
         existing = [Range(p.start_day, p.end_day) for p in parent.partitions if not p.is_default]
         pk = None
         if spec.primary_key == "per_partition":
@@ -423,3 +442,12 @@ def analyze(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WORKERS,
             ex.run(sql.SQL("ANALYZE {}").format(parent_name.ident))
         info["partitions"] = len(parent.partitions)
     return info
+
+
+def _periods_between(lo: Any, hi: Any, period: Any) -> int:
+    """An upper bound of the periods between two values (cheap: no list of ranges is built)."""
+    def day(v: Any) -> date:
+        return v.date() if isinstance(v, datetime) else v
+    days = (day(hi) - day(lo)).days
+    per = {"day": 1, "week": 7, "month": 28, "quarter": 89, "year": 365}.get(getattr(period, "value", str(period)), 1)
+    return days // per + 2

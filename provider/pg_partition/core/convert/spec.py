@@ -68,6 +68,11 @@ class ConvertSpec:
                 fix="use 'per_partition' (a primary key on each partition, pgslice's way) or 'composite' "
                 "(primary key plus the partition column on the parent table)",
             )
+        if tablespace is not None and (not isinstance(tablespace, str) or len(tablespace.strip().encode()) > 63):
+            raise InvalidInputError(f"tablespace={tablespace!r} is not a tablespace name (at most 63 bytes)",
+                                    fix="pass the name of an existing tablespace, e.g. pg_default, or leave it empty")
+        if isinstance(tablespace, str):
+            tablespace = tablespace.strip()
         return cls(
             table=name,
             column=column,

@@ -45,6 +45,12 @@ class Executor:
     logger: logging.Logger = field(default_factory=lambda: log)
     statements: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        """Our sessions read string literals the standard way (a backslash is an ordinary character), which is
+        how every validated filter and literal we print is meant to be read."""
+        if self.conn.info.parameter_status("standard_conforming_strings") != "on":
+            self.conn.execute("SET standard_conforming_strings = on")
+
     def run(self, stmt: Query, params: Sequence[Any] | dict[str, Any] | None = None) -> psycopg.Cursor[Any] | None:
         """Execute a statement that changes something. Returns the cursor, or None in dry-run mode."""
         text = render(self.conn, stmt)
@@ -85,6 +91,9 @@ class Executor:
         Why: a DDL statement that waits for a lock blocks every later statement on that table, so it must give up
         quickly and try again rather than queue behind a long transaction while the application stalls.
         """
+        from pg_partition.core.params import parse_lock_timeout  # core.params imports core.db.errors only
+
+        lock_timeout = parse_lock_timeout(lock_timeout)  # "forever"/"-1s" never reach SET LOCAL
         if self.dry_run:
             self.run(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout)))
             return body()

@@ -14,6 +14,8 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from pg_partition.core.db.errors import StateError
+
 SCHEMA = "pgpartition"  # not "pg_partition": PostgreSQL reserves the "pg_" prefix for system schemas
 
 # Append-only list of migrations; each runs once, in order, recorded in pgpartition.migrations.
@@ -64,10 +66,64 @@ MIGRATIONS: list[str] = [
 ]
 
 
+_WRITE_PRIVILEGES = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+
+
+def untrusted(conn: psycopg.Connection[Any]) -> list[str]:
+    """Why the existing state schema cannot be trusted (empty when it is, or when it does not exist yet).
+
+    Why this matters: the queue in this schema decides which tables are uploaded to which bucket and then
+    dropped, and the jobs decide what a conversion builds on. A role that could create the schema first, or write
+    to it, could have the owner's next archive run upload any table to its own bucket and drop it. So the schema
+    and every relation in it must be owned by the role that runs the product, and no other role may create in
+    the schema or write to its tables (superusers aside, who can do anything anyway)."""
+    problems: list[str] = []
+    row = conn.execute(
+        """SELECT pg_get_userbyid(n.nspowner), n.nspowner = (SELECT oid FROM pg_roles WHERE rolname = current_user),
+                  (SELECT string_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                                                   ELSE pg_get_userbyid(a.grantee) END, ', ')
+                   FROM aclexplode(n.nspacl) a WHERE a.privilege_type = 'CREATE' AND a.grantee <> n.nspowner)
+           FROM pg_namespace n WHERE n.nspname = %s""", (SCHEMA,)).fetchone()
+    if row is None:
+        return problems
+    owner, mine, creators = row
+    if not mine:
+        problems.append(f"the state schema {SCHEMA} is owned by {owner}, not by the role running pg-partition")
+    if creators:
+        problems.append(f"role(s) {creators} may create objects in the state schema {SCHEMA}")
+    for name, rel_owner, rel_mine, writers in conn.execute(
+        """SELECT c.relname, pg_get_userbyid(c.relowner),
+                  c.relowner = (SELECT oid FROM pg_roles WHERE rolname = current_user),
+                  (SELECT string_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                                                   ELSE pg_get_userbyid(a.grantee) END, ', ')
+                   FROM aclexplode(c.relacl) a WHERE a.privilege_type = ANY(%s) AND a.grantee <> c.relowner)
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'S') ORDER BY 1""",
+            (list(_WRITE_PRIVILEGES), SCHEMA)).fetchall():
+        if not rel_mine:
+            problems.append(f"{SCHEMA}.{name} is owned by {rel_owner}, not by the role running pg-partition")
+        if writers:
+            problems.append(f"role(s) {writers} may write to {SCHEMA}.{name}")
+    return problems
+
+
+def check_trusted(conn: psycopg.Connection[Any]) -> None:
+    """Refuse to use a state schema another role owns or can write (see :func:`untrusted`)."""
+    problems = untrusted(conn)
+    if problems:
+        raise StateError(
+            "refusing to use the state schema: " + "; ".join(problems), where=SCHEMA,
+            fix=f"as a superuser, inspect {SCHEMA} (its jobs and archive_queue rows may have been forged), then "
+            f"either DROP SCHEMA {SCHEMA} CASCADE so pg-partition recreates it, or ALTER SCHEMA {SCHEMA} OWNER TO "
+            "<the role pg-partition connects as> plus the same for its tables, and REVOKE the extra privileges")
+
+
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
-    """Create or upgrade the state schema. Safe to call concurrently from many tasks (advisory lock)."""
+    """Create or upgrade the state schema. Safe to call concurrently from many tasks (advisory lock). Refuses a
+    schema another role owns or can write (:func:`check_trusted`)."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('pg_partition.state'))")
+        check_trusted(conn)
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
         conn.execute(
             "CREATE TABLE IF NOT EXISTS pgpartition.migrations "

@@ -154,15 +154,13 @@ def test_updates_make_the_table_not_append_only(conn) -> None:
 
 BAD_FILTERS = [
     ("1", "must be type boolean"),
-    ("true; DROP TABLE ev", "contains ';'"),
-    ("true) UNION SELECT 1 FROM pg_class WHERE (true", "closes a parenthesis"),
-    ("(true", "unbalanced"),
-    ("true -- and more", "comment"),
-    ("true /* x */", "comment"),
+    ("true; DROP TABLE ev", "more than one statement"),
+    ("true) UNION SELECT 1 FROM pg_class WHERE (true", "not valid SQL"),
+    ("(true", "not valid SQL"),
     ("nosuchcolumn = 1", "nosuchcolumn"),
-    ("v = $$x$$", "dollar"),
-    ("v = 'unterminated", "unterminated"),
-    ("v = '\\' OR true; DROP TABLE ev; --'", "';'"),  # backslash is no escape in a standard string
+    ("v = $$x$$ AND (SELECT 1) = 1", "subqueries"),
+    ("v = 'unterminated", "not valid SQL"),
+    ("v = '\\' OR true; DROP TABLE ev; --'", "more than one statement"),  # backslash is no escape in a standard string
 ]
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from airflow.sdk import DAG, Param
 
+from pg_partition.dag_factory.params import ADVANCED, CAPTURE, HOW_FAST, LAG, SAFETY, WHAT, optional, required
 from pg_partition.operators.capture import ReplayChangesOperator, VerifyConversionOperator
 from pg_partition.operators.convert import (
     ConvertAddPartitionsOperator,
@@ -75,62 +76,64 @@ then `ConvertUnprepOperator` (or `pg_partition.core.convert.unswap/unprep`).
 
 
 def _params(default_conn_id: str) -> dict[str, Param]:
+    """The Trigger form: sections what to convert / how fast / safety / change capture / replication lag /
+    advanced; optional params are null by default (see :mod:`pg_partition.dag_factory.params`)."""
     return {
-        "conn_id": Param(default_conn_id, type="string", description="Airflow Postgres connection id."),
-        "table": Param("public.activities", type="string",
-                       description="Table to convert, as schema.table (quote mixed case: \"Sales\".\"Orders\")."),
-        "column": Param("created_at", type="string",
-                        description="Partition column: timestamp, timestamptz or date."),
-        "period": Param("month", type="string", enum=["day", "week", "month", "quarter", "year"],
-                        description="Partition size. Bounds are UTC calendar periods."),
-        "past": Param(0, type="integer", minimum=0,
-                      description="Partitions to create before the current period (pgslice --past)."),
-        "future": Param(3, type="integer", minimum=0,
-                        description="Partitions to create after the current period (pgslice --future)."),
-        "cover_data": Param(True, type="boolean",
-                            description="Also create a partition for every period that holds rows (matching "
-                            "`where`), from the data's min to max."),
-        "batch_size": Param(10_000, type="integer", minimum=1,
-                            description="Primary-key range per fill batch (one short transaction each); also the "
-                            "keys per replay and catch-up batch."),
-        "where": Param("", type="string",
-                       description="Optional row filter, one boolean SQL expression over the table's columns "
-                       "(e.g. created_at > now() - interval '2 years'); validated by PostgreSQL before use."),
-        "sleep_seconds": Param(0, type="number", minimum=0, description="Pause between fill batches."),
-        "primary_key": Param("per_partition", type="string", enum=["per_partition", "composite"],
-                             description="per_partition: a primary key on each partition (pgslice's way, id "
-                             "unique per partition only); composite: (key, column) on the parent table."),
-        "default_partition": Param(False, type="boolean",
-                                   description="Add a DEFAULT partition (rows outside every range and NULLs "
-                                   "land there; handy in development databases)."),
-        "defer_indexes": Param(False, type="boolean",
-                               description="Create only the key before the fill and the other indexes after it "
-                               "(faster fill)."),
-        "tablespace": Param("", type="string", description="Optional tablespace for the new table and indexes."),
-        "lock_timeout": Param("2s", type="string",
-                              description="lock_timeout of every DDL on a live table (swap, attach); each lock "
-                              "wait gives up after this and retries with backoff."),
-        "lock_retries": Param(5, type="integer", minimum=1, description="Attempts per locked step."),
-        "capture_changes": Param("auto", type=["string", "boolean"], enum=["auto", "on", "off", True, False],
-                                 description="Change capture for tables that take UPDATE/DELETE: auto (on when "
-                                 "pg_stat_user_tables shows updates or deletes), on, or off (append-only mode: "
-                                 "fill + catch-up). Cannot be on together with `where`."),
-        "replay_until_backlog_below": Param(1000, type="integer", minimum=1,
-                                            description="Replay captured changes until fewer than this many "
-                                            "are waiting (after the fill, and again right before the swap)."),
-        "max_lag_bytes": Param(None, type=["null", "integer"], minimum=0,
-                               description="Hold the fill, index builds and swap (sensors) and pause fill/replay "
-                               "batches while a standby or watched replication slot lags more than this many "
-                               "bytes (empty: no gate)."),
-        "max_lag_seconds": Param(None, type=["null", "number"], minimum=0,
-                                 description="The same gate on replay lag in seconds (empty: no gate)."),
-        "watch_slots": Param(None, type=["null", "array"], items={"type": "string"},
-                             description="Replication slots the lag gate watches (empty: every slot; [] none). "
-                             "A named slot that does not exist fails the gate."),
-        "max_pause_seconds": Param(600, type=["null", "number"], minimum=0,
-                                   description="A fill/replay batch loop paused longer than this for lag defers "
-                                   "to the triggerer (frees the worker) and resumes from its checkpoint."),
-        "dry_run": Param(False, type="boolean", description="Log every statement, change nothing."),
+        "conn_id": required(default_conn_id, "string", "Airflow Postgres connection id.", WHAT,
+                            examples=[default_conn_id]),
+        "table": required("public.activities", "string",
+                          "Table to convert, as schema.table (quote mixed case: \"Sales\".\"Orders\").", WHAT,
+                          examples=["public.activities", '"Sales"."Orders"']),
+        "column": required("created_at", "string", "Partition column: timestamp, timestamptz or date.", WHAT,
+                           examples=["created_at"]),
+        "period": required("month", "string", "Partition size. Bounds are UTC calendar periods.", WHAT,
+                           enum=["day", "week", "month", "quarter", "year"]),
+        "past": required(0, "integer", "Partitions to create before the current period (pgslice --past).", WHAT,
+                         minimum=0),
+        "future": required(3, "integer", "Partitions to create after the current period (pgslice --future).",
+                           WHAT, minimum=0),
+        "cover_data": required(True, "boolean", "Also create a partition for every period that holds rows "
+                               "(matching `where`), from the data's min to max.", WHAT),
+        "where": optional("string", "Optional row filter, one boolean SQL expression over the table's columns "
+                          "(e.g. created_at > now() - interval '2 years'); validated by PostgreSQL before use. "
+                          "Empty: every row.", WHAT,
+                          examples=["created_at > now() - interval '2 years'", "created_at >= '2024-01-01'"]),
+        "batch_size": required(10_000, "integer", "Primary-key range per fill batch (one short transaction "
+                               "each); also the keys per replay and catch-up batch.", HOW_FAST, minimum=1),
+        "sleep_seconds": required(0, "number", "Pause between fill batches, in seconds (e.g. 0.1).", HOW_FAST,
+                                  minimum=0),
+        "defer_indexes": required(False, "boolean", "Create only the key before the fill and the other indexes "
+                                  "after it (faster fill).", HOW_FAST),
+        "dry_run": required(False, "boolean", "Log every statement, change nothing.", SAFETY),
+        "lock_timeout": required("2s", "string", "lock_timeout of every DDL on a live table (swap, attach); "
+                                 "each lock wait gives up after this and retries with backoff. "
+                                 "PostgreSQL units: 500ms, 2s, 1min.", SAFETY, examples=["500ms", "2s", "5s"]),
+        "lock_retries": required(5, "integer", "Attempts per locked step.", SAFETY, minimum=1),
+        "capture_changes": required("auto", ["string", "boolean"], "Change capture for tables that take "
+                                    "UPDATE/DELETE: auto (on when pg_stat_user_tables shows updates or deletes), "
+                                    "on, or off (append-only mode: fill + catch-up). Cannot be on together with "
+                                    "`where`.", CAPTURE, enum=["auto", "on", "off", True, False]),
+        "replay_until_backlog_below": required(1000, "integer", "Replay captured changes until fewer than this "
+                                               "many are waiting (after the fill, and again right before the "
+                                               "swap).", CAPTURE, minimum=1),
+        "max_lag_bytes": optional("integer", "Hold the fill, index builds and swap (sensors) and pause "
+                                  "fill/replay batches while a standby or watched replication slot lags more than "
+                                  "this many bytes, e.g. 268435456 for 256 MB (empty: no gate).", LAG, minimum=0),
+        "max_lag_seconds": optional("number", "The same gate on replay lag in seconds, e.g. 30 (empty: no gate).",
+                                    LAG, minimum=0),
+        "watch_slots": optional("array", "Replication slots the lag gate watches, one per line (empty: every "
+                                "slot; [] none). A named slot that does not exist fails the gate.", LAG,
+                                items={"type": "string"}),
+        "max_pause_seconds": optional("number", "A fill/replay batch loop paused longer than this for lag "
+                                      "defers to the triggerer (frees the worker) and resumes from its checkpoint "
+                                      "(empty: never defer).", LAG, default=600, minimum=0),
+        "primary_key": required("per_partition", "string", "per_partition: a primary key on each partition "
+                                "(pgslice's way, id unique per partition only); composite: (key, column) on the "
+                                "parent table.", ADVANCED, enum=["per_partition", "composite"]),
+        "default_partition": required(False, "boolean", "Add a DEFAULT partition (rows outside every range and "
+                                      "NULLs land there; handy in development databases).", ADVANCED),
+        "tablespace": optional("string", "Optional tablespace for the new table and indexes (empty: the "
+                               "database's default).", ADVANCED, examples=["pg_default"]),
     }
 
 

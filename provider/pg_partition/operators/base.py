@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 from airflow.sdk import BaseOperator
 
+from pg_partition import settings
 from pg_partition.core.catalog import QualifiedName
 from pg_partition.core.execute import Executor
 from pg_partition.hooks.partition import PartitionHook
@@ -72,8 +73,9 @@ class PartitionBaseOperator(BaseOperator):
             yield conn
 
     def sql_executor(self, conn: psycopg.Connection[Any]) -> Executor:
-        """Not named ``executor``: Airflow's BaseOperator.__init__ sets ``self.executor`` (the executor name)."""
-        return Executor(conn, dry_run=self.is_dry_run)
+        """Not named ``executor``: Airflow's BaseOperator.__init__ sets ``self.executor`` (the executor name).
+        Statements go to the ``pg_partition.sql`` logger at ``[pg_partition] sql_log_level``."""
+        return Executor(conn, dry_run=self.is_dry_run, logger=settings.sql_logger())
 
     def lock_kwargs(self) -> dict[str, Any]:
         return {"lock_timeout": str(self.lock_timeout), "retries": int(self.lock_retries)}

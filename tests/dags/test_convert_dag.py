@@ -36,6 +36,13 @@ def test_convert_dag_end_to_end(db, conn, run_dag) -> None:
     assert report["swapped"] is True and report["after"]["rows"] == 20_000
     assert report["swap"]["lock_ms"] > 0
     assert {"prep", "swap", "indexes", "analyze"} <= set(report["timings"])
+    # the report ends with totals and next steps; each fill logged the overall progress of the conversion
+    assert report["summary"][0].startswith("totals: 20,000 rows copied by the fill (20,000 rows in "), report
+    assert "fill time" in report["summary"][0] and "total time" in report["summary"][0]
+    assert "next steps:" in report["summary"] and any("archive_retired" in line for line in report["summary"])
+    overall = [result.xcom("fill", i)["overall"] for i in range(len(items))]
+    assert all(o["total"] == len(items) for o in overall)
+    assert max(o["done"] for o in overall) == len(items) and max(o["rows"] for o in overall) == 20_000
     assert result.xcom("preflight")["rows"] == 20_000
     # triggering it again after a finished conversion is refused by preflight, nothing else runs
     again = run_dag(DAG_ID, _conf(db))

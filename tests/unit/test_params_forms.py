@@ -107,3 +107,16 @@ def test_convert_form_has_the_issue_sections_in_order(dags: dict[str, Any]) -> N
     sections = [params.get_param(n).schema["section"] for n in params]
     seen = list(dict.fromkeys(sections))
     assert seen == ["What to convert", "How fast", "Safety", "Change capture", "Replication lag", "Advanced"]
+
+
+@pytest.mark.parametrize("dag_id", sorted(EXPECTED_DAGS))
+def test_every_mapped_task_has_a_label(dags: dict[str, Any], dag_id: str) -> None:
+    """Mapped task instances show their map_index_template in the grid (a partition, a table) instead of 0..N.
+    BaseOperator.__init__ resets a class attribute to None, so it must reach the task through partial()."""
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    mapped = [t for t in dags[dag_id].tasks
+              if isinstance(t, MappedOperator) or t.get_closest_mapped_task_group() is not None]
+    assert all(t.map_index_template for t in mapped), [t.task_id for t in mapped if not t.map_index_template]
+    if dag_id in ("pg_partition_convert", "pg_partition_archive", "pg_partition_rotate"):
+        assert mapped

@@ -141,6 +141,7 @@ def build_archive_dag(
         conn_ids = find_connections()
         gate = ReplicationLagSensor.partial(
             task_id="wait_for_replication_lag",
+            map_index_template="{{ task.conn_id }}",
             max_lag_bytes="{{ params.max_lag_bytes }}",
             max_lag_seconds="{{ params.max_lag_seconds }}",
             poke_interval=30,
@@ -150,6 +151,7 @@ def build_archive_dag(
         gate >> pending
         ArchivePartitionOperator.partial(
             task_id="archive",
+            map_index_template="{{ task.table }}",  # the queued table (BaseOperator ignores a class attribute)
             max_active_tis_per_dag=max_active_tis_per_dag,
             aws_conn_id="{{ params.aws_conn_id }}",
             bucket="{{ params.bucket }}",

@@ -42,6 +42,10 @@ from pg_partition.operators.convert import (
 )
 from pg_partition.sensors.lag import ReplicationLagSensor
 
+# The grid labels each mapped fill by its partition (the plan item's key) instead of 0..N. Passed to partial():
+# BaseOperator.__init__ resets a class-level map_index_template to None.
+FILL_LABEL = "{{ task.item['key'] if task.item is mapping else task.item }}"
+
 # How often a deferred lag wait (sensor or paused fill/replay) measures again, in the triggerer.
 LAG_POLL_SECONDS = 30.0
 
@@ -191,8 +195,8 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
                                        retries=2, trigger_rule=skip_ok, **common)
         lag_before_fill = lag_sensor("lag_before_fill")
         fill = ConvertFillOperator.partial(
-            task_id="fill", batch_size="{{ params.batch_size }}", sleep_seconds="{{ params.sleep_seconds }}",
-            retries=5, max_active_tis_per_dag=4, **batch_lag, **common,
+            task_id="fill", map_index_template=FILL_LABEL, batch_size="{{ params.batch_size }}",
+            sleep_seconds="{{ params.sleep_seconds }}", retries=5, max_active_tis_per_dag=4, **batch_lag, **common,
         ).expand(item=plan.output)
         replay = ReplayChangesOperator(
             task_id="replay", conn_id=common["conn_id"], table=common["table"], dry_run=common["dry_run"],

@@ -22,6 +22,7 @@ from typing import Any
 from airflow.sdk import DAG, Context
 from airflow.sdk.exceptions import AirflowSkipException
 
+from pg_partition.core import convert
 from pg_partition.dag_factory.params import SAFETY, WHAT, required
 from pg_partition.operators.base import as_bool
 from pg_partition.operators.convert import ConvertUnprepOperator, ConvertUnswapOperator
@@ -42,6 +43,14 @@ class RollbackUnprepOperator(ConvertUnprepOperator):
         if not as_bool(self.drop_intermediate):
             raise AirflowSkipException("drop_intermediate is off: the intermediate table and the conversion's "
                                        "state are kept")
+        if self.is_dry_run:
+            with self.run_step() as (ex, spec):
+                if convert.is_swapped(ex.conn, spec):
+                    # the engine refuses unprep while swapped; in a rehearsal the unswap was only logged
+                    raise AirflowSkipException(
+                        f"dry run: {spec.table} is still swapped (the unswap above was only rehearsed); after a "
+                        f"real unswap this step removes change capture, drops {spec.intermediate} and forgets "
+                        "the conversion")
         return super().execute(context)
 
 

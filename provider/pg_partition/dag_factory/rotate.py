@@ -139,7 +139,9 @@ def build_rotate_dag(
         @task_group(group_id="rotate")  # type: ignore[untyped-decorator]
         def rotate_one(entry: dict[str, Any]) -> DetachExpiredPartitionsOperator:
             common: dict[str, Any] = {"entry": entry, "dry_run": "{{ params.dry_run }}",
-                                      "today": "{{ params.today }}"}
+                                      "today": "{{ params.today }}",
+                                      # conn_id:table, set by the operator (BaseOperator ignores a class attribute)
+                                      "map_index_template": "{{ pg_partition_target }}"}
             premake = PremakePartitionsOperator(task_id="premake", **common)
             detach = DetachExpiredPartitionsOperator(task_id="detach", trigger_rule=TriggerRule.ALL_DONE, **common)
             health = PartitionHealthOperator(task_id="health", trigger_rule=TriggerRule.ALL_DONE, **common)

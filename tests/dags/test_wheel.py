@@ -85,3 +85,18 @@ def test_wheel_in_a_fresh_venv_provides_working_dags(tmp_path: Path) -> None:
     assert result["docs"] and result["docs"].startswith("https://")
     assert result["config"] == ["config_file", "default_aws_conn_id", "default_bucket", "sql_log_level"]
     assert result["bucket_conf"] == "pg-partition-archive"  # the provider's declared default, via conf
+
+
+def test_install_dags_never_overwrites_the_users_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pg_partition import install_dags
+
+    shipped = [p for p in (REPO / "dags").iterdir() if p.suffix in (".py", ".yaml")]
+    monkeypatch.setattr(install_dags, "shipped", lambda: sorted(shipped))
+    target = tmp_path / "dags"
+    assert set(install_dags.install(target).values()) == {"copied"}
+    assert install_dags.install(target) == {p.name: "unchanged" for p in sorted(shipped)}
+    (target / "pg_partition.yaml").write_text("version: 1\ntables: []\n")
+    (target / "pg_partition_convert.py").write_text("# edited\n")
+    again = install_dags.install(target, force=True)
+    assert again["pg_partition.yaml"] == "kept" and again["pg_partition_convert.py"] == "copied"
+    assert (target / "pg_partition.yaml").read_text() == "version: 1\ntables: []\n"

@@ -1,21 +1,27 @@
 """The ``pg_partition_convert`` DAG: online conversion of one table to RANGE partitions, triggered with params.
 
-    preflight -> prep -> add_partitions -> install_capture -> plan_fill -> lag_before_fill -> fill (mapped, one
-    task per partition) -> replay -> lag_before_indexes -> indexes -> analyze -> verify -> lag_before_swap
-    -> swap -> verify_after_swap -> catch_up -> report
+    preflight -> prep -> add_partitions (+ change capture) -> plan_fill -> lag_before_fill -> fill (mapped, one
+    task per partition, labelled by partition) -> replay -> lag_before_indexes -> indexes -> analyze -> verify
+    -> lag_before_swap -> swap -> after_swap -> report
 
 Two modes, chosen by ``capture_changes`` (auto: on when pg_stat_user_tables shows the table has seen UPDATE or
-DELETE). With capture: triggers installed before the fill plan record every changed key; replay applies them
-after the fill; verify compares every partition with its source range (the gate: a mismatch fails the run);
-the swap replays once more and applies the rest under its lock; catch_up is skipped. Append-only: the capture
-tasks skip and catch_up copies rows written since the fill. Skipped tasks do not stop the run (the tasks after
-them use ``none_failed``). ReplicationLagSensor tasks gate the fill, the index builds and the swap, and the fill
-and replay check lag before every batch themselves.
+DELETE). With capture: add_partitions also installs triggers (before the fill plan) that record every changed
+key; replay applies them after the fill; verify compares every partition with its source range (the gate: a
+mismatch fails the run); the swap replays once more and applies the rest under its lock; after_swap compares the
+retired table with the live one (logged). Append-only: replay and verify skip and after_swap copies the rows
+written since the fill (catch-up). Skipped tasks do not stop the run (the tasks after them use ``none_failed``).
+ReplicationLagSensor tasks gate the fill, the index builds and the swap, and the fill and replay check lag before
+every batch themselves.
+
+Why these 15 nodes and not more: every task is a process that parses the DAG file again, and a node that is
+skipped in every run of one mode is noise in the grid. Capture installation rides with add_partitions and the
+catch-up/verify-after pair is one task (pg_partition.operators.convert_flow); replay and verify stay separate
+because replay may defer for lag and verify is the gate before the swap.
 
 Every task is idempotent and resumes from the state recorded in the database, so a failed run is fixed by
 clearing the failed task (or triggering the DAG again with the same params). ``plan_fill`` is a task of its own
-(not in the issue's list) because the mapped fill needs its item list, and because it is where the conversion
-waits for in-flight writers to set its safe high-water mark.
+because the mapped fill needs its item list, and because it is where the conversion waits for in-flight writers
+to set its safe high-water mark. Rollback: the ``pg_partition_rollback`` DAG.
 """
 
 from __future__ import annotations
@@ -28,18 +34,16 @@ from airflow.sdk import DAG, Param
 from pg_partition.dag_factory.params import ADVANCED, CAPTURE, HOW_FAST, LAG, SAFETY, WHAT, optional, required
 from pg_partition.operators.capture import ReplayChangesOperator, VerifyConversionOperator
 from pg_partition.operators.convert import (
-    ConvertAddPartitionsOperator,
     ConvertAnalyzeOperator,
-    ConvertCatchUpOperator,
     ConvertFillOperator,
     ConvertIndexesOperator,
-    ConvertInstallCaptureOperator,
     ConvertPlanFillOperator,
     ConvertPreflightOperator,
     ConvertPrepOperator,
     ConvertReportOperator,
     ConvertSwapOperator,
 )
+from pg_partition.operators.convert_flow import ConvertAfterSwapOperator, ConvertPartitionsAndCaptureOperator
 from pg_partition.sensors.lag import ReplicationLagSensor
 
 # The grid labels each mapped fill by its partition (the plan item's key) instead of 0..N. Passed to partial():
@@ -74,8 +78,8 @@ writing it. pgslice's prep / add_partitions / fill / analyze / swap / fill --swa
   the triggerer when the pause exceeds `max_pause_seconds`;
 * **report** of rows and sizes before/after and time per step.
 
-Set **dry_run** to rehearse: every statement is logged, nothing changes. Rollback: `ConvertUnswapOperator`
-then `ConvertUnprepOperator` (or `pg_partition.core.convert.unswap/unprep`).
+Set **dry_run** to rehearse: every statement is logged, nothing changes. Rollback: trigger
+**pg_partition_rollback** (unswap, then unprep; with its own dry run).
 """
 
 
@@ -186,11 +190,9 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
         preflight = ConvertPreflightOperator(task_id="preflight", where=where, capture_changes=capture_mode,
                                              retries=0, **common)
         prep = ConvertPrepOperator(task_id="prep", retries=2, **common)
-        add = ConvertAddPartitionsOperator(
+        add = ConvertPartitionsAndCaptureOperator(
             task_id="add_partitions", past="{{ params.past }}", future="{{ params.future }}",
-            cover_data="{{ params.cover_data }}", where=where, retries=3, **common)
-        install_capture = ConvertInstallCaptureOperator(task_id="install_capture", capture_changes=capture_mode,
-                                                        where=where, retries=3, **common)
+            cover_data="{{ params.cover_data }}", where=where, capture_changes=capture_mode, retries=3, **common)
         plan = ConvertPlanFillOperator(task_id="plan_fill", where=where, batch_size="{{ params.batch_size }}",
                                        retries=2, trigger_rule=skip_ok, **common)
         lag_before_fill = lag_sensor("lag_before_fill")
@@ -212,16 +214,11 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
         swap = ConvertSwapOperator(task_id="swap", batch_size="{{ params.batch_size }}",
                                    replay_until_backlog_below="{{ params.replay_until_backlog_below }}",
                                    retries=3, **common)
-        # rows the application changes or deletes after the swap differ from the retired copy legitimately (and a
-        # delete cannot be told from a lost row), so this comparison is logged; the pre-swap verify is the gate
-        verify_after_swap = VerifyConversionOperator(
-            task_id="verify_after_swap", conn_id=common["conn_id"], table=common["table"],
-            dry_run=common["dry_run"], against="retired", fail_on_mismatch=False, skip_without_capture=True,
-            retries=1)
-        catch_up = ConvertCatchUpOperator(task_id="catch_up", batch_size="{{ params.batch_size }}",
-                                          skip_with_capture=True, retries=3, trigger_rule=skip_ok, **common)
+        # append-only: catch-up of rows written since the fill; with capture: retired vs live, logged (rows the
+        # application changes after the swap differ legitimately; the pre-swap verify is the gate)
+        after_swap = ConvertAfterSwapOperator(task_id="after_swap", batch_size="{{ params.batch_size }}",
+                                              retries=3, trigger_rule=skip_ok, **common)
         report = ConvertReportOperator(task_id="report", retries=1, trigger_rule=skip_ok, **common)
-        (preflight >> prep >> add >> install_capture >> plan >> lag_before_fill >> fill >> replay
-         >> lag_before_indexes >> indexes >> analyze >> verify >> lag_before_swap >> swap >> verify_after_swap
-         >> catch_up >> report)
+        (preflight >> prep >> add >> plan >> lag_before_fill >> fill >> replay >> lag_before_indexes >> indexes
+         >> analyze >> verify >> lag_before_swap >> swap >> after_swap >> report)
     return dag

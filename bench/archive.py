@@ -33,8 +33,8 @@ from typing import Any
 
 from bench.common import BenchEnv, Figure, bench_env, timer
 from pg_partition.core import archive
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.seed import seed_activities
+from pg_partition.core.db.catalog import QualifiedName
+from tools.seed import seed_activities
 
 GROUP = "archive"
 TABLE = QualifiedName("public", "activities_202401")
@@ -46,7 +46,7 @@ def _child(dsn: str, endpoint: str, bucket: str, fmt: str, verify: bool) -> None
     import boto3
     import psycopg
 
-    from pg_partition.core.execute import Executor
+    from pg_partition.core.db.execute import Executor
 
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
                           aws_secret_access_key="testing")

@@ -28,10 +28,11 @@ import psycopg
 from psycopg import sql
 
 from bench.common import BenchEnv, Figure, bench_env, timer
-from pg_partition.core import capture, convert
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core import convert
+from pg_partition.core.convert import capture, replay
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db.execute import Executor
+from tools.seed import seed_activities
 
 GROUP = "capture"
 SCRIPT = """\\set id random(1, :maxid)
@@ -104,9 +105,9 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
 
         def replayer() -> None:
             with psycopg.connect(env.dsn(db), autocommit=True) as rconn:
-                capture.replay(rconn, src, dest, until_backlog_below=1)  # drain what the rounds left first
+                replay.replay(rconn, src, dest, until_backlog_below=1)  # drain what the rounds left first
                 while not stop.is_set():
-                    st = capture.replay(rconn, src, dest, batch_size=5000, until_backlog_below=500)
+                    st = replay.replay(rconn, src, dest, batch_size=5000, until_backlog_below=500)
                     replayed.append(st.keys)
                     time.sleep(0.2)
 
@@ -124,11 +125,11 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
         ))
 
         # replay rate on a fresh backlog: what pgbench writes in one round
-        capture.replay(conn, src, dest, until_backlog_below=1)
+        replay.replay(conn, src, dest, until_backlog_below=1)
         _pgbench(env, db, script, seconds, clients, maxid)
         waiting = capture.backlog(conn, src)
         with timer() as t_replay:
-            stats = capture.replay(conn, src, dest, batch_size=5000, until_backlog_below=1)
+            stats = replay.replay(conn, src, dest, batch_size=5000, until_backlog_below=1)
         keys_per_s = stats.keys / t_replay[0]
         n = stats.keys
         # same partitions, same indexes (LIKE ... INCLUDING INDEXES copies the partitioned indexes)

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import BenchEnv, Figure
 from pg_partition.core import convert
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db.execute import Executor
+from tools.seed import seed_activities
 from tools.stack import PgCluster
 
 COLS = ("id, trackable_type, trackable_id, owner_type, owner_id, key, parameters, recipient_type, recipient_id, "

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BenchEnv, Figure, bench_env
-from pg_partition.core import capture, convert
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core import convert
+from pg_partition.core.convert import capture, replay
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db.execute import Executor
+from tools.seed import seed_activities
 
 GROUP = "application impact"
 LOCK_TIMEOUT_MS = 2000
@@ -97,7 +98,7 @@ def _convert(env: BenchEnv, db: str, batch_size: int) -> dict[str, Any]:
         convert.fill(ex, spec, progress_every=3600)
         convert.build_indexes(ex, spec)
         convert.analyze(ex, spec)
-        capture.replay(conn, spec.table, spec.intermediate, until_backlog_below=500)
+        replay.replay(conn, spec.table, spec.intermediate, until_backlog_below=500)
         return convert.swap(ex, spec, lock_timeout=f"{LOCK_TIMEOUT_MS}ms")
 
 

@@ -14,10 +14,10 @@ import uuid
 
 from bench.common import BenchEnv, Figure, bench_env, timer
 from pg_partition.core import archive, convert
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.execute import Executor
+from tools.seed import seed_activities
 
 GROUP = "scaling"
 

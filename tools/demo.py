@@ -84,7 +84,7 @@ def run(rows: int) -> int:
         with cluster.primary.connect(autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{DB}"')
-        from pg_partition.core.seed import seed_activities
+        from tools.seed import seed_activities
 
         t0 = time.monotonic()
         with cluster.primary.connect(DB, autocommit=True) as conn:
@@ -151,8 +151,9 @@ def _logical_hash(conn: Any) -> tuple[int, str]:
 
 
 def _summary(cluster: PgCluster, s3: S3Server, steps: list[Step], log: Path, before: tuple[int, str]) -> bool:
-    from pg_partition.core import advisor, catalog
-    from pg_partition.core.catalog import QualifiedName
+    from pg_partition.core.advise import advisor
+    from pg_partition.core.db import catalog
+    from pg_partition.core.db.catalog import QualifiedName
 
     print("\n================ pg-partition demo summary ================")
     for s in steps:

@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError
-from pg_partition.core.names import Period
+from pg_partition.core.archive.policy import ArchivePolicy
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError
+from pg_partition.core.db.names import Period
+from pg_partition.core.rotate import RotationSpec
 
 ENV_VAR = "PG_PARTITION_CONFIG"
 DEFAULT_FILENAME = "pg_partition.yaml"
@@ -46,7 +48,6 @@ ARCHIVE_SCHEMA = "pgpartition_archive"  # "pg_" schema names are reserved by Pos
 
 PeriodName = Literal["day", "week", "month", "quarter", "year"]
 DefaultPolicy = Literal["none", "keep_empty", "move_rows"]
-ArchiveFormat = Literal["pg_dump", "parquet", "csv"]
 Duration = Annotated[str, Field(pattern=r"^\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)?\s*$")]
 ConnId = Annotated[str, Field(min_length=1, max_length=250, pattern=r"^[A-Za-z0-9_.\-]+$")]
 CRON_PRESETS = {"@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly", "@annually", "@midnight"}
@@ -54,38 +55,6 @@ CRON_PRESETS = {"@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@year
 
 class ConfigError(InvalidInputError):
     """The fleet config file is unreadable or invalid. The message lists every problem as file:line field."""
-
-
-class ArchivePolicy(BaseModel):
-    """Where and how detached partitions are archived (archive DAG reads archive_queue.archive)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    bucket: str = Field(min_length=3, max_length=63, description="S3 bucket for archived partitions.")
-    prefix: str = Field("pg-partition", description="Key prefix: prefix/<db>/<schema>/<table>/...")
-    format: ArchiveFormat = Field("pg_dump", description="pg_dump (custom format), parquet or csv (gzip).")
-    drop: bool = Field(True, description="Drop the table after the archive is verified (false keeps it).")
-    aws_conn_id: ConnId = Field("aws_default", description="Airflow AWS connection id.")
-    sse: Literal["AES256", "aws:kms"] | None = Field(None, description="Server-side encryption.")
-    kms_key_id: str | None = Field(None, description="KMS key id when sse is aws:kms.")
-    # Tuning understood by the archive engine (pg_partition.core.archive.ArchivePolicy); null: its default.
-    mode: Literal["stream", "rds"] | None = Field(
-        None, description="stream (through the worker) or rds (aws_s3.query_export_to_s3 on RDS/Aurora, csv).")
-    storage_class: str | None = Field(None, description="S3 storage class, e.g. STANDARD_IA, GLACIER_IR.")
-    compress: int | None = Field(None, ge=0, le=9, description="pg_dump compression level.")
-    part_size: int | None = Field(None, ge=5 * 1024 * 1024, description="Multipart upload part size, bytes.")
-    max_inflight: int | None = Field(None, ge=1, le=64, description="Parts uploaded at once.")
-    parquet_compression: str | None = Field(None, description="Parquet codec (snappy, zstd, gzip, none).")
-    region: str | None = Field(None, description="AWS region of the bucket (rds mode).")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ArchivePolicy:
-        if self.kms_key_id and self.sse != "aws:kms":
-            raise ValueError("kms_key_id is only used with sse: aws:kms (set it, or remove kms_key_id)")
-        if self.mode == "rds" and self.format != "csv":
-            raise ValueError("mode: rds exports with aws_s3.query_export_to_s3, which writes csv only "
-                             "(set format: csv, or mode: stream)")
-        return self
 
 
 def _check_schedule(value: str | None) -> str | None:
@@ -168,10 +137,18 @@ class TableConfig(BaseModel):
         """A readable id for logs and map indexes: ``conn_id:schema.table``."""
         return f"{self.conn_id}:{self.qualified}"
 
+    def rotation(self) -> RotationSpec:
+        """The engine's view of this entry (the engine never imports this config module)."""
+        return RotationSpec(
+            conn_id=self.conn_id, table=self.qualified, column=self.column, period=self.period,
+            premake=self.premake, retention=self.retention, default_partition=self.default_partition,
+            archive_schema=self.archive_schema, lock_timeout=self.lock_timeout, lock_retries=self.lock_retries,
+            detach_timeout=self.detach_timeout, batch_size=self.batch_size,
+            archive_policy=self.archive.model_dump(exclude_unset=True) if self.archive else None)
+
     def archive_row(self) -> dict[str, Any]:
         """What goes into ``archive_queue.archive`` for a partition detached from this table."""
-        return {"policy": self.archive.model_dump(exclude_none=True) if self.archive else None,
-                "conn_id": self.conn_id}
+        return self.rotation().archive_row()
 
 
 class DagSettings(BaseModel):

@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.seed import seed_activities
+from pg_partition.core.db.catalog import QualifiedName
 from tests.conftest import REPO
 from tests.dags.test_lag_scheduler import Airflow
+from tools.seed import seed_activities
 from tools.stack import free_port
 
 pytestmark = pytest.mark.browser

@@ -10,9 +10,9 @@ from airflow.sdk import Asset
 
 from pg_partition.assets import ARCHIVE_PENDING
 from pg_partition.core import archive
-from pg_partition.core.catalog import QualifiedName, exists
+from pg_partition.core.db.catalog import QualifiedName, exists
 from pg_partition.dag_factory.archive import conn_ids_from_events
-from tests.integration.test_archive_support import DETACHED, PARENT, partitioned_activities, row_hash
+from tests.support.archive import DETACHED, PARENT, partitioned_activities, row_hash
 
 
 @dataclass
@@ -77,7 +77,7 @@ def test_archive_dag_then_restore_dag(db, conn, bucket, run_dag) -> None:
 
 def test_restore_dag_fails_clearly_and_changes_nothing_on_a_corrupt_object(db, conn, bucket, run_dag) -> None:
     s = partitioned_activities(conn, policy={"bucket": bucket.name, "aws_conn_id": bucket.conn_id})
-    from pg_partition.core.execute import Executor
+    from pg_partition.core.db.execute import Executor
 
     out = archive.archive_queued(Executor(conn), bucket.client(), s.queue_id)
     client = bucket.client()

@@ -111,9 +111,10 @@ def test_image_ships_client_tools_of_the_target_major_only(airflow_db: Path) -> 
 def test_compose_seed_creates_the_table_the_defaults_convert(conn) -> None:
     """The init SQL mounted into pg-primary, run on a real server: the DAGs' default table with rows spread over
     26 months, the shape convert's defaults (created_at, month) accept; re-running it adds nothing."""
-    from pg_partition.core import catalog, convert
-    from pg_partition.core.catalog import QualifiedName
-    from pg_partition.core.convert_spec import ConvertSpec
+    from pg_partition.core import convert
+    from pg_partition.core.convert.spec import ConvertSpec
+    from pg_partition.core.db import catalog
+    from pg_partition.core.db.catalog import QualifiedName
 
     services = _compose()["services"]
     mounts = services["pg-primary"]["volumes"]

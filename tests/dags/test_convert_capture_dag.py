@@ -26,20 +26,22 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 from psycopg import sql
 
-from pg_partition.core import capture, catalog, convert
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.errors import StateError
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core import convert
+from pg_partition.core.convert import capture
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db import catalog
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import StateError
+from pg_partition.core.db.execute import Executor
 from pg_partition.operators.convert import (
     ConvertFillOperator,
     ConvertSwapOperator,
     ConvertUnprepOperator,
     ConvertUnswapOperator,
 )
-from tests.integration.test_capture_support import Writer, same_columns_hash
-from tests.integration.test_convert_support import row_hash, snapshot
+from tests.support.capture import Writer, same_columns_hash
+from tests.support.convert import row_hash, snapshot
+from tools.seed import seed_activities
 
 DAG_ID = "pg_partition_convert"
 TABLE = QualifiedName("public", "activities")

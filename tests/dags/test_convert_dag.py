@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.seed import seed_activities
-from tests.integration.test_convert_support import row_hash, snapshot
+from pg_partition.core.db.catalog import QualifiedName
+from tests.support.convert import row_hash, snapshot
+from tools.seed import seed_activities
 
 DAG_ID = "pg_partition_convert"
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pg_partition.core.seed import seed_activities
 from tests.conftest import REPO
+from tools.seed import seed_activities
 
 
 def test_dags_folder_has_no_import_errors(airflow_db: Path) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_lag import replay_paused, standby_caught_up, wait_until, write_wal
+from tests.support.lag import replay_paused, standby_caught_up, wait_until, write_wal
 from tools.stack import free_port
 
 DAG_ID = "pgp_lag_sensor_test"

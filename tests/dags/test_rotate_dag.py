@@ -188,10 +188,10 @@ def test_a_table_converted_by_pg_partition_convert_is_then_rotated(db, tmp_path,
     and queues them; nothing is lost."""
     from datetime import datetime, timezone
 
-    from pg_partition.core import catalog
-    from pg_partition.core.catalog import QualifiedName
-    from pg_partition.core.names import Period, floor, shift
-    from pg_partition.core.seed import seed_activities
+    from pg_partition.core.db import catalog
+    from pg_partition.core.db.catalog import QualifiedName
+    from pg_partition.core.db.names import Period, floor, shift
+    from tools.seed import seed_activities
 
     with db.connect() as c:
         seed_activities(c, "public.activities", rows=20_000, timestamptz=True)

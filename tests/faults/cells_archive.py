@@ -16,8 +16,9 @@ from typing import Any
 
 import psycopg
 
-from pg_partition.core import archive, catalog, rotate
-from pg_partition.core.execute import Executor
+from pg_partition.core import archive, rotate
+from pg_partition.core.db import catalog
+from pg_partition.core.db.execute import Executor
 from tests.faults import cells_rotate
 from tests.faults.common import Scenario, connect, key_counts, leftovers, logical_hash, partitions_of, tables_in_schema
 from tests.faults.driver import Env, s3_client

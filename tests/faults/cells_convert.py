@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pg_partition.core import capture, catalog, convert, state
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.execute import Executor
-from pg_partition.core.seed import seed_activities
+from pg_partition.core import convert
+from pg_partition.core.convert import capture, replay
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db import catalog, state
+from pg_partition.core.db.execute import Executor
 from tests.faults.common import Scenario, connect, key_counts, leftovers, logical_hash
 from tests.faults.driver import Env
+from tools.seed import seed_activities
 
 TABLE = "public.activities"
 ROWS = 10_000
@@ -43,7 +45,7 @@ def step_indexes(ctx: dict[str, Any]) -> Any:
 def step_replay(ctx: dict[str, Any]) -> Any:
     s = spec(ctx)
     with connect(ctx) as conn:
-        return capture.replay(Executor(conn), s.table, s.intermediate, batch_size=150,
+        return replay.replay(Executor(conn), s.table, s.intermediate, batch_size=150,
                               until_backlog_below=1).as_dict()
 
 
@@ -69,7 +71,7 @@ def finish(ctx: dict[str, Any]) -> None:
             convert.build_indexes(ex, s)
             convert.analyze(ex, s)
             if capture.is_installed(conn, s.table):
-                capture.replay(ex, s.table, s.intermediate, until_backlog_below=1)
+                replay.replay(ex, s.table, s.intermediate, until_backlog_below=1)
             convert.catch_up(ex, s)
             convert.swap(ex, s)
         convert.catch_up(ex, s)

@@ -14,9 +14,11 @@ from typing import Any
 import psycopg
 
 from pg_partition.config import TableConfig
-from pg_partition.core import rotate, state
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.execute import Executor
+from pg_partition.core import rotate
+from pg_partition.core.db import state
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.execute import Executor
+from pg_partition.core.rotate import RotationSpec
 from tests.faults.common import Scenario, connect, key_counts, leftovers, logical_hash, partitions_of, tables_in_schema
 from tests.faults.driver import Env
 
@@ -25,10 +27,10 @@ PARENT = "public.events"
 ARCHIVE_SCHEMA = "pgpartition_archive"
 
 
-def config(ctx: dict[str, Any]) -> TableConfig:
+def config(ctx: dict[str, Any]) -> RotationSpec:
     return TableConfig.model_validate({
         "conn_id": "pg_faults", "table": PARENT, "column": "created_at", "period": "month",
-        "default_partition": "move_rows", "archive_schema": ARCHIVE_SCHEMA, **ctx.get("cfg", {})})
+        "default_partition": "move_rows", "archive_schema": ARCHIVE_SCHEMA, **ctx.get("cfg", {})}).rotation()
 
 
 def make_events(conn: psycopg.Connection[Any], first: tuple[int, int], months: int, *, default: bool = False) -> None:

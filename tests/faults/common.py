@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pg_partition.core.catalog import QualifiedName
+from pg_partition.core.db.catalog import QualifiedName
 from tests.faults.driver import Env
 
 

@@ -23,8 +23,8 @@ from airflow.sdk import DAG, Context
 from airflow.sdk.exceptions import AirflowSkipException
 
 from pg_partition.core import convert
+from pg_partition.core.params import parse_bool
 from pg_partition.dag_factory.params import SAFETY, WHAT, required
-from pg_partition.operators.base import as_bool
 from pg_partition.operators.convert import ConvertUnprepOperator, ConvertUnswapOperator
 
 DOC = __doc__
@@ -40,7 +40,7 @@ class RollbackUnprepOperator(ConvertUnprepOperator):
         self.drop_intermediate = drop_intermediate
 
     def execute(self, context: Context) -> dict[str, Any]:
-        if not as_bool(self.drop_intermediate):
+        if not parse_bool(self.drop_intermediate, what="drop_intermediate"):
             raise AirflowSkipException("drop_intermediate is off: the intermediate table and the conversion's "
                                        "state are kept")
         if self.is_dry_run:

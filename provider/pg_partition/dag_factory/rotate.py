@@ -30,10 +30,10 @@ from psycopg import sql
 from pg_partition import settings
 from pg_partition.assets import ARCHIVE_PENDING
 from pg_partition.config import ConfigError, FleetConfig, TableConfig, is_due, load_config, previous_tick
-from pg_partition.core import state
+from pg_partition.core.db import state
+from pg_partition.core.params import parse_bool
 from pg_partition.dag_factory.params import SAFETY, TARGET, optional, required
 from pg_partition.hooks.partition import PartitionHook
-from pg_partition.operators.base import as_bool
 from pg_partition.operators.rotate import (
     DetachExpiredPartitionsOperator,
     PartitionHealthOperator,
@@ -152,7 +152,7 @@ def build_rotate_dag(
         def announce_archive(chosen: list[dict[str, Any]]) -> list[str]:
             """One Asset event for the archive DAG: ``extra={"conn_ids": [...]}`` with pending partitions."""
             ctx = get_current_context()
-            if as_bool(ctx["params"].get("dry_run")):
+            if parse_bool(ctx["params"].get("dry_run"), what="dry_run"):
                 raise AirflowSkipException("dry run: nothing was detached, no archive event")
             conn_ids = pending_conn_ids([e["conn_id"] for e in chosen])
             if not conn_ids:

@@ -8,17 +8,15 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from pg_partition.core import advisor
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError
+from pg_partition.core.advise import advisor
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError
+from pg_partition.core.params import is_none, parse_bool
 from pg_partition.hooks.partition import PartitionHook
-from pg_partition.operators.base import as_bool
 
 SCOPES = ("auto", "table", "database")
 
 
-def _blank(value: Any) -> bool:
-    return value is None or str(value).strip() in ("", "None", "null")
 
 
 class AdvisorOperator(BaseOperator):
@@ -62,8 +60,8 @@ class AdvisorOperator(BaseOperator):
             raise InvalidInputError(f"unknown scope {self.scope!r}", where=self.task_id,
                                     fix="use auto (table if given, else database), table or database")
         if scope == "auto":
-            return "database" if _blank(self.table) else "table"
-        if scope == "table" and _blank(self.table):
+            return "database" if is_none(self.table) else "table"
+        if scope == "table" and is_none(self.table):
             raise InvalidInputError("scope is 'table' but no table was given", where=self.task_id,
                                     fix="set the table param (schema.table), or use scope database")
         return scope
@@ -74,7 +72,7 @@ class AdvisorOperator(BaseOperator):
                                   update_heavy_ratio=float(self.update_heavy_ratio))
 
     def recipe(self) -> advisor.Recipe:
-        months = None if _blank(self.retention_months) or int(str(self.retention_months)) <= 0 \
+        months = None if is_none(self.retention_months) or int(str(self.retention_months)) <= 0 \
             else int(str(self.retention_months))
         return advisor.Recipe(premake=int(str(self.premake)), retention_months=months)
 
@@ -84,8 +82,8 @@ class AdvisorOperator(BaseOperator):
             if scope == "table":
                 a = advisor.advise(conn, QualifiedName.parse(str(self.table)), conn_id=self.conn_id,
                                    thresholds=self.thresholds(), recipe=self.recipe(),
-                                   time_column=None if _blank(self.time_column) else str(self.time_column),
-                                   exact_counts=as_bool(self.exact_counts))
+                                   time_column=None if is_none(self.time_column) else str(self.time_column),
+                                   exact_counts=parse_bool(self.exact_counts, what="exact_counts"))
                 self.log.info("%s", advisor.render(a))
                 self._log_recommendations([a])
                 return {"scope": "table", **a.as_dict()}

@@ -13,15 +13,14 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.sdk import Context
 
 from pg_partition.core import archive
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError
-from pg_partition.operators.base import PartitionBaseOperator, as_bool
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError
+from pg_partition.core.params import is_none, parse_bool
+from pg_partition.operators.base import PartitionBaseOperator
 
 DEFAULT_AWS_CONN_ID = "aws_default"
 
 
-def _blank(value: Any) -> bool:
-    return value is None or str(value).strip() in ("", "None", "null")
 
 
 def s3_client(aws_conn_id: str) -> Any:
@@ -64,9 +63,9 @@ class ArchivePartitionOperator(PartitionBaseOperator):
 
     def defaults(self) -> dict[str, Any]:
         values = {"bucket": self.bucket, "prefix": self.prefix, "format": self.format,
-                  "drop": None if _blank(self.drop) else as_bool(self.drop), "sse": self.sse,
+                  "drop": None if is_none(self.drop) else parse_bool(self.drop, what="drop"), "sse": self.sse,
                   "kms_key_id": self.kms_key_id, "aws_conn_id": self.aws_conn_id}
-        return {k: v for k, v in values.items() if not _blank(v)}
+        return {k: v for k, v in values.items() if not is_none(v)}
 
     def execute(self, context: Context) -> dict[str, Any]:
         try:
@@ -83,8 +82,8 @@ class ArchivePartitionOperator(PartitionBaseOperator):
                           row.table, row.status, row.attempts + 1, aws_conn_id)
             result = archive.archive_queued(
                 self.sql_executor(conn), s3_client(aws_conn_id), queue_id, defaults=self.defaults(),
-                pg_dump=None if _blank(self.pg_dump) else self.pg_dump,
-                pg_restore=None if _blank(self.pg_restore) else self.pg_restore,
+                pg_dump=None if is_none(self.pg_dump) else self.pg_dump,
+                pg_restore=None if is_none(self.pg_restore) else self.pg_restore,
                 lock_timeout=str(self.lock_timeout), retries=int(self.lock_retries))
         return result | {"conn_id": self.conn_id}
 
@@ -118,8 +117,8 @@ class RestorePartitionOperator(PartitionBaseOperator):
 
     def location(self) -> tuple[str, str | None]:
         """(bucket, key) from ``s3_key`` (``s3://bucket/key`` or a key in ``bucket``)."""
-        bucket = None if _blank(self.bucket) else str(self.bucket)
-        key = None if _blank(self.s3_key) else str(self.s3_key).strip()
+        bucket = None if is_none(self.bucket) else str(self.bucket)
+        key = None if is_none(self.s3_key) else str(self.s3_key).strip()
         if key and key.startswith("s3://"):
             bucket, _, key = key[len("s3://"):].partition("/")
         if not bucket:
@@ -130,19 +129,19 @@ class RestorePartitionOperator(PartitionBaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         bucket, key = self.location()
         target = str(self.target or "attach").strip().lower()
-        table = None if _blank(self.table) else QualifiedName.parse(str(self.table))
+        table = None if is_none(self.table) else QualifiedName.parse(str(self.table))
         s3 = s3_client(str(self.aws_conn_id or DEFAULT_AWS_CONN_ID))
         with self.connection() as conn:
             manifest = archive.locate_manifest(
-                s3, bucket, key=key, prefix=str(self.prefix) if not _blank(self.prefix) else archive.DEFAULT_PREFIX,
-                database=str(conn.info.dbname), table=table, period=None if _blank(self.period) else str(self.period),
-                format=None if _blank(self.format) else str(self.format))
+                s3, bucket, key=key, prefix=str(self.prefix) if not is_none(self.prefix) else archive.DEFAULT_PREFIX,
+                database=str(conn.info.dbname), table=table, period=None if is_none(self.period) else str(self.period),
+                format=None if is_none(self.format) else str(self.format))
             self.log.info("restoring s3://%s/%s (%s, %s rows, sha256 %s) -> %s", bucket, manifest["key"],
                           manifest["format"], manifest["rows"], manifest["sha256"], target)
             result = archive.restore(
                 self.sql_executor(conn), s3, manifest, target=target,
                 parent=table if target == "attach" else None,
-                schema=None if _blank(self.schema) else str(self.schema),
-                pg_restore=None if _blank(self.pg_restore) else str(self.pg_restore),
+                schema=None if is_none(self.schema) else str(self.schema),
+                pg_restore=None if is_none(self.pg_restore) else str(self.pg_restore),
                 lock_timeout=str(self.lock_timeout), retries=int(self.lock_retries))
         return result | {"conn_id": self.conn_id, "bucket": bucket}

@@ -10,23 +10,10 @@ import psycopg
 from airflow.sdk import BaseOperator
 
 from pg_partition import settings
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.execute import Executor
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.execute import Executor
+from pg_partition.core.params import parse_bool
 from pg_partition.hooks.partition import PartitionHook
-
-
-def as_bool(value: Any) -> bool:
-    """Template-rendered params arrive as strings ('False'); accept real booleans and the usual spellings."""
-    if isinstance(value, bool):
-        return value
-    if value is None:
-        return False
-    text = str(value).strip().lower()
-    if text in {"1", "true", "yes", "on", "y", "t"}:
-        return True
-    if text in {"0", "false", "no", "off", "n", "f", "", "none"}:
-        return False
-    raise ValueError(f"expected a boolean, got {value!r}")
 
 
 class PartitionBaseOperator(BaseOperator):
@@ -58,7 +45,7 @@ class PartitionBaseOperator(BaseOperator):
 
     @property
     def is_dry_run(self) -> bool:
-        return as_bool(self.dry_run)
+        return parse_bool(self.dry_run, what="dry_run")
 
     @property
     def qualified_table(self) -> QualifiedName:

@@ -1,7 +1,7 @@
 """Change-capture operators for the conversion DAG: install, replay, verify, remove.
 
-Thin on purpose: each parses its arguments, opens a connection, calls :mod:`pg_partition.core.capture` or
-:mod:`pg_partition.core.verify`, logs, and returns a JSON-able dict for XCom. The destination is always the
+Thin on purpose: each parses its arguments, opens a connection, calls :mod:`pg_partition.core.convert.capture` or
+:mod:`pg_partition.core.convert.verify`, logs, and returns a JSON-able dict for XCom. The destination is always the
 conversion's ``<table>_intermediate`` (before the swap) and the source ``<table>_retired`` after it.
 """
 
@@ -14,44 +14,20 @@ from typing import Any
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowSkipException
 
-from pg_partition.core import capture, catalog, convert, verify
-from pg_partition.core.catalog import QualifiedName
-from pg_partition.core.errors import InvalidInputError
+from pg_partition.core import convert
+from pg_partition.core.convert import capture, replay, verify
+from pg_partition.core.db import catalog
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError
+from pg_partition.core.db.names import derived_name
 from pg_partition.core.lag import LagPauseTooLong
-from pg_partition.core.names import derived_name
-from pg_partition.operators.base import PartitionBaseOperator, as_bool
-from pg_partition.operators.convert import LAG_FIELDS, LagGated
+from pg_partition.core.params import parse_bool
+from pg_partition.operators.base import PartitionBaseOperator
+from pg_partition.sensors.lag import LAG_FIELDS, LagGated
 
 
 def _sibling(table: QualifiedName, role: str) -> QualifiedName:
     return table.sibling(derived_name(table.name, role))
-
-
-class InstallCaptureOperator(PartitionBaseOperator):
-    """Install change capture on the table before the fill (``capture_changes``: true, false or auto).
-
-    ``auto`` installs it when pg_stat_user_tables shows the table has seen UPDATE/DELETE. Idempotent: a retry
-    finds it installed. Waits for in-flight writers under ``lock_timeout`` with ``lock_retries``.
-    """
-
-    template_fields: Sequence[str] = (*PartitionBaseOperator.template_fields, "capture_changes")
-    ui_color = "#f3e2c7"
-
-    def __init__(self, *, capture_changes: bool | str = "auto", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.capture_changes = capture_changes
-
-    def execute(self, context: Context) -> dict[str, Any]:
-        table = self.qualified_table
-        with self.connection() as conn:
-            wanted, reason = capture.should_capture(conn, table, self.capture_changes)
-            self.log.info("%s", reason)
-            if not wanted:
-                return {"capture": False, "reason": reason, "installed": capture.is_installed(conn, table)}
-            ex = self.sql_executor(conn)
-            created = capture.install(ex, table, _sibling(table, "intermediate"), **self.lock_kwargs())
-            return {"capture": True, "reason": reason, "created": created, "dry_run": self.is_dry_run,
-                    "statements": ex.statements, **capture.status(conn, table)}
 
 
 class ReplayChangesOperator(LagGated, PartitionBaseOperator):
@@ -104,7 +80,7 @@ class ReplayChangesOperator(LagGated, PartitionBaseOperator):
 
                 step: Callable[[], None] | None = throttle if gate is not None or pause > 0 else None
                 try:
-                    stats = capture.replay(self.sql_executor(conn), table, _sibling(table, "intermediate"),
+                    stats = replay.replay(self.sql_executor(conn), table, _sibling(table, "intermediate"),
                                            batch_size=batch, until_backlog_below=below, throttle=step)
                 except LagPauseTooLong as exc:
                     self.defer_for_lag(exc)
@@ -159,7 +135,7 @@ class VerifyConversionOperator(PartitionBaseOperator):
                 return {"dry_run": True, "source": str(source), "dest": str(dest)}
             report = verify.verify(conn, source, dest, exclude_keys=list(self.exclude_keys or []) or None,
                                    max_ranges=self.max_ranges)
-        if as_bool(self.fail_on_mismatch):
+        if parse_bool(self.fail_on_mismatch, what="fail_on_mismatch"):
             report.raise_if_mismatch()
         elif not report.ok:
             self.log.warning("verification found differences (not failing: fail_on_mismatch is off). After the "

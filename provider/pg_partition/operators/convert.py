@@ -8,89 +8,31 @@ the list of fill items that :class:`ConvertFillOperator` is mapped over (one tas
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowSkipException
 
-from pg_partition.core import capture, convert
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.lag import LagGate, LagMeasurementError, LagPauseTooLong
+from pg_partition.core import convert
+from pg_partition.core.convert import capture
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.lag import LagPauseTooLong
+from pg_partition.core.params import parse_bool, parse_float, parse_int, parse_text
 from pg_partition.operators import progress
-from pg_partition.operators.base import PartitionBaseOperator, as_bool
-from pg_partition.triggers.lag import defer_until_lag_ok
+from pg_partition.operators.base import PartitionBaseOperator
+from pg_partition.sensors.lag import LAG_FIELDS, LagGated
 
 SPEC_FIELDS = ("column", "period", "primary_key", "default_partition", "tablespace", "defer_indexes")
-LAG_FIELDS = ("max_lag_bytes", "max_lag_seconds", "watch_slots", "max_pause_seconds")
 
 
-def _blank(value: Any) -> bool:
-    return value is None or str(value).strip() in ("", "None", "null")
 
 
-def _int(value: Any, default: int | None = None) -> int | None:
-    return default if _blank(value) else int(str(value).strip())
 
 
-def _float(value: Any, default: float = 0.0) -> float:
-    return default if _blank(value) else float(str(value).strip())
 
 
-def _text(value: Any) -> str | None:
-    return None if _blank(value) else str(value)
-
-
-class LagGated:
-    """Replication-lag gating for batch operators (fill, replay): a :class:`LagGate` as the loop's throttle, on
-    its own connection, and a deferral to the trigger when a pause outlasts ``max_pause_seconds``.
-
-    Mixed into a :class:`PartitionBaseOperator`; the lag arguments are template fields (DAG params arrive as
-    strings such as "None", "100MB" or "['feed']", which the gate parses).
-    """
-
-    max_lag_bytes: Any
-    max_lag_seconds: Any
-    watch_slots: Any
-    max_pause_seconds: Any
-    lag_poll_seconds: float
-
-    def init_lag(self, *, max_lag_bytes: Any = None, max_lag_seconds: Any = None, watch_slots: Any = None,
-                 max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0) -> None:
-        self.max_lag_bytes = max_lag_bytes
-        self.max_lag_seconds = max_lag_seconds
-        self.watch_slots = watch_slots
-        self.max_pause_seconds = max_pause_seconds
-        self.lag_poll_seconds = float(lag_poll_seconds)
-
-    @contextmanager
-    def throttle(self) -> Iterator[Callable[[], None] | None]:
-        """The gate bound to its own autocommit connection (a pause never holds the loop's transaction open),
-        or None when no limit is set."""
-        assert isinstance(self, PartitionBaseOperator)
-        if _blank(self.max_lag_bytes) and _blank(self.max_lag_seconds):
-            yield None
-            return
-        gate = LagGate.from_params(max_lag_bytes=self.max_lag_bytes, max_lag_seconds=self.max_lag_seconds,
-                                   watch_slots=self.watch_slots, max_pause_seconds=self.max_pause_seconds)
-        with self.connection() as gate_conn:
-            yield gate.bind(gate_conn)
-
-    def defer_for_lag(self, exc: LagPauseTooLong) -> None:
-        """Hand the wait to the triggerer (raises TaskDeferred); ``resume_after_lag`` continues the loop."""
-        assert isinstance(self, PartitionBaseOperator)
-        defer_until_lag_ok(self, exc, conn_id=str(self.conn_id), method_name="resume_after_lag",
-                           poll_interval=self.lag_poll_seconds)
-
-    @staticmethod
-    def check_lag_event(event: dict[str, Any] | None, conn_id: str) -> None:
-        if event and event.get("status") == "ok":
-            return
-        message = (event or {}).get("message", "the replication-lag trigger ended without an event")
-        raise LagMeasurementError(f"replication-lag trigger: {message}", where=f"connection {conn_id!r}",
-                                  fix="fix what the message names, then clear the task: it resumes from its "
-                                  "checkpoint")
 
 
 class ConvertBaseOperator(PartitionBaseOperator):
@@ -113,8 +55,9 @@ class ConvertBaseOperator(PartitionBaseOperator):
     def spec(self) -> ConvertSpec:
         return ConvertSpec.create(
             self.qualified_table, str(self.column), period=str(self.period), primary_key=str(self.primary_key),
-            default_partition=as_bool(self.default_partition), tablespace=_text(self.tablespace),
-            defer_indexes=as_bool(self.defer_indexes),
+            default_partition=parse_bool(self.default_partition, what="default_partition"),
+            tablespace=parse_text(self.tablespace),
+            defer_indexes=parse_bool(self.defer_indexes, what="defer_indexes"),
         )
 
     @contextmanager
@@ -142,10 +85,10 @@ class ConvertPreflightOperator(ConvertBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         with self.run_step() as (ex, spec):
-            report = convert.preflight(ex.conn, spec, where=_text(self.where))
+            report = convert.preflight(ex.conn, spec, where=parse_text(self.where))
             if self.capture_changes is not None:  # refuse capture + where here, before anything changes
                 report["capture"] = convert.decide_capture(ex.conn, spec, self.capture_changes,
-                                                           where=_text(self.where))
+                                                           where=parse_text(self.where))
                 self.log.info("change capture: %s (%s)", "on" if report["capture"]["capture"] else "off",
                               report["capture"]["reason"])
         self.log.info("preflight of %s: %s rows, %.1f MiB, append-only: %s, %d period(s), resuming: %s",
@@ -182,8 +125,9 @@ class ConvertAddPartitionsOperator(ConvertBaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         with self.run_step() as (ex, spec):
             return convert.add_partitions(
-                ex, spec, past=_int(self.past, 0) or 0, future=_int(self.future, 0) or 0,
-                cover_data=as_bool(self.cover_data), where=_text(self.where), target=str(self.target),
+                ex, spec, past=parse_int(self.past, 0) or 0, future=parse_int(self.future, 0) or 0,
+                cover_data=parse_bool(self.cover_data, what="cover_data"), where=parse_text(self.where),
+                target=str(self.target),
                 **self.lock_kwargs())
 
 
@@ -202,10 +146,9 @@ class ConvertInstallCaptureOperator(ConvertBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         with self.run_step() as (ex, spec):
-            result = convert.install_capture(ex, spec, self.capture_changes, where=_text(self.where),
+            result = convert.install_capture(ex, spec, self.capture_changes, where=parse_text(self.where),
                                              **self.lock_kwargs())
-            if result["capture"] and not ex.dry_run:
-                result["status"] = capture.status(ex.conn, spec.table)
+            result.update(capture.status(ex.conn, spec.table), dry_run=ex.dry_run, statements=ex.statements)
         if not result["capture"]:
             raise AirflowSkipException(f"change capture off: {result['reason']}")
         return result
@@ -231,9 +174,9 @@ class ConvertPlanFillOperator(ConvertBaseOperator):
     def execute(self, context: Context) -> list[dict[str, Any]]:
         with self.run_step() as (ex, spec):
             plan = convert.plan_fill(
-                ex, spec, where=_text(self.where), batch_size=_int(self.batch_size, 10_000) or 10_000,
-                start=_int(self.start), stop=_int(self.stop), replan=as_bool(self.replan),
-                wait_timeout=_float(self.wait_timeout, 3600.0))
+                ex, spec, where=parse_text(self.where), batch_size=parse_int(self.batch_size, 10_000) or 10_000,
+                start=parse_int(self.start), stop=parse_int(self.stop), replan=parse_bool(self.replan, what="replan"),
+                wait_timeout=parse_float(self.wait_timeout, 3600.0))
         self.log.info("fill plan: %s strategy, %d items, %s rows, %s outside every partition, high-water id %s",
                       plan["strategy"], len(plan["items"]), f"{plan['rows']:,}", f"{plan['outside_rows']:,}",
                       plan["high_water"])
@@ -276,8 +219,8 @@ class ConvertFillOperator(LagGated, ConvertBaseOperator):
     def _fill(self) -> dict[str, Any]:
         with self.run_step() as (ex, spec), self.throttle() as throttle:
             try:
-                result = convert.fill(ex, spec, self.item, batch_size=_int(self.batch_size),
-                                      sleep_seconds=_float(self.sleep_seconds), throttle=throttle)
+                result = convert.fill(ex, spec, self.item, batch_size=parse_int(self.batch_size),
+                                      sleep_seconds=parse_float(self.sleep_seconds), throttle=throttle)
             except LagPauseTooLong as exc:
                 self.defer_for_lag(exc)
                 raise  # pragma: no cover - defer raises TaskDeferred
@@ -324,8 +267,9 @@ class ConvertCatchUpOperator(ConvertBaseOperator):
             if self.skip_with_capture and convert.capture_on(ex.conn, spec.table):
                 raise AirflowSkipException("the conversion ran with change capture: the swap applied every "
                                            "captured change, so no catch-up pass is needed")
-            return convert.catch_up(ex, spec, batch_size=_int(self.batch_size, 10_000) or 10_000,
-                                    full=as_bool(self.full), wait_timeout=_float(self.wait_timeout, 3600.0))
+            return convert.catch_up(ex, spec, batch_size=parse_int(self.batch_size, 10_000) or 10_000,
+                                    full=parse_bool(self.full, what="full"),
+                                    wait_timeout=parse_float(self.wait_timeout, 3600.0))
 
 
 class ConvertSwapOperator(ConvertBaseOperator):
@@ -347,19 +291,11 @@ class ConvertSwapOperator(ConvertBaseOperator):
         catch-up (capture has every insert too). Without: catch-up outside any lock, then swap (its last
         anti-join under the lock)."""
         with self.run_step() as (ex, spec):
-            caught: dict[str, Any] | None = None
-            replayed: dict[str, Any] | None = None
-            swapped = convert.is_swapped(ex.conn, spec)
-            captured = not swapped and capture.is_installed(ex.conn, spec.table)
-            batch = _int(self.batch_size, 10_000) or 10_000
-            if captured and not ex.dry_run:
-                replayed = capture.replay(ex, spec.table, spec.intermediate, batch_size=batch,
-                                          until_backlog_below=_int(self.replay_until_backlog_below, 1000) or 1
-                                          ).as_dict()
-            elif as_bool(self.catch_up_first) and not swapped and not captured:
-                caught = convert.catch_up(ex, spec, batch_size=batch)
-            result = convert.swap(ex, spec, sync=not captured, **self.lock_kwargs())
-        return {**result, "catch_up_before": caught, "replay_before": replayed}
+            return convert.finish_and_swap(
+                ex, spec, batch_size=parse_int(self.batch_size, 10_000, what="batch_size") or 10_000,
+                replay_until_backlog_below=parse_int(self.replay_until_backlog_below, 1000,
+                                                     what="replay_until_backlog_below") or 1,
+                catch_up_first=parse_bool(self.catch_up_first, what="catch_up_first"), **self.lock_kwargs())
 
 
 class ConvertUnswapOperator(ConvertBaseOperator):

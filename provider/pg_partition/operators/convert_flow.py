@@ -20,9 +20,12 @@ from typing import Any
 
 from airflow.sdk import Context
 
-from pg_partition.core import capture, catalog, convert, verify
-from pg_partition.core.names import derived_name
-from pg_partition.operators.convert import ConvertAddPartitionsOperator, ConvertCatchUpOperator, _text
+from pg_partition.core import convert
+from pg_partition.core.convert import capture, verify
+from pg_partition.core.db import catalog
+from pg_partition.core.db.names import derived_name
+from pg_partition.core.params import parse_text
+from pg_partition.operators.convert import ConvertAddPartitionsOperator, ConvertCatchUpOperator
 
 
 class ConvertPartitionsAndCaptureOperator(ConvertAddPartitionsOperator):
@@ -39,10 +42,9 @@ class ConvertPartitionsAndCaptureOperator(ConvertAddPartitionsOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         result = super().execute(context)
         with self.run_step() as (ex, spec):
-            installed = convert.install_capture(ex, spec, self.capture_changes, where=_text(self.where),
+            installed = convert.install_capture(ex, spec, self.capture_changes, where=parse_text(self.where),
                                                 **self.lock_kwargs())
-            if installed["capture"] and not ex.dry_run:
-                installed["status"] = capture.status(ex.conn, spec.table)
+            installed.update(capture.status(ex.conn, spec.table), dry_run=ex.dry_run)
         self.log.info("change capture: %s (%s)", "installed" if installed["capture"] else "off",
                       installed["reason"])
         return {**result, "capture": installed}

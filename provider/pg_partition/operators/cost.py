@@ -13,16 +13,14 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from pg_partition.core import cost
-from pg_partition.core.catalog import QualifiedName
+from pg_partition.core.advise import cost
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.params import is_none, parse_bool
 from pg_partition.hooks.partition import PartitionHook
-from pg_partition.operators.base import as_bool
 
 DEFAULT_PREFIX = "pg-partition"  # pg_partition.config.ArchivePolicy's default prefix
 
 
-def _blank(value: Any) -> bool:
-    return value is None or str(value).strip() in ("", "None", "null")
 
 
 class CostReportOperator(BaseOperator):
@@ -70,13 +68,13 @@ class CostReportOperator(BaseOperator):
     def archive_location(self) -> tuple[str | None, str | None, str]:
         """(aws_conn_id, bucket, prefix): the arguments, else the fleet config's archive policy for the table."""
         aws, bucket, prefix = self.aws_conn_id, self.bucket, self.prefix
-        if _blank(bucket):
+        if is_none(bucket):
             policy = self._config_policy()
             if policy is not None:
-                aws = aws if not _blank(aws) else policy.aws_conn_id
+                aws = aws if not is_none(aws) else policy.aws_conn_id
                 bucket = policy.bucket
-                prefix = prefix if not _blank(prefix) else policy.prefix
-        return (None if _blank(aws) else str(aws), None if _blank(bucket) else str(bucket),
+                prefix = prefix if not is_none(prefix) else policy.prefix
+        return (None if is_none(aws) else str(aws), None if is_none(bucket) else str(bucket),
                 DEFAULT_PREFIX if prefix is None or str(prefix) == "None" else str(prefix))
 
     def _config_policy(self) -> Any:
@@ -99,7 +97,8 @@ class CostReportOperator(BaseOperator):
 
             s3_client = S3Hook(aws_conn_id=aws_conn_id or "aws_default").get_conn()
         ti = context["ti"]
-        snapshot_id = f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}" if as_bool(self.record) else None
+        record = parse_bool(self.record, what="record")
+        snapshot_id = f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}" if record else None
         with PartitionHook(postgres_conn_id=self.conn_id).open() as conn:
             usage = None
             if s3_client is not None and bucket:
@@ -107,7 +106,7 @@ class CostReportOperator(BaseOperator):
                 usage = cost.s3_usage(s3_client, bucket, prefixes)
             report = cost.build_report(
                 conn, table, s3=usage, prices=self.prices(),
-                before_bytes=None if _blank(self.before_bytes) else int(str(self.before_bytes)),
+                before_bytes=None if is_none(self.before_bytes) else int(str(self.before_bytes)),
                 snapshot_id=snapshot_id)
         markdown = cost.render_markdown(report)
         self.log.info("\n%s", markdown)
@@ -130,7 +129,7 @@ class CostReportOperator(BaseOperator):
 
     def _prefixes(self, prefix: str, database: str, table: QualifiedName) -> tuple[str, ...]:
         given = self.s3_prefixes
-        if isinstance(given, str) and not _blank(given):
+        if isinstance(given, str) and not is_none(given):
             return tuple(p.strip() for p in given.split(",") if p.strip())
         if isinstance(given, list | tuple) and given:
             return tuple(str(p) for p in given)

@@ -14,8 +14,7 @@ from typing import Any
 import psycopg
 
 from pg_partition.core import convert
-from pg_partition.core.convert_spec import ConvertSpec
-from pg_partition.core.fill import recorded_plan
+from pg_partition.core.convert.spec import ConvertSpec
 
 
 def overall_fill(conn: psycopg.Connection[Any], spec: ConvertSpec, parallel: int) -> dict[str, Any] | None:
@@ -25,7 +24,7 @@ def overall_fill(conn: psycopg.Connection[Any], spec: ConvertSpec, parallel: int
     if not status.get("planned"):
         return None
     items: dict[str, Any] = status.get("items") or {}
-    plan = recorded_plan(conn, spec)
+    plan = convert.recorded_plan(conn, spec)
     total = len(plan["items"])
     done = total - len(status["pending"])
     rows = int(status["rows"])

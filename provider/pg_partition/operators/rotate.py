@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from pg_partition.config import TableConfig
 from pg_partition.core import rotate
-from pg_partition.core.errors import InvalidInputError, PartitionError
+from pg_partition.core.db.errors import InvalidInputError, PartitionError
+from pg_partition.core.rotate import RotationSpec
 from pg_partition.operators.base import PartitionBaseOperator
 
 
@@ -64,10 +65,10 @@ class _RotateOperator(PartitionBaseOperator):
                                         fix="use YYYY-MM-DD, or leave it empty for the current date") from None
         return datetime.now(timezone.utc).date()
 
-    def prepare(self, context: Context) -> tuple[TableConfig, date]:
+    def prepare(self, context: Context) -> tuple[RotationSpec, date]:
         cfg = self.table_config()
         context["pg_partition_target"] = cfg.key  # type: ignore[typeddict-unknown-key]  # map index label
-        return cfg, self.rotation_day()
+        return cfg.rotation(), self.rotation_day()
 
 
 class PremakePartitionsOperator(_RotateOperator):
@@ -84,7 +85,7 @@ class PremakePartitionsOperator(_RotateOperator):
             result = rotate.premake(self.sql_executor(conn), cfg, today)
         self.log.info("%s %d partitions, moved %d rows out of the DEFAULT partition",
                       "would create" if self.is_dry_run else "created", len(result.created), result.moved_rows)
-        return {"conn_id": cfg.conn_id, "table": cfg.table, "dry_run": self.is_dry_run, "plan": plan.as_dict(),
+        return {"conn_id": cfg.conn_id, "table": str(cfg.table), "dry_run": self.is_dry_run, "plan": plan.as_dict(),
                 **result.as_dict()}
 
 
@@ -105,7 +106,7 @@ class DetachExpiredPartitionsOperator(_RotateOperator):
         self.log.info("%s %d partitions for archive (%d pending in %s's archive queue)",
                       "would queue" if self.is_dry_run else "queued", len(result.detached),
                       result.pending_archive, cfg.conn_id)
-        return {"conn_id": cfg.conn_id, "table": cfg.table, "dry_run": self.is_dry_run, **result.as_dict()}
+        return {"conn_id": cfg.conn_id, "table": str(cfg.table), "dry_run": self.is_dry_run, **result.as_dict()}
 
 
 class PartitionHealthOperator(_RotateOperator):

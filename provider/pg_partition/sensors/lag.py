@@ -8,7 +8,8 @@ worker slot.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -16,11 +17,12 @@ from airflow.configuration import conf
 from airflow.sdk import BaseSensorOperator, Context
 from airflow.sdk.bases.sensor import PokeReturnValue
 
-from pg_partition.core.errors import InvalidInputError
-from pg_partition.core.lag import LagMeasurementError, LagThresholds, LagVerdict, measure
+from pg_partition.core.db.errors import InvalidInputError
+from pg_partition.core.lag import LagGate, LagMeasurementError, LagPauseTooLong, LagThresholds, LagVerdict, measure
+from pg_partition.core.params import is_none, parse_bool
 from pg_partition.hooks.partition import PartitionHook
-from pg_partition.operators.base import as_bool
-from pg_partition.triggers.lag import ReplicationLagTrigger
+from pg_partition.operators.base import PartitionBaseOperator
+from pg_partition.triggers.lag import ReplicationLagTrigger, defer_until_lag_ok
 
 
 class ReplicationLagSensor(BaseSensorOperator):
@@ -104,7 +106,7 @@ class ReplicationLagSensor(BaseSensorOperator):
         if not thresholds.enabled:
             self.log.info("No max_lag_bytes / max_lag_seconds given: not gating on replication lag")
             return {"ok": True, "gated": False}
-        if not as_bool(self.deferrable):
+        if not parse_bool(self.deferrable, what="deferrable"):
             return super().execute(context)
         verdict = self._check(thresholds)  # the common case (no lag) never defers
         if verdict.ok:
@@ -125,3 +127,57 @@ class ReplicationLagSensor(BaseSensorOperator):
         message = (event or {}).get("message", "the replication-lag trigger ended without an event")
         raise LagMeasurementError(f"replication-lag trigger: {message}", where=f"connection {self.conn_id!r}",
                                   fix="see the message above; the task can be retried once it is fixed")
+
+
+LAG_FIELDS = ("max_lag_bytes", "max_lag_seconds", "watch_slots", "max_pause_seconds")
+
+
+class LagGated:
+    """Replication-lag gating for batch operators (fill, replay): a :class:`LagGate` as the loop's throttle, on
+    its own connection, and a deferral to the trigger when a pause outlasts ``max_pause_seconds``.
+
+    Mixed into a :class:`PartitionBaseOperator`; the lag arguments are template fields (DAG params arrive as
+    strings such as "None", "100MB" or "['feed']", which the gate parses).
+    """
+
+    max_lag_bytes: Any
+    max_lag_seconds: Any
+    watch_slots: Any
+    max_pause_seconds: Any
+    lag_poll_seconds: float
+
+    def init_lag(self, *, max_lag_bytes: Any = None, max_lag_seconds: Any = None, watch_slots: Any = None,
+                 max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0) -> None:
+        self.max_lag_bytes = max_lag_bytes
+        self.max_lag_seconds = max_lag_seconds
+        self.watch_slots = watch_slots
+        self.max_pause_seconds = max_pause_seconds
+        self.lag_poll_seconds = float(lag_poll_seconds)
+
+    @contextmanager
+    def throttle(self) -> Iterator[Callable[[], None] | None]:
+        """The gate bound to its own autocommit connection (a pause never holds the loop's transaction open),
+        or None when no limit is set."""
+        assert isinstance(self, PartitionBaseOperator)
+        if is_none(self.max_lag_bytes) and is_none(self.max_lag_seconds):
+            yield None
+            return
+        gate = LagGate.from_params(max_lag_bytes=self.max_lag_bytes, max_lag_seconds=self.max_lag_seconds,
+                                   watch_slots=self.watch_slots, max_pause_seconds=self.max_pause_seconds)
+        with self.connection() as gate_conn:
+            yield gate.bind(gate_conn)
+
+    def defer_for_lag(self, exc: LagPauseTooLong) -> None:
+        """Hand the wait to the triggerer (raises TaskDeferred); ``resume_after_lag`` continues the loop."""
+        assert isinstance(self, PartitionBaseOperator)
+        defer_until_lag_ok(self, exc, conn_id=str(self.conn_id), method_name="resume_after_lag",
+                           poll_interval=self.lag_poll_seconds)
+
+    @staticmethod
+    def check_lag_event(event: dict[str, Any] | None, conn_id: str) -> None:
+        if event and event.get("status") == "ok":
+            return
+        message = (event or {}).get("message", "the replication-lag trigger ended without an event")
+        raise LagMeasurementError(f"replication-lag trigger: {message}", where=f"connection {conn_id!r}",
+                                  fix="fix what the message names, then clear the task: it resumes from its "
+                                  "checkpoint")

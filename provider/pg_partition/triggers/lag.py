@@ -20,7 +20,7 @@ import psycopg
 from airflow.sdk import BaseHook
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from pg_partition.core.errors import PartitionError
+from pg_partition.core.db.errors import PartitionError
 from pg_partition.core.lag import LagMeasurementError, LagPauseTooLong, LagThresholds, acheck
 
 APPLICATION_NAME = "pg_partition"

@@ -1,0 +1,356 @@
+"""swap (short lock; publications, sequences, NOTIFY), and its rollbacks unswap and unprep."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pg_partition.core.convert import capture, replay
+from pg_partition.core.convert.capture import CAPTURE_STEP, capture_on
+from pg_partition.core.convert.catchup import catch_up, copy_missing, copy_missing_locked, prepare_locked_copy, safe_low
+from pg_partition.core.convert.fill import fill_status, recorded_plan
+from pg_partition.core.convert.preflight import CAPTURE_TRIGGER_PREFIX
+from pg_partition.core.convert.prep import index_plan, prep_record
+from pg_partition.core.convert.spec import (
+    PREPPED,
+    SWAPPED,
+    ConvertSpec,
+    checkpoint,
+    forget,
+    put,
+    recorded_job,
+    set_status,
+)
+from pg_partition.core.db import catalog, state
+from pg_partition.core.db.catalog import QualifiedName, TableInfo
+from pg_partition.core.db.errors import PreflightError, StateError
+from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.names import fit_identifier
+from pg_partition.core.db.partitions import copy_grants
+
+# --- swap ----------------------------------------------------------------------------------------------------
+
+
+def _publications(conn: psycopg.Connection[Any], table: QualifiedName) -> tuple[list[dict[str, Any]], list[str]]:
+    """Explicit memberships of ``table`` (with row filter and column list), and every publication that
+    publishes it (FOR ALL TABLES / TABLES IN SCHEMA included)."""
+    oid = catalog.table_oid(conn, table)
+    explicit = conn.execute(
+        """SELECT p.pubname, pg_get_expr(pr.prqual, pr.prrelid),
+                  CASE WHEN pr.prattrs IS NOT NULL THEN array(
+                      SELECT a.attname FROM pg_attribute a WHERE a.attrelid = pr.prrelid
+                      AND a.attnum = ANY(pr.prattrs::int2[]) ORDER BY a.attnum)::text[] END
+           FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+           WHERE pr.prrelid = %s ORDER BY 1""", (oid,)).fetchall()
+    every = conn.execute(
+        "SELECT DISTINCT pubname FROM pg_publication_tables WHERE schemaname = %s AND tablename = %s ORDER BY 1",
+        (table.schema, table.name)).fetchall()
+    return ([{"name": r[0], "row_filter": r[1], "columns": r[2]} for r in explicit], [r[0] for r in every])
+
+
+def _move_publications(ex: Executor, explicit: list[dict[str, Any]], every: list[str], old: QualifiedName,
+                       new: QualifiedName, *, via_root: bool) -> None:
+    conn = ex.conn
+    if via_root:
+        for pubname in every:
+            row = conn.execute("SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (pubname,)).fetchone()
+            if row and not row[0]:
+                ex.run(sql.SQL("ALTER PUBLICATION {} SET (publish_via_partition_root = true)").format(
+                    sql.Identifier(pubname)))
+    for pub in explicit:
+        ex.run(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(sql.Identifier(pub["name"]), old.ident))
+        cols = sql.SQL(" ({})").format(sql.SQL(", ").join(map(sql.Identifier, pub["columns"]))) \
+            if pub["columns"] else sql.SQL("")
+        filt = sql.SQL(" WHERE ({})").format(sql.SQL(pub["row_filter"])) if pub["row_filter"] else sql.SQL("")
+        ex.run(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}{}{}").format(
+            sql.Identifier(pub["name"]), new.ident, cols, filt))
+
+
+def _sequence_state(conn: psycopg.Connection[Any], seq: QualifiedName) -> int:
+    """The next value the sequence would hand out."""
+    row = conn.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(seq.ident)).fetchone()
+    assert row is not None
+    return int(row[0]) + 1 if row[1] else int(row[0])
+
+
+def _move_sequences(ex: Executor, old_info: TableInfo, new_info: TableInfo, new_name: QualifiedName, *,
+                    top: int) -> list[str]:
+    """Carry id generation from the table that stops being live (``old``) to the one that becomes live (``new``),
+    both already renamed; ``top`` is the largest id the new live table holds. Serial: the shared sequence
+    changes owner. Identity: the new table's own identity is restarted past every id either side handed out,
+    and the two sequences swap names. Both TableInfos are read before the lock; only the sequences' positions
+    are read under it."""
+    conn = ex.conn
+    done: list[str] = []
+    for col, old_seq in old_info.sequences.items():
+        column = old_info.column(col)
+        if column is None:
+            continue
+        if column.identity:
+            new_seq = new_info.sequences.get(col)
+            if new_seq is None:
+                raise StateError(f"{new_name}.{col} has no identity sequence", fix="re-create it with prep")
+            restart = max(_sequence_state(conn, old_seq), _sequence_state(conn, new_seq), top + 1)
+            ex.run(sql.SQL("ALTER TABLE {} ALTER COLUMN {} RESTART WITH {}").format(
+                new_name.ident, sql.Identifier(col), sql.Literal(restart)))
+            parked = old_seq.sibling(fit_identifier(old_seq.name, "_swap"))
+            ex.run(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(old_seq.ident, sql.Identifier(parked.name)))
+            ex.run(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(new_seq.ident, sql.Identifier(old_seq.name)))
+            ex.run(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(parked.ident, sql.Identifier(new_seq.name)))
+            done.append(f"{col}: identity restarted at {restart}")
+        else:
+            ex.run(sql.SQL("ALTER SEQUENCE {} OWNED BY {}.{}").format(
+                old_seq.ident, new_name.ident, sql.Identifier(col)))
+            done.append(f"{col}: {old_seq} now owned by {new_name}")
+    return done
+
+
+def _capture_triggers(conn: psycopg.Connection[Any], table: QualifiedName) -> list[str]:
+    oid = catalog.table_oid(conn, table)
+    return [r[0] for r in conn.execute(
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = %s AND NOT tgisinternal AND tgname LIKE %s",
+        (oid, CAPTURE_TRIGGER_PREFIX + "%"))]
+
+
+def is_swapped(conn: psycopg.Connection[Any], spec: ConvertSpec) -> bool:
+    job = recorded_job(conn, spec.table)
+    if job is None or job.status != SWAPPED:
+        return False
+    info = catalog.describe(conn, spec.table) if catalog.exists(conn, spec.table) else None
+    return info is not None and info.is_partitioned and catalog.exists(conn, spec.retired)
+
+
+def _notify(ex: Executor, spec: ConvertSpec) -> None:
+    ex.run(sql.SQL("SELECT pg_notify('pg_partition', {})").format(sql.Literal(str(spec.table))))
+
+
+def swap(
+    ex: Executor,
+    spec: ConvertSpec,
+    *,
+    lock_timeout: str = "2s",
+    retries: int = 5,
+    sync: bool = True,
+    require_complete_fill: bool = True,
+    wait_timeout: float = 3600.0,
+) -> dict[str, Any]:
+    """Make the partitioned table live in one short transaction under ``lock_timeout`` with retries.
+
+    Under ACCESS EXCLUSIVE on both tables: finish change capture if it is installed, copy the rows committed
+    since the last catch-up (``sync``; an anti-join above the safe high-water mark, so only seconds' worth of
+    rows), rename ``<table>`` to ``<table>_retired`` and the intermediate to ``<table>``, restore index names,
+    move sequence ownership or restart identity, carry publication membership (publish_via_partition_root),
+    re-grant, ``NOTIFY pg_partition, '<table>'`` and record the swap. Logs how long the lock was held.
+    """
+    conn = ex.conn
+    if not ex.dry_run and is_swapped(conn, spec):
+        ex.logger.info("%s is already swapped in; nothing to do", spec.table)
+        return {"already_swapped": True, **(checkpoint(conn, spec, "swap") or {})}
+    if not catalog.exists(conn, spec.intermediate) and not ex.dry_run:
+        raise StateError(f"{spec.intermediate} does not exist", fix="run prep, add_partitions and fill first")
+    src = catalog.describe(conn, spec.table)
+    if src.is_partitioned:
+        raise PreflightError(f"{spec.table} is already partitioned", fix="nothing to swap")
+    rec = checkpoint(conn, spec, "prep")
+    indexes = rec["indexes"] if rec else index_plan(conn, spec, src)
+    plan = checkpoint(conn, spec, "plan")
+    if not ex.dry_run:
+        status = fill_status(conn, spec)
+        if require_complete_fill and (not status["planned"] or status["pending"]):
+            raise StateError(
+                f"the fill of {spec.intermediate} is not complete (pending: {status['pending'] or 'no plan'})",
+                fix="run plan_fill and fill for every item (or pass require_complete_fill=false to swap anyway)")
+        known = {m["source"] for m in indexes}
+        extra = [i.name for i in src.indexes if i.name not in known]
+        if extra:
+            raise StateError(f"{spec.table} has indexes created after prep: {', '.join(extra)}",
+                             fix="run prep again (it adds missing indexes to the intermediate), then swap")
+        inter_idx = {i.name: i for i in catalog.describe(conn, spec.intermediate).indexes}
+        missing = [m["temp"] for m in indexes if m["on_parent"] and not (
+            m["temp"] in inter_idx and inter_idx[m["temp"]].is_valid)]
+        if missing:
+            raise StateError(f"indexes of {spec.intermediate} are missing or not yet valid: {', '.join(missing)}",
+                             fix="run the indexes step (build_indexes) first")
+    explicit, every = _publications(conn, spec.table)
+    low = safe_low(conn, spec, plan) if plan else 0
+    # every catalog read happens here, before the lock: the locked transaction only acts
+    new_info = None if ex.dry_run else catalog.describe(conn, spec.intermediate)
+    prepared = prepare_locked_copy(conn, plan, spec.table, spec.intermediate) \
+        if sync and plan and not ex.dry_run else None
+    last_pass: dict[str, Any] | None = None
+    if prepared is not None:
+        # one more catch-up just before locking: the locked anti-join then only sees the last milliseconds' rows
+        last_pass = copy_missing(ex, plan, spec.table, spec.intermediate, low=low, live=True,
+                                 wait_timeout=wait_timeout)
+        low = max(low, int(last_pass["high_water"]))
+    lock_started: list[float] = []
+    outcome: dict[str, Any] = {}
+
+    def body() -> None:
+        lock_started.clear()
+        ex.run(sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(
+            spec.table.ident, spec.intermediate.ident))
+        lock_started.append(time.monotonic())
+        triggers = _capture_triggers(conn, spec.table)
+        if triggers:
+            replay.finish_in_swap(ex, source=spec.table, dest=spec.intermediate)
+        synced = copy_missing_locked(ex, prepared, low=low) if prepared is not None else {
+            "rows": 0, "outside_rows": 0, "high_water": low}
+        ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.table.ident, sql.Identifier(spec.retired.name)))
+        ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.intermediate.ident,
+                                                            sql.Identifier(spec.table.name)))
+        for m in indexes:
+            if not m["on_parent"]:
+                continue
+            ex.run(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                spec.table.sibling(m["source"]).ident, sql.Identifier(m["retired"])))
+            ex.run(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                spec.table.sibling(m["temp"]).ident, sql.Identifier(m["source"])))
+        seqs = _move_sequences(ex, src, new_info, spec.table, top=int(synced["high_water"])) \
+            if new_info is not None else []
+        _move_publications(ex, explicit, every, spec.retired, spec.table, via_root=True)
+        copy_grants(ex, src.grants, spec.table)
+        _notify(ex, spec)
+        put(ex, spec, "swap", {"high_water": synced["high_water"], "synced_rows": synced["rows"],
+                               "outside_rows": synced["outside_rows"]})
+        set_status(ex, spec, SWAPPED)
+        outcome.update(synced=synced, sequences=seqs, capture_triggers=triggers,
+                       lock_body_ms=round((time.monotonic() - lock_started[0]) * 1000, 1))
+
+    started = time.monotonic()
+    ex.with_lock_timeout(body, lock_timeout=lock_timeout, retries=retries, what=f"swap {spec.table}")
+    lock_ms = round((time.monotonic() - lock_started[0]) * 1000, 1) if lock_started else 0.0
+    ex.logger.info("swap of %s: ACCESS EXCLUSIVE lock held for %.1f ms (%d rows synced under the lock)",
+                   spec.table, lock_ms, outcome.get("synced", {}).get("rows", 0))
+    result = {"lock_ms": lock_ms, "seconds": round(time.monotonic() - started, 3),
+              "publications": [p["name"] for p in explicit], "last_pass_rows": last_pass["rows"] if last_pass else 0,
+              **outcome}
+    if not ex.dry_run:
+        with conn.transaction():
+            put(ex, spec, "swap", {**result, "high_water": outcome["synced"]["high_water"]})
+            put(ex, spec, "timing", {"seconds": result["seconds"], "lock_ms": lock_ms}, "swap")
+    return result
+
+
+def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: int = 5,
+           wait_timeout: float = 3600.0) -> dict[str, Any]:
+    """Roll a swap back: the original table becomes live again, the partitioned one the intermediate.
+
+    Rows inserted into the partitioned table after the swap are copied back first (outside the lock, then the
+    last few under it), so nothing the application wrote is lost; updates or deletes made after the swap to rows
+    that existed before it are not carried back (append-only mode).
+
+    Change capture: the swap removed it, so nothing keeps the intermediate in step with the table any more. Any
+    capture leftover is removed, and when the conversion ran with capture its fill checkpoints are forgotten, so
+    a later swap is refused until a new run installs capture again and fills again (otherwise updates made after
+    the unswap would be silently lost).
+    """
+    conn = ex.conn
+    if not is_swapped(conn, spec):
+        if catalog.exists(conn, spec.intermediate) and not catalog.describe(conn, spec.table).is_partitioned:
+            ex.logger.info("%s is not swapped; nothing to unswap", spec.table)
+            return {"already_unswapped": True}
+        if not ex.dry_run:
+            raise StateError(f"{spec.table} is not a swapped-in conversion", fix="nothing to roll back")
+    rec = prep_record(conn, spec)
+    plan = recorded_plan(conn, spec)
+    back = dict(plan, has_default=True, where=None)  # every row written after the swap goes back
+    swap_cp = checkpoint(conn, spec, "swap") or {}
+    low = int(swap_cp.get("high_water", plan["high_water"]))
+    pre = copy_missing(ex, back, spec.table, spec.retired, low=low, live=True, wait_timeout=wait_timeout)
+    new_info = catalog.describe(conn, spec.table)
+    old_info = catalog.describe(conn, spec.retired)
+    explicit, _ = _publications(conn, spec.table)
+    prepared = prepare_locked_copy(conn, back, spec.table, spec.retired)
+    captured = capture_on(conn, spec.table)
+    lock_started: list[float] = []
+    outcome: dict[str, Any] = {}
+
+    def body() -> None:
+        lock_started.clear()
+        ex.run(sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(spec.table.ident, spec.retired.ident))
+        lock_started.append(time.monotonic())
+        synced = copy_missing_locked(ex, prepared, low=int(pre["high_water"]))
+        ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.table.ident,
+                                                            sql.Identifier(spec.intermediate.name)))
+        ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.retired.ident, sql.Identifier(spec.table.name)))
+        for m in rec["indexes"]:
+            if not m["on_parent"]:
+                continue
+            ex.run(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                spec.table.sibling(m["source"]).ident, sql.Identifier(m["temp"])))
+            ex.run(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                spec.table.sibling(m["retired"]).ident, sql.Identifier(m["source"])))
+        top = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(
+            sql.Identifier(plan["key"]), spec.table.ident)).fetchone()
+        seqs = _move_sequences(ex, new_info, old_info, spec.table,
+                               top=max(int(synced["high_water"]), int(top[0]) if top and top[0] else 0))
+        _move_publications(ex, explicit, [], spec.intermediate, spec.table, via_root=False)
+        _notify(ex, spec)
+        if not ex.dry_run:
+            forget(conn, spec, ("swap", CAPTURE_STEP, *(("plan", "fill", "catch_up") if captured else ())))
+        set_status(ex, spec, PREPPED)
+        outcome.update(synced_rows=synced["rows"], sequences=seqs)
+
+    ex.with_lock_timeout(body, lock_timeout=lock_timeout, retries=retries, what=f"unswap {spec.table}")
+    lock_ms = round((time.monotonic() - lock_started[0]) * 1000, 1) if lock_started else 0.0
+    ex.logger.info("unswap of %s: ACCESS EXCLUSIVE lock held for %.1f ms", spec.table, lock_ms)
+    removed = capture.uninstall(ex, spec.table, lock_timeout=lock_timeout, retries=retries)
+    if captured:
+        ex.logger.warning("the conversion of %s ran with change capture: its fill is forgotten; run the DAG again "
+                          "(it installs capture and fills again) before swapping again", spec.table)
+    return {"lock_ms": lock_ms, "copied_back_rows": pre["rows"] + outcome.get("synced_rows", 0),
+            "capture_removed": removed, "refill_needed": captured, **outcome}
+
+
+def unprep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: int = 5) -> dict[str, Any]:
+    """Remove change capture (triggers, function, changelog), drop the intermediate table (with its partitions)
+    and forget the conversion. Refused while swapped."""
+    conn = ex.conn
+    if is_swapped(conn, spec):
+        raise StateError(f"{spec.table} is the swapped-in partitioned table; unprep would drop live data",
+                         fix="run unswap first")
+    # the capture triggers first: they cost the application on every write and feed only the intermediate
+    capture_removed = catalog.exists(conn, spec.table) and capture.uninstall(
+        ex, spec.table, lock_timeout=lock_timeout, retries=retries)
+    dropped = False
+    if catalog.exists(conn, spec.intermediate):
+        inter = catalog.describe(conn, spec.intermediate)
+        if not inter.is_partitioned:
+            raise StateError(f"{spec.intermediate} is not partitioned, so it is not this conversion's",
+                             fix="inspect and drop it by hand")
+
+        def body() -> None:
+            ex.run(sql.SQL("DROP TABLE {}").format(spec.intermediate.ident))
+
+        ex.with_lock_timeout(body, lock_timeout=lock_timeout, retries=retries, what=f"unprep {spec.intermediate}")
+        dropped = True
+    if not ex.dry_run and state.ready(conn):
+        forget(conn, spec)
+    return {"dropped": dropped, "intermediate": str(spec.intermediate), "capture_removed": capture_removed}
+
+
+def finish_and_swap(ex: Executor, spec: ConvertSpec, *, batch_size: int = 10_000,
+                    replay_until_backlog_below: int = 1000, catch_up_first: bool = True, lock_timeout: str = "2s",
+                    retries: int = 5) -> dict[str, Any]:
+    """Bring the copy as close to the source as possible outside any lock, then :func:`swap`.
+
+    With change capture: replay until fewer than ``replay_until_backlog_below`` changes wait (so the swap's
+    locked apply is small); the swap applies the rest and removes capture under its lock; no catch-up (capture
+    has every insert too). Without capture (append-only): catch-up outside any lock, then the swap's last
+    anti-join under the lock. Already swapped: the swap is a no-op that reports so.
+    """
+    swapped = is_swapped(ex.conn, spec)
+    captured = not swapped and capture.is_installed(ex.conn, spec.table)
+    caught: dict[str, Any] | None = None
+    replayed: dict[str, Any] | None = None
+    if captured and not ex.dry_run:
+        replayed = replay.replay(ex, spec.table, spec.intermediate, batch_size=batch_size,
+                                 until_backlog_below=replay_until_backlog_below).as_dict()
+    elif catch_up_first and not swapped and not captured:
+        caught = catch_up(ex, spec, batch_size=batch_size)
+    result = swap(ex, spec, sync=not captured, lock_timeout=lock_timeout, retries=retries)
+    return {**result, "catch_up_before": caught, "replay_before": replayed}

@@ -1,0 +1,364 @@
+"""Verification that a converted table holds exactly the rows of its source, partition by partition.
+
+For each partition of the destination, the matching range of the source (rows whose partition column falls in
+the partition's bounds; for a DEFAULT partition, rows in no other partition) and the partition itself are
+compared by row count and an order-independent content hash: the sum (as numeric, so it cannot overflow) of a
+64-bit hash of each row's text over every column, by name, in the source's column order. A sum, unlike XOR, also
+catches a row duplicated an even number of times. When a partition differs and the key is an integer, the key
+space is bisected (16 buckets per level, same hash) down to the exact differing keys, and the report names the
+partition and up to ``max_ranges`` differing key ranges.
+
+Consistency while the application writes: each partition is compared in one REPEATABLE READ READ ONLY
+transaction, so the source, the destination and the capture changelog are read from the same snapshot. Keys
+with entries still in the changelog (changed but not yet replayed) are excluded from both sides: the replay and
+the swap's final apply re-copy exactly those keys from the source, so they are checked by construction, and every
+other key must already be equal (see ``capture``'s correctness argument). After the swap, the same function
+compares ``<table>_retired`` (source) with the new table (dest); pass the keys written since the swap in
+``exclude_keys`` (rows the application changed in the new table legitimately differ from the retired copy).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pg_partition.core.convert.capture import changelog_name
+from pg_partition.core.db import catalog, partitions
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.errors import InvalidInputError, StateError, VerificationError
+from pg_partition.core.db.execute import log
+
+INTEGER_TYPES = {"smallint", "integer", "bigint"}
+FANOUT = 16
+
+
+@dataclass
+class RangeDiff:
+    """Keys ``low..high`` (both inclusive) where source and destination disagree."""
+
+    low: int
+    high: int
+    source_rows: int
+    dest_rows: int
+
+    def describe(self, key: str) -> str:
+        span = f"{key} {self.low}" if self.low == self.high else f"{key} {self.low}..{self.high}"
+        return f"{span} (source {self.source_rows} rows, destination {self.dest_rows})"
+
+
+@dataclass
+class PartitionCheck:
+    partition: str
+    range_from: str | None
+    range_to: str | None
+    source_rows: int
+    dest_rows: int
+    source_hash: str
+    dest_hash: str
+    excluded_keys: int = 0
+    diffs: list[RangeDiff] = field(default_factory=list)
+    diffs_truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.source_rows == self.dest_rows and self.source_hash == self.dest_hash
+
+    @property
+    def bounds(self) -> str:
+        if self.range_from is None:
+            return "DEFAULT"
+        return f"[{self.range_from}, {self.range_to})"
+
+
+@dataclass
+class VerifyReport:
+    source: str
+    dest: str
+    key: str
+    partitions: list[PartitionCheck] = field(default_factory=list)
+    outside_rows: int = 0  # source rows that belong to no partition of dest
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.outside_rows == 0 and all(p.ok for p in self.partitions)
+
+    @property
+    def mismatches(self) -> list[PartitionCheck]:
+        return [p for p in self.partitions if not p.ok]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.dest_rows for p in self.partitions)
+
+    def lines(self) -> list[str]:
+        out = []
+        for p in self.mismatches:
+            line = (f"partition {p.partition} {p.bounds}: source {p.source_rows} rows, destination "
+                    f"{p.dest_rows} rows, content hash {'equal' if p.source_hash == p.dest_hash else 'differs'}")
+            if p.diffs:
+                line += "; differing key ranges: " + ", ".join(d.describe(self.key) for d in p.diffs)
+                if p.diffs_truncated:
+                    line += ", ... (more)"
+            out.append(line)
+        if self.outside_rows:
+            out.append(f"{self.outside_rows} rows of {self.source} fall in no partition of {self.dest}")
+        return out
+
+    def summary(self) -> str:
+        if self.ok:
+            excluded = sum(p.excluded_keys for p in self.partitions)
+            return (f"{self.dest} matches {self.source}: {len(self.partitions)} partitions, {self.rows} rows "
+                    f"(count and content hash), {excluded} keys with pending changes left to replay/swap")
+        return f"{self.dest} does not match {self.source}:\n" + "\n".join(self.lines())
+
+    def raise_if_mismatch(self) -> None:
+        if self.ok:
+            return
+        first = self.mismatches[0].partition if self.mismatches else self.dest
+        raise VerificationError(
+            self.summary(), where=first,
+            fix="if change capture is on, run replay and verify again; otherwise re-fill the named key ranges "
+            "(fill with start/stop) and verify again. Do not swap (or: do not drop the retired table) until it "
+            "matches",
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ok"] = self.ok
+        for p, check in zip(out["partitions"], self.partitions, strict=True):
+            p["ok"] = check.ok
+        return out
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One side's rows of one partition: table expression, condition, and the pending-key exclusion."""
+
+    table: sql.Composable
+    where: sql.Composable
+
+
+class _Checker:
+    def __init__(self, conn: psycopg.Connection[Any], source: QualifiedName, dest: QualifiedName,
+                 exclude_keys: Sequence[Any] | None, exclude_pending: bool) -> None:
+        self.conn = conn
+        self.source = source
+        self.dest = dest
+        src_info = catalog.describe(conn, source)
+        if src_info.is_partitioned:
+            raise InvalidInputError(f"{source} is partitioned; verify compares a plain source with its copy",
+                                    where=str(source), fix="pass the unpartitioned table as source")
+        dest_info = catalog.describe(conn, dest)
+        pk = src_info.primary_key or dest_info.primary_key
+        key_cols: tuple[str, ...] = pk.columns if pk else ()
+        if not key_cols and dest_info.is_partitioned:
+            per_part = partitions.per_partition_key(conn, dest_info)
+            key_cols = per_part or ()
+        if not key_cols:
+            raise InvalidInputError(f"{source} has no primary key", where=str(source),
+                                    fix="verification needs the primary key to name differing rows")
+        self.key_cols = key_cols
+        self.key = key_cols[0]
+        key_col = src_info.column(self.key)
+        self.integer_key = key_col is not None and key_col.type in INTEGER_TYPES
+        dest_cols = {c.name for c in dest_info.columns}
+        missing = [c.name for c in src_info.columns if c.name not in dest_cols]
+        if missing:
+            raise StateError(f"{dest} lacks columns of {source}: {', '.join(missing)}", where=str(dest))
+        self.row = sql.SQL("ROW({})::text").format(
+            sql.SQL(", ").join(sql.Identifier("t", c.name) for c in src_info.columns))
+        self.dest_info = dest_info
+        self.column = partitions.partition_column(dest_info) if dest_info.is_partitioned else None
+        self.key_type = key_col.type if key_col is not None else "bigint"
+        self.exclude_keys = list(exclude_keys or [])
+        cl = changelog_name(source)
+        self.changelog = cl if exclude_pending and catalog.exists(conn, cl) else None
+
+    # -- conditions ---------------------------------------------------------------------------------------------
+    def _range(self, lo: str, hi: str) -> sql.Composable:
+        assert self.column is not None
+        c = sql.Identifier("t", self.column)
+        return sql.SQL("({c} >= {lo} AND {c} < {hi})").format(c=c, lo=sql.Literal(lo), hi=sql.Literal(hi))
+
+    def _all_ranges(self) -> sql.Composable:
+        parts = [self._range(p.range_from, p.range_to) for p in self.dest_info.partitions
+                 if not p.is_default and p.range_from is not None and p.range_to is not None]
+        return sql.SQL(" OR ").join(parts) if parts else sql.SQL("false")
+
+    def _exclusion(self) -> sql.Composable:
+        conds: list[sql.Composable] = []
+        if self.changelog is not None:
+            conds.append(sql.SQL("NOT EXISTS (SELECT 1 FROM {cl} AS c WHERE {eq})").format(
+                cl=self.changelog.ident,
+                eq=sql.SQL(" AND ").join(sql.SQL("c.{k} = t.{k}").format(k=sql.Identifier(k))
+                                         for k in self.key_cols)))
+        if self.exclude_keys:
+            conds.append(sql.SQL("NOT (t.{k} = ANY({arr}::{typ}[]))").format(
+                k=sql.Identifier(self.key), arr=sql.Literal(self.exclude_keys), typ=sql.SQL(self.key_type)))
+        return sql.SQL(" AND ").join(conds) if conds else sql.SQL("true")
+
+    def sides(self, part: catalog.Partition | None) -> tuple[_Side, _Side]:
+        excl = self._exclusion()
+        if part is None:  # dest not partitioned: whole tables
+            return (_Side(self.source.ident, excl), _Side(self.dest.ident, excl))
+        if part.is_default:
+            src_where = sql.SQL("NOT coalesce({}, false) AND {}").format(self._all_ranges(), excl)
+        else:
+            assert part.range_from is not None and part.range_to is not None
+            src_where = sql.SQL("{} AND {}").format(self._range(part.range_from, part.range_to), excl)
+        return (_Side(self.source.ident, src_where),
+                _Side(sql.SQL("ONLY {}").format(part.name.ident), excl))
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    def totals(self, side: _Side) -> tuple[int, str]:
+        row = self.conn.execute(sql.SQL(
+            "SELECT count(*), coalesce(sum(hashtextextended({row}, 0)::numeric), 0)::text FROM {t} AS t "
+            "WHERE {w}").format(row=self.row, t=side.table, w=side.where)).fetchone()
+        assert row is not None
+        return int(row[0]), str(row[1])
+
+    def buckets(self, side: _Side, lo: int, width: int, hi: int) -> dict[int, tuple[int, str]]:
+        k = sql.Identifier("t", self.key)
+        rows = self.conn.execute(sql.SQL(
+            "SELECT div({k}::numeric - {lo}, {w})::bigint AS b, count(*), "
+            "coalesce(sum(hashtextextended({row}, 0)::numeric), 0)::text "
+            "FROM {t} AS t WHERE {where} AND {k} >= {lo} AND {k} <= {hi} GROUP BY 1"
+        ).format(k=k, lo=sql.Literal(lo), hi=sql.Literal(hi), w=sql.Literal(width), row=self.row,
+                 t=side.table, where=side.where)).fetchall()
+        return {int(r[0]): (int(r[1]), str(r[2])) for r in rows}
+
+    def key_bounds(self, src: _Side, dst: _Side) -> tuple[int, int] | None:
+        k = sql.Identifier("t", self.key)
+        lows, highs = [], []
+        for side in (src, dst):
+            row = self.conn.execute(sql.SQL("SELECT min({k}), max({k}) FROM {t} AS t WHERE {w}").format(
+                k=k, t=side.table, w=side.where)).fetchone()
+            if row and row[0] is not None:
+                lows.append(int(row[0]))
+                highs.append(int(row[1]))
+        return (min(lows), max(highs)) if lows else None
+
+    def diff_ranges(self, src: _Side, dst: _Side, max_ranges: int) -> tuple[list[RangeDiff], bool]:
+        """Bisect the key space (inclusive ``lo..hi``) down to single keys that differ; merge adjacent ones."""
+        bounds = self.key_bounds(src, dst)
+        if bounds is None:
+            return [], False
+        found: list[RangeDiff] = []
+        truncated = False
+        stack = [bounds]
+        while stack:
+            lo, hi = stack.pop()
+            width = max(1, -(-(hi - lo + 1) // FANOUT))
+            a = self.buckets(src, lo, width, hi)
+            b = self.buckets(dst, lo, width, hi)
+            differing = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+            children = []
+            for n in differing:
+                blo = lo + n * width
+                bhi = min(hi, blo + width - 1)
+                if width == 1:
+                    found.append(RangeDiff(blo, bhi, a.get(n, (0, ""))[0], b.get(n, (0, ""))[0]))
+                else:
+                    children.append((blo, bhi))
+            stack.extend(reversed(children))  # depth first, lowest keys first
+            if len(found) >= max_ranges:
+                truncated = bool(stack) or len(found) > max_ranges
+                break
+        found.sort(key=lambda d: d.low)
+        merged: list[RangeDiff] = []
+        for d in found:
+            if merged and merged[-1].high + 1 == d.low:
+                last = merged[-1]
+                merged[-1] = RangeDiff(last.low, d.high, last.source_rows + d.source_rows,
+                                       last.dest_rows + d.dest_rows)
+            else:
+                merged.append(d)
+        return merged[:max_ranges], truncated
+
+    def excluded(self, side: _Side, part: catalog.Partition | None) -> int:
+        if self.changelog is None and not self.exclude_keys:
+            return 0
+        where = side.where
+        # the same rows without the exclusion, minus the rows with it
+        if part is not None and not part.is_default:
+            assert part.range_from is not None and part.range_to is not None
+            base: sql.Composable = self._range(part.range_from, part.range_to)
+        elif part is not None:
+            base = sql.SQL("NOT coalesce({}, false)").format(self._all_ranges())
+        else:
+            base = sql.SQL("true")
+        row = self.conn.execute(sql.SQL(
+            "SELECT count(*) FILTER (WHERE {base}) - count(*) FILTER (WHERE {where}) FROM {t} AS t"
+        ).format(base=base, where=where, t=side.table)).fetchone()
+        return int(row[0]) if row else 0
+
+    def outside(self) -> int:
+        if self.column is None or self.dest_info.default_partition is not None:
+            return 0
+        row = self.conn.execute(sql.SQL(
+            "SELECT count(*) FROM {t} AS t WHERE NOT coalesce({ranges}, false) AND {excl}"
+        ).format(t=self.source.ident, ranges=self._all_ranges(), excl=self._exclusion())).fetchone()
+        return int(row[0]) if row else 0
+
+
+def verify(
+    conn: psycopg.Connection[Any],
+    source: QualifiedName,
+    dest: QualifiedName,
+    *,
+    only: Sequence[str] | None = None,
+    exclude_keys: Sequence[Any] | None = None,
+    exclude_pending: bool = True,
+    max_ranges: int = 20,
+    raise_on_mismatch: bool = False,
+) -> VerifyReport:
+    """Compare ``source`` with ``dest`` partition by partition (count + content hash); read-only.
+
+    ``only``: names of dest partitions to check (default: all). ``exclude_keys``: first-key-column values to
+    leave out on both sides (for example keys the application wrote after the swap). ``exclude_pending``: leave
+    out keys still in the capture changelog of ``source`` (changed, replay pending). With ``raise_on_mismatch``,
+    a difference raises :class:`VerificationError` naming the partition and key ranges.
+    """
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise InvalidInputError("verify needs a connection outside a transaction",
+                                fix="pass an autocommit connection (each partition is read in its own snapshot)")
+    started = time.monotonic()
+    checker = _Checker(conn, source, dest, exclude_keys, exclude_pending)
+    report = VerifyReport(str(source), str(dest), checker.key)
+    parts: list[catalog.Partition | None] = (
+        list(checker.dest_info.partitions) if checker.dest_info.is_partitioned else [None])
+    if only is not None:
+        wanted = set(only)
+        parts = [p for p in parts if p is not None and (p.name.name in wanted or str(p.name) in wanted)]
+    for part in parts:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            src, dst = checker.sides(part)
+            s_rows, s_hash = checker.totals(src)
+            d_rows, d_hash = checker.totals(dst)
+            check = PartitionCheck(
+                partition=str(part.name) if part else str(dest),
+                range_from=part.range_from if part else None, range_to=part.range_to if part else None,
+                source_rows=s_rows, dest_rows=d_rows, source_hash=s_hash, dest_hash=d_hash,
+                excluded_keys=checker.excluded(src, part),
+            )
+            if not check.ok and checker.integer_key:
+                check.diffs, check.diffs_truncated = checker.diff_ranges(src, dst, max_ranges)
+        report.partitions.append(check)
+        log.info("verify %s: %s %s: %d/%d rows, %s", source, check.partition, check.bounds, s_rows, d_rows,
+                 "ok" if check.ok else "MISMATCH")
+    if only is None:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            report.outside_rows = checker.outside()
+    report.seconds = time.monotonic() - started
+    log.info("%s", report.summary())
+    if raise_on_mismatch:
+        report.raise_if_mismatch()
+    return report

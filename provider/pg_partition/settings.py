@@ -65,7 +65,7 @@ def sql_log_level() -> int:
 
 
 def sql_logger() -> logging.Logger:
-    """A child of the engine's ``pg_partition`` logger with the configured level, for the Executor's SQL."""
+    """The engine's ``pg_partition.sql`` logger (the Executor's executed SQL), set to the configured level."""
     logger = logging.getLogger(SQL_LOGGER)
     logger.setLevel(sql_log_level())
     return logger

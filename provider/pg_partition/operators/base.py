@@ -62,7 +62,8 @@ class PartitionBaseOperator(BaseOperator):
     def sql_executor(self, conn: psycopg.Connection[Any]) -> Executor:
         """Not named ``executor``: Airflow's BaseOperator.__init__ sets ``self.executor`` (the executor name).
         Statements go to the ``pg_partition.sql`` logger at ``[pg_partition] sql_log_level``."""
-        return Executor(conn, dry_run=self.is_dry_run, logger=settings.sql_logger())
+        settings.sql_logger()  # applies [pg_partition] sql_log_level to the Executor's pg_partition.sql lines
+        return Executor(conn, dry_run=self.is_dry_run)
 
     def lock_kwargs(self) -> dict[str, Any]:
         return {"lock_timeout": str(self.lock_timeout), "retries": int(self.lock_retries)}

@@ -3,11 +3,7 @@
 Params: conn_id, table + period (or s3_key), target attach|schema.
 """
 
-import os
-
+from pg_partition import settings
 from pg_partition.dag_factory.archive import build_restore_dag
 
-dag = build_restore_dag(
-    bucket=os.environ.get("PG_PARTITION_S3_BUCKET", "pg-partition-archive"),
-    aws_conn_id=os.environ.get("PG_PARTITION_AWS_CONN_ID", "aws_default"),
-)
+dag = build_restore_dag(bucket=settings.default_bucket(), aws_conn_id=settings.default_aws_conn_id())

@@ -19,6 +19,8 @@ DAG_ORDER = {
     "pg_partition_advisor": "Sizes, write pattern and partitioning candidacy of one table or the whole database, "
     "with a ready convert params JSON and fleet config entry per candidate. Changes nothing.",
     "pg_partition_convert": "Online conversion of one table to RANGE partitions (trigger it with these params).",
+    "pg_partition_rollback": "Undo a conversion from the UI: unswap (rows written since the swap are copied back), "
+    "then unprep (drop the intermediate table, forget the conversion). Has a dry run.",
     "pg_partition_rotate": "Scheduled: premake, DEFAULT-partition health, retention (DETACH ... CONCURRENTLY) for "
     "every entry of the fleet config; emits the `pg_partition_archive_pending` Asset event.",
     "pg_partition_archive": "Scheduled on that Asset event, or by hand: archive queued tables to S3, verify, then "
@@ -51,10 +53,11 @@ def _dag_tables() -> list[str]:
         if "pg-partition" not in dag.tags:
             continue
         out += [f"### DAG `{dag_id}`", "", DAG_ORDER.get(dag_id, dag.description or ""), "",
-                "| param | default | meaning |", "|---|---|---|"]
+                "| param | form section | default | meaning |", "|---|---|---|---|"]
         for name, param in dag.params.items():
             desc = (param.description or "").replace("|", "\\|").replace("\n", " ")
-            out.append(f"| `{name}` | {_cell(param.value)} | {desc} |")
+            section = param.schema.get("section", "")
+            out.append(f"| `{name}` | {section} | {_cell(param.value)} | {desc} |")
         out.append("")
     return out
 

@@ -5,7 +5,7 @@
   the retired one for every key not written after the swap, and the writes made after the swap are in the new
   table (row-level md5 hashes);
 * capture_changes auto means on, even for a table that looks append-only (statistics reset on failover); off is
-  an explicit opt-in (capture tasks skipped, catch_up runs, verify still gates the swap after a catch-up);
+  an explicit opt-in (replay skipped, verify still gates the swap after a catch-up, after_swap catches up);
   capture with a where filter is refused before anything changes;
 * dry run with capture on changes nothing (no triggers, no changelog, no state);
 * unprep removes capture; unswap leaves no capture behind and requires a new fill;
@@ -48,7 +48,7 @@ DAG_ID = "pg_partition_convert"
 TABLE = QualifiedName("public", "activities")
 ROWS = 20_000
 MB = 1024 * 1024
-CAPTURE_TASKS = ("install_capture", "replay", "verify", "verify_after_swap")
+CAPTURE_TASKS = ("replay", "verify")  # both run with capture; append-only skips replay (verify always gates)
 
 
 def _conf(db: Any, **extra: Any) -> dict[str, Any]:
@@ -116,10 +116,9 @@ def test_capture_on_with_a_concurrent_writer_end_to_end(db, conn, run_dag) -> No
 
     states = result.task_states
     assert all(states[t] == "success" for t in CAPTURE_TASKS), states
-    assert states["catch_up"] == "skipped", states
-    assert {v for k, v in states.items() if k != "catch_up"} == {"success"}, states
+    assert set(states.values()) == {"success"}, states  # no node is skipped with capture
     assert result.xcom("preflight")["capture"]["capture"] is True
-    installed = result.xcom("install_capture")
+    installed = result.xcom("add_partitions")["capture"]
     assert installed["capture"] is True and installed["created"] is True and "auto" in installed["reason"]
     replayed = result.xcom("replay")
     assert replayed["entries"] > 0 and replayed["backlog"] < 1000  # the writer's changes during the fill
@@ -128,7 +127,8 @@ def test_capture_on_with_a_concurrent_writer_end_to_end(db, conn, run_dag) -> No
     swap = result.xcom("swap")
     assert sorted(swap["capture_triggers"]) == sorted(capture.TRIGGERS.values())
     assert swap["replay_before"] is not None and swap["catch_up_before"] is None
-    assert "ok" in result.xcom("verify_after_swap")  # logged, not a gate: writes after the swap differ
+    after = result.xcom("after_swap")
+    assert after["mode"] == "verify" and "ok" in after["verify"]  # logged, not a gate: writes after the swap differ
     assert result.xcom("report")["capture"]["capture"] is True
 
     # the writer really wrote during the conversion and after the swap, every kind of write
@@ -194,7 +194,8 @@ def test_capture_auto_is_on_even_for_an_append_only_looking_table(db, conn, run_
     assert result.state == "success", result.task_states
     states = result.task_states
     assert all(states[t] == "success" for t in CAPTURE_TASKS), states
-    assert states["catch_up"] == "skipped", states
+    assert states["after_swap"] == "success" and result.xcom("after_swap")["mode"] == "verify", states
+    assert result.xcom("add_partitions")["capture"]["capture"] is True
     assert result.xcom("preflight")["capture"]["capture"] is True
     assert row_hash(conn, "activities") == before == row_hash(conn, "activities_retired")
     assert _capture_leftovers(conn) == []
@@ -206,10 +207,12 @@ def test_append_only_is_an_explicit_opt_in_and_verify_still_gates(db, conn, run_
     result = run_dag(DAG_ID, _conf(db, capture_changes="off"))
     assert result.state == "success", result.task_states
     states = result.task_states
-    assert all(states[t] == "skipped" for t in ("install_capture", "replay", "verify_after_swap")), states
+    assert states["replay"] == "skipped", states
     assert states["verify"] == "success" and result.xcom("verify")["ok"] is True, states
     assert result.xcom("verify")["mode"] == "append-only"
-    assert states["catch_up"] == "success" and states["report"] == "success", states
+    assert states["after_swap"] == "success" and states["report"] == "success", states
+    assert result.xcom("after_swap")["mode"] == "catch_up"
+    assert result.xcom("add_partitions")["capture"]["capture"] is False
     assert result.xcom("preflight")["capture"]["capture"] is False
     reason = result.xcom("report")["capture"]["reason"]
     assert "append-only" in reason and "pgslice" in reason
@@ -227,7 +230,8 @@ def test_capture_with_a_where_filter_is_refused_before_anything_changes(db, conn
     # explicit off: the filtered conversion runs in append-only mode
     result = run_dag(DAG_ID, _conf(db, where="created_at > '2000-01-01'", capture_changes="off"))
     assert result.state == "success", result.task_states
-    assert result.task_states["install_capture"] == "skipped" and result.task_states["catch_up"] == "success"
+    assert result.xcom("add_partitions")["capture"]["capture"] is False
+    assert result.task_states["after_swap"] == "success" and result.xcom("after_swap")["mode"] == "catch_up"
     assert result.task_states["verify"] == "success", result.task_states
 
 
@@ -236,7 +240,7 @@ def test_dry_run_with_capture_on_changes_nothing(db, conn, run_dag) -> None:
     before, hashed = snapshot(conn), row_hash(conn, "activities")
     result = run_dag(DAG_ID, _conf(db, dry_run=True, capture_changes="on"))
     assert result.state == "success", result.task_states
-    dry = result.xcom("install_capture")
+    dry = result.xcom("add_partitions")["capture"]
     assert dry["capture"] is True and dry["created"] is True  # it logged the statements it would run
     assert snapshot(conn) == before and row_hash(conn, "activities") == hashed
     assert _capture_leftovers(conn) == []
@@ -271,7 +275,7 @@ def test_unswap_after_a_captured_conversion_leaves_no_capture_and_needs_a_new_fi
     # a new run installs capture again, fills again and swaps: the update made in between is carried over
     again = run_dag(DAG_ID, _conf(db, capture_changes="on"))
     assert again.state == "success", again.task_states
-    assert again.xcom("preflight")["resuming"] is True and again.xcom("install_capture")["created"] is True
+    assert again.xcom("preflight")["resuming"] is True and again.xcom("add_partitions")["capture"]["created"] is True
     assert conn.execute("SELECT key FROM activities WHERE id = 5").fetchone() == ("after unswap",)
     assert row_hash(conn, "activities") == row_hash(conn, "activities_retired")
     assert _capture_leftovers(conn) == []

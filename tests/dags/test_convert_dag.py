@@ -24,9 +24,9 @@ def test_convert_dag_end_to_end(db, conn, run_dag) -> None:
     result = run_dag(DAG_ID, _conf(db, defer_indexes=True, where="created_at > '2000-01-01'",
                                    capture_changes="off"))
     assert result.state == "success", result.task_states
-    # append-only mode (the explicit opt-in a where filter needs): capture tasks skip, catch-up runs, and verify
-    # (after a catch-up) still gates the swap
-    capture_tasks = {"install_capture", "replay", "verify_after_swap"}
+    # append-only mode (the explicit opt-in a where filter needs): replay skips, verify (after a catch-up) still
+    # gates the swap, and after_swap catches up
+    capture_tasks = {"replay"}  # the only node skipped in append-only mode
     assert {result.task_states[t] for t in capture_tasks} == {"skipped"}, result.task_states
     assert {v for k, v in result.task_states.items() if k not in capture_tasks} == {"success"}, result.task_states
     items = result.xcom("plan_fill")
@@ -38,7 +38,16 @@ def test_convert_dag_end_to_end(db, conn, run_dag) -> None:
     assert report["swapped"] is True and report["after"]["rows"] == 20_000
     assert report["swap"]["lock_ms"] > 0
     assert {"prep", "swap", "indexes", "analyze"} <= set(report["timings"])
+    # the report ends with totals and next steps; each fill logged the overall progress of the conversion
+    assert report["summary"][0].startswith("totals: 20,000 rows copied by the fill (20,000 rows in "), report
+    assert "fill time" in report["summary"][0] and "total time" in report["summary"][0]
+    assert "next steps:" in report["summary"] and any("archive_retired" in line for line in report["summary"])
+    overall = [result.xcom("fill", i)["overall"] for i in range(len(items))]
+    assert all(o["total"] == len(items) for o in overall)
+    assert max(o["done"] for o in overall) == len(items) and max(o["rows"] for o in overall) == 20_000
     assert result.xcom("preflight")["rows"] == 20_000
+    assert result.xcom("after_swap")["mode"] == "catch_up"
+    assert len({k.split("[")[0] for k in result.task_states}) == 15
     # triggering it again after a finished conversion is refused by preflight, nothing else runs
     again = run_dag(DAG_ID, _conf(db))
     assert again.state == "failed" and again.task_states["preflight"] == "failed"

@@ -107,6 +107,10 @@ def airflow_stack(airflow_db: Path, db, tmp_path: Path) -> Iterator[Airflow]:
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        # on a busy machine a task's call to the execution API can exceed the 5 s default and the task dies
+        # before it runs; wait longer and retry more
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
+        "AIRFLOW__WORKERS__EXECUTION_API_RETRIES": "10",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__TRIGGERER__CAPACITY": "10",
         "PGP_LAG_TEST_CONN_ID": db.conn_id,

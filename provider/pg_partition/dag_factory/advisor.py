@@ -4,8 +4,9 @@ measurement in the state schema, for its time series)."""
 
 from __future__ import annotations
 
-from airflow.sdk import DAG, Param
+from airflow.sdk import DAG
 
+from pg_partition.dag_factory.params import ADVANCED, ARCHIVE, TARGET, optional, required
 from pg_partition.operators.advisor import AdvisorOperator
 from pg_partition.operators.cost import DEFAULT_PREFIX, CostReportOperator
 
@@ -44,38 +45,32 @@ def build_advisor_dag(dag_id: str = "pg_partition_advisor", default_conn_id: str
         tags=["pg-partition"],
         doc_md=ADVISOR_DOC,
         params={
-            "conn_id": Param(default_conn_id, type="string", description="Airflow Postgres connection id."),
-            "table": Param("", type="string",
-                           description="Table to assess, as schema.table (quote mixed case: \"S\".\"T\"). "
-                           "Empty: survey the largest tables of the whole database."),
-            "scope": Param("auto", type="string", enum=["auto", "table", "database"],
-                           description="auto: the table if one is given, else the database; table; database."),
-            "memory_gb": Param(16, type="number", minimum=0,
-                               description="Server memory in GB: a table larger than this is a candidate "
-                               "(the PostgreSQL docs' rule of thumb)."),
-            "min_gb": Param(100, type="number", minimum=0,
-                            description="Size in GB from which a table is a candidate whatever the memory "
-                            "(postgres.fm's rule of thumb)."),
-            "limit": Param(10, type="integer", minimum=1, maximum=1000,
-                           description="Database survey: how many of the largest tables to assess."),
-            "append_only_ratio": Param(0.01, type="number", minimum=0,
-                                       description="(updates + deletes) / inserts at or below which a table "
-                                       "counts as append-only."),
-            "update_heavy_ratio": Param(0.1, type="number", minimum=0,
-                                        description="(updates + deletes) / inserts at or above which a table "
-                                        "counts as update-heavy."),
-            "time_column": Param("", type="string",
-                                 description="Column to partition on (one table only). Empty: created_at, else "
-                                 "the best NOT NULL, indexed timestamp/date column."),
-            "premake": Param(3, type="integer", minimum=1,
-                             description="Future partitions in the recommended rotation entry and the convert "
-                             "params (future)."),
-            "retention_months": Param(24, type="integer", minimum=0,
-                                      description="Months of data the recommended rotation entry keeps "
-                                      "(the talk kept 2 years). 0: keep everything."),
-            "exact_counts": Param(False, type="boolean",
-                                  description="Partitioned table: count(*) each partition besides the planner "
-                                  "estimate (reads every partition)."),
+            "conn_id": required(default_conn_id, "string", "Airflow Postgres connection id.", TARGET,
+                                examples=[default_conn_id]),
+            "table": optional("string", "Table to assess, as schema.table (quote mixed case: \"S\".\"T\"). "
+                              "Empty: survey the largest tables of the whole database.", TARGET,
+                              examples=["public.activities", '"Sales"."Orders"']),
+            "scope": required("auto", "string", "auto: the table if one is given, else the database; table; "
+                              "database.", TARGET, enum=["auto", "table", "database"]),
+            "time_column": optional("string", "Column to partition on (one table only). Empty: created_at, else "
+                                    "the best NOT NULL, indexed timestamp/date column.", TARGET,
+                                    examples=["created_at"]),
+            "limit": required(10, "integer", "Database survey: how many of the largest tables to assess.", TARGET,
+                              minimum=1, maximum=1000),
+            "memory_gb": required(16, "number", "Server memory in GB: a table larger than this is a candidate "
+                                  "(the PostgreSQL docs' rule of thumb).", ADVANCED, minimum=0),
+            "min_gb": required(100, "number", "Size in GB from which a table is a candidate whatever the memory "
+                               "(postgres.fm's rule of thumb).", ADVANCED, minimum=0),
+            "append_only_ratio": required(0.01, "number", "(updates + deletes) / inserts at or below which a "
+                                          "table counts as append-only.", ADVANCED, minimum=0),
+            "update_heavy_ratio": required(0.1, "number", "(updates + deletes) / inserts at or above which a table "
+                                           "counts as update-heavy.", ADVANCED, minimum=0),
+            "premake": required(3, "integer", "Future partitions in the recommended rotation entry and the convert "
+                                "params (future).", ADVANCED, minimum=1),
+            "retention_months": required(24, "integer", "Months of data the recommended rotation entry keeps "
+                                         "(the talk kept 2 years). 0: keep everything.", ADVANCED, minimum=0),
+            "exact_counts": required(False, "boolean", "Partitioned table: count(*) each partition besides the "
+                                     "planner estimate (reads every partition).", ADVANCED),
         },
     ) as dag:
         AdvisorOperator(
@@ -96,7 +91,8 @@ def build_advisor_dag(dag_id: str = "pg_partition_advisor", default_conn_id: str
     return dag
 
 
-def build_cost_report_dag(dag_id: str = "pg_partition_cost_report", default_conn_id: str = "pg_demo") -> DAG:
+def build_cost_report_dag(dag_id: str = "pg_partition_cost_report", default_conn_id: str = "pg_demo",
+                          bucket: str | None = None) -> DAG:
     with DAG(
         dag_id=dag_id,
         schedule=None,
@@ -104,23 +100,26 @@ def build_cost_report_dag(dag_id: str = "pg_partition_cost_report", default_conn
         tags=["pg-partition"],
         doc_md=COST_DOC,
         params={
-            "conn_id": Param(default_conn_id, type="string", description="Airflow Postgres connection id."),
-            "table": Param("public.activities", type="string", description="The table, as schema.table."),
-            "aws_conn_id": Param("aws_default", type="string", description="Airflow AWS connection id."),
-            "bucket": Param("", type="string",
-                            description="Archive bucket. Empty: the table's archive policy in the fleet config; "
-                            "none there: S3 counts as 0 and the chart is not stored."),
-            "prefix": Param(DEFAULT_PREFIX, type="string",
-                            description="Archive key prefix (objects under <prefix>/<db>/<schema>/<table>/)."),
-            "price_database": Param(0.115, type="number", minimum=0,
-                                    description="Database storage, USD per GB-month (RDS gp2: 0.115)."),
-            "price_backups": Param(0.095, type="number", minimum=0,
-                                   description="Backup storage, USD per GB-month (RDS: 0.095)."),
-            "price_s3": Param(0.025, type="number", minimum=0,
-                              description="S3 storage, USD per GB-month (S3 Standard: 0.025)."),
-            "before_bytes": Param(None, type=["null", "integer"], minimum=0,
-                                  description="Database bytes before, if known (else: first recorded measurement "
-                                  "or the retired table)."),
+            "conn_id": required(default_conn_id, "string", "Airflow Postgres connection id.", TARGET,
+                                examples=[default_conn_id]),
+            "table": required("public.activities", "string", "The table, as schema.table.", TARGET,
+                              examples=["public.activities"]),
+            "aws_conn_id": required("aws_default", "string", "Airflow AWS connection id.", ARCHIVE,
+                                    examples=["aws_default"]),
+            "bucket": optional("string", "Archive bucket. Empty: the table's archive policy in the fleet config; "
+                               "none there: S3 counts as 0 and the chart is not stored.", ARCHIVE,
+                               default=bucket or None, examples=["pg-partition-archive"]),
+            "prefix": required(DEFAULT_PREFIX, "string", "Archive key prefix (objects under "
+                               "<prefix>/<db>/<schema>/<table>/).", ARCHIVE, examples=[DEFAULT_PREFIX]),
+            "price_database": required(0.115, "number", "Database storage, USD per GB-month (RDS gp2: 0.115).",
+                                       ADVANCED, minimum=0),
+            "price_backups": required(0.095, "number", "Backup storage, USD per GB-month (RDS: 0.095).", ADVANCED,
+                                      minimum=0),
+            "price_s3": required(0.025, "number", "S3 storage, USD per GB-month (S3 Standard: 0.025).", ADVANCED,
+                                 minimum=0),
+            "before_bytes": optional("integer", "Database bytes before, if known (else: first recorded "
+                                     "measurement or the retired table), e.g. 1099511627776 for 1 TiB.", ADVANCED,
+                                     minimum=0),
         },
     ) as dag:
         CostReportOperator(

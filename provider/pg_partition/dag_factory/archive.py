@@ -19,10 +19,11 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from airflow.sdk import DAG, Param, get_current_context, task
+from airflow.sdk import DAG, get_current_context, task
 
 from pg_partition.assets import ARCHIVE_PENDING
 from pg_partition.core import archive
+from pg_partition.dag_factory.params import ADVANCED, ARCHIVE, LAG, SAFETY, TARGET, optional, required
 from pg_partition.hooks.partition import PartitionHook
 from pg_partition.operators.archive import DEFAULT_AWS_CONN_ID, ArchivePartitionOperator, RestorePartitionOperator
 from pg_partition.sensors.lag import ReplicationLagSensor
@@ -75,7 +76,7 @@ def build_archive_dag(
     prefix: str = archive.DEFAULT_PREFIX,
     format: str = "pg_dump",
     aws_conn_id: str = DEFAULT_AWS_CONN_ID,
-    max_lag_bytes: str = "",
+    max_lag_bytes: str | None = None,
     max_lag_seconds: float | None = None,
     max_active_tis_per_dag: int = 4,
 ) -> DAG:
@@ -89,35 +90,35 @@ def build_archive_dag(
         tags=["pg-partition"],
         doc_md=__doc__,
         params={
-            "conn_ids": Param([], type="array", items={"type": "string"},
-                              description="Airflow Postgres connection ids to archive from, in addition to those "
-                              "named by the triggering ARCHIVE_PENDING events."),
-            "archive_retired": Param([], type="array", items={"type": "string"},
-                                     description="Tables (schema.table) whose <table>_retired, left by a "
-                                     "conversion, should be queued and archived now."),
-            "bucket": Param(bucket, type="string",
-                            description="S3 bucket for rows queued without a policy (e.g. retired tables)."),
-            "prefix": Param(prefix, type="string", description="Key prefix: prefix/<db>/<schema>/<table>/..."),
-            "format": Param(format, type="string", enum=list(archive.FORMATS),
-                            description="pg_dump (custom format), parquet or csv (gzip), when the row has none."),
-            "drop": Param(True, type="boolean",
-                          description="Drop each table after its archive is verified (when the row's policy "
-                          "does not say)."),
-            "sse": Param("", type="string", enum=["", "AES256", "aws:kms"],
-                         description="Server-side encryption when the row's policy does not say."),
-            "kms_key_id": Param("", type="string", description="KMS key id for sse=aws:kms."),
-            "aws_conn_id": Param(aws_conn_id, type="string",
-                                 description="Airflow AWS connection (endpoint, credentials) when the row's policy "
-                                 "does not name one."),
-            "max_lag_bytes": Param(max_lag_bytes, type="string",
-                                   description="Wait until replicas/slots are within this lag (e.g. 256MB); empty: "
-                                   "no byte limit."),
-            "max_lag_seconds": Param(max_lag_seconds, type=["null", "number"],
-                                     description="Wait until standby replay lag is within this many seconds."),
-            "dry_run": Param(False, type="boolean", description="Only log what would be uploaded and dropped."),
-            "pg_dump": Param("", type="string",
-                             description="Path of pg_dump (empty: the newest installed; it must be at least the "
-                             "server's major version)."),
+            "conn_ids": optional("array", "Airflow Postgres connection ids to archive from, one per line, in "
+                                 "addition to those named by the triggering ARCHIVE_PENDING events (empty: only "
+                                 "those).", TARGET, items={"type": "string"}),
+            "archive_retired": optional("array", "Tables (schema.table), one per line, whose <table>_retired, "
+                                        "left by a conversion, should be queued and archived now.", TARGET,
+                                        items={"type": "string"}),
+            "dry_run": required(False, "boolean", "Only log what would be uploaded and dropped.", SAFETY),
+            "drop": required(True, "boolean", "Drop each table after its archive is verified (when the row's "
+                             "policy does not say).", SAFETY),
+            "max_lag_bytes": optional(["string", "integer"], "Wait until replicas/slots are within this lag, "
+                                      "bytes or with a unit (e.g. 256MB); empty: no byte limit.", LAG,
+                                      default=max_lag_bytes or None, examples=["256MB", "1GB"]),
+            "max_lag_seconds": optional("number", "Wait until standby replay lag is within this many seconds "
+                                        "(e.g. 30); empty: no limit.", LAG, default=max_lag_seconds, minimum=0),
+            "bucket": optional("string", "S3 bucket for rows queued without a policy (e.g. retired tables).",
+                               ARCHIVE, default=bucket or None, examples=["pg-partition-archive"]),
+            "prefix": required(prefix, "string", "Key prefix: prefix/<db>/<schema>/<table>/...", ARCHIVE,
+                               examples=[archive.DEFAULT_PREFIX]),
+            "format": required(format, "string", "pg_dump (custom format), parquet or csv (gzip), when the row has "
+                               "none.", ARCHIVE, enum=list(archive.FORMATS)),
+            "aws_conn_id": required(aws_conn_id, "string", "Airflow AWS connection (endpoint, credentials) when the "
+                                    "row's policy does not name one.", ARCHIVE, examples=[DEFAULT_AWS_CONN_ID]),
+            "sse": optional("string", "Server-side encryption when the row's policy does not say (empty: the "
+                            "bucket's default).", ARCHIVE, enum=["AES256", "aws:kms"]),
+            "kms_key_id": optional("string", "KMS key id for sse=aws:kms.", ARCHIVE,
+                                   examples=["arn:aws:kms:us-east-1:111122223333:key/1234abcd-..."]),
+            "pg_dump": optional("string", "Path of pg_dump (empty: the newest installed; it must be at least the "
+                                "server's major version).", ADVANCED,
+                                examples=["/usr/lib/postgresql/17/bin/pg_dump"]),
         },
     ) as dag:
 
@@ -140,6 +141,7 @@ def build_archive_dag(
         conn_ids = find_connections()
         gate = ReplicationLagSensor.partial(
             task_id="wait_for_replication_lag",
+            map_index_template="{{ task.conn_id }}",
             max_lag_bytes="{{ params.max_lag_bytes }}",
             max_lag_seconds="{{ params.max_lag_seconds }}",
             poke_interval=30,
@@ -149,6 +151,7 @@ def build_archive_dag(
         gate >> pending
         ArchivePartitionOperator.partial(
             task_id="archive",
+            map_index_template="{{ task.table }}",  # the queued table (BaseOperator ignores a class attribute)
             max_active_tis_per_dag=max_active_tis_per_dag,
             aws_conn_id="{{ params.aws_conn_id }}",
             bucket="{{ params.bucket }}",
@@ -179,24 +182,29 @@ def build_restore_dag(
         tags=["pg-partition"],
         doc_md=__doc__,
         params={
-            "conn_id": Param(default_conn_id, type="string", description="Airflow Postgres connection id."),
-            "table": Param("", type="string",
-                           description="The partitioned parent, schema.table (with period); or empty when s3_key "
-                           "is given (the manifest names the parent)."),
-            "period": Param("", type="string", description="Period label of the archive, e.g. 2024-01."),
-            "s3_key": Param("", type="string",
-                            description="Instead of table+period: the object's or manifest's key, or "
-                            "s3://bucket/key."),
-            "target": Param("attach", type="string", enum=["attach", "schema"],
-                            description="attach: back as a partition (bounds checked, CHECK pre-validated so ATTACH "
-                            "skips its scan); schema: a plain table in a separate schema for ad-hoc queries."),
-            "schema": Param(archive.RESTORE_SCHEMA, type="string", description="Schema for target=schema."),
-            "bucket": Param(bucket, type="string", description="S3 bucket holding the archive."),
-            "prefix": Param(prefix, type="string", description="Key prefix used when archiving."),
-            "format": Param("", type="string", enum=["", *archive.FORMATS],
-                            description="Prefer this format when several archives exist (empty: pg_dump first)."),
-            "aws_conn_id": Param(aws_conn_id, type="string", description="Airflow AWS connection id."),
-            "dry_run": Param(False, type="boolean", description="Only log the statements a restore would run."),
+            "conn_id": required(default_conn_id, "string", "Airflow Postgres connection id.", TARGET,
+                                examples=[default_conn_id]),
+            "table": optional("string", "The partitioned parent, schema.table (with period); or empty when s3_key "
+                              "is given (the manifest names the parent).", TARGET, examples=["public.activities"]),
+            "period": optional("string", "Period label of the archive (with table).", TARGET,
+                               examples=["2024-01", "2024-01-15", "2024-Q1", "2024"]),
+            "s3_key": optional("string", "Instead of table+period: the object's or manifest's key, or "
+                               "s3://bucket/key.", TARGET,
+                               examples=["s3://pg-partition-archive/pg-partition/db/public/activities/..."]),
+            "target": required("attach", "string", "attach: back as a partition (bounds checked, CHECK "
+                               "pre-validated so ATTACH skips its scan); schema: a plain table in a separate schema "
+                               "for ad-hoc queries.", TARGET, enum=["attach", "schema"]),
+            "schema": required(archive.RESTORE_SCHEMA, "string", "Schema for target=schema.", TARGET,
+                               examples=[archive.RESTORE_SCHEMA]),
+            "dry_run": required(False, "boolean", "Only log the statements a restore would run.", SAFETY),
+            "bucket": optional("string", "S3 bucket holding the archive (empty: the bucket of s3://... in "
+                               "s3_key).", ARCHIVE, default=bucket or None, examples=["pg-partition-archive"]),
+            "prefix": required(prefix, "string", "Key prefix used when archiving.", ARCHIVE,
+                               examples=[archive.DEFAULT_PREFIX]),
+            "format": optional("string", "Prefer this format when several archives exist (empty: pg_dump first).",
+                               ARCHIVE, enum=list(archive.FORMATS)),
+            "aws_conn_id": required(aws_conn_id, "string", "Airflow AWS connection id.", ARCHIVE,
+                                    examples=[DEFAULT_AWS_CONN_ID]),
         },
     ) as dag:
         RestorePartitionOperator(

@@ -1,22 +1,28 @@
 """The ``pg_partition_convert`` DAG: online conversion of one table to RANGE partitions, triggered with params.
 
-    preflight -> prep -> add_partitions -> install_capture -> plan_fill -> lag_before_fill -> fill (mapped, one
-    task per partition) -> replay -> lag_before_indexes -> indexes -> analyze -> verify -> lag_before_swap
-    -> swap -> verify_after_swap -> catch_up -> report
+    preflight -> prep -> add_partitions (+ change capture) -> plan_fill -> lag_before_fill -> fill (mapped, one
+    task per partition, labelled by partition) -> replay -> lag_before_indexes -> indexes -> analyze -> verify
+    -> lag_before_swap -> swap -> after_swap -> report
 
 Two modes, chosen by ``capture_changes`` (auto means on: whether a table takes UPDATE/DELETE cannot be told from
 statistics that reset on failover or pg_stat_reset; off is append-only mode, an explicit opt-in). With capture:
-triggers installed before the fill plan record every changed key; replay applies them after the fill; verify
-compares every partition with its source range (the gate: a mismatch fails the run); the swap replays once more and
-applies the rest under its lock; catch_up is skipped. Append-only: the capture tasks skip, catch_up copies rows
-written since the fill, and verify (catch-up first) still gates the swap. Skipped tasks do not stop the run (the
-tasks after them use ``none_failed``). ReplicationLagSensor tasks gate the fill, the index builds and the swap, and
-the fill and replay check lag before every batch themselves.
+add_partitions also installs triggers (before the fill plan) that record every changed key; replay applies them
+after the fill; verify compares every partition with its source range (the gate: a mismatch fails the run); the
+swap replays once more and applies the rest under its lock; after_swap compares the retired table with the live one
+(logged). Append-only: replay skips, verify (catch-up first) still gates the swap, and after_swap copies the rows
+written since (catch-up). Skipped tasks do not stop the run (the tasks after them use ``none_failed``).
+ReplicationLagSensor tasks gate the fill, the index builds and the swap, and the fill and replay check lag before
+every batch themselves.
+
+Why these 15 nodes and not more: every task is a process that parses the DAG file again, and a node that is
+skipped in every run of one mode is noise in the grid. Capture installation rides with add_partitions and the
+catch-up/verify-after pair is one task (pg_partition.operators.convert_flow); replay and verify stay separate
+because replay may defer for lag and verify is the gate before the swap.
 
 Every task is idempotent and resumes from the state recorded in the database, so a failed run is fixed by
 clearing the failed task (or triggering the DAG again with the same params). ``plan_fill`` is a task of its own
-(not in the issue's list) because the mapped fill needs its item list, and because it is where the conversion
-waits for in-flight writers to set its safe high-water mark.
+because the mapped fill needs its item list, and because it is where the conversion waits for in-flight writers
+to set its safe high-water mark. Rollback: the ``pg_partition_rollback`` DAG.
 """
 
 from __future__ import annotations
@@ -26,21 +32,24 @@ from typing import Any
 
 from airflow.sdk import DAG, Param
 
+from pg_partition.dag_factory.params import ADVANCED, CAPTURE, HOW_FAST, LAG, SAFETY, WHAT, optional, required
 from pg_partition.operators.capture import ReplayChangesOperator, VerifyConversionOperator
 from pg_partition.operators.convert import (
-    ConvertAddPartitionsOperator,
     ConvertAnalyzeOperator,
-    ConvertCatchUpOperator,
     ConvertFillOperator,
     ConvertIndexesOperator,
-    ConvertInstallCaptureOperator,
     ConvertPlanFillOperator,
     ConvertPreflightOperator,
     ConvertPrepOperator,
     ConvertReportOperator,
     ConvertSwapOperator,
 )
+from pg_partition.operators.convert_flow import ConvertAfterSwapOperator, ConvertPartitionsAndCaptureOperator
 from pg_partition.sensors.lag import ReplicationLagSensor
+
+# The grid labels each mapped fill by its partition (the plan item's key) instead of 0..N. Passed to partial():
+# BaseOperator.__init__ resets a class-level map_index_template to None.
+FILL_LABEL = "{{ task.item['key'] if task.item is mapping else task.item }}"
 
 # How often a deferred lag wait (sensor or paused fill/replay) measures again, in the triggerer.
 LAG_POLL_SECONDS = 30.0
@@ -70,69 +79,75 @@ writing it. pgslice's prep / add_partitions / fill / analyze / swap / fill --swa
   the triggerer when the pause exceeds `max_pause_seconds`;
 * **report** of rows and sizes before/after and time per step.
 
-Set **dry_run** to rehearse: every statement is logged, nothing changes. Rollback: `ConvertUnswapOperator`
-then `ConvertUnprepOperator` (or `pg_partition.core.convert.unswap/unprep`).
+Set **dry_run** to rehearse: every statement is logged, nothing changes. Rollback: trigger
+**pg_partition_rollback** (unswap, then unprep; with its own dry run).
 """
 
 
 def _params(default_conn_id: str) -> dict[str, Param]:
+    """The Trigger form: sections what to convert / how fast / safety / change capture / replication lag /
+    advanced; optional params are null by default (see :mod:`pg_partition.dag_factory.params`)."""
     return {
-        "conn_id": Param(default_conn_id, type="string", description="Airflow Postgres connection id."),
-        "table": Param("public.activities", type="string",
-                       description="Table to convert, as schema.table (quote mixed case: \"Sales\".\"Orders\")."),
-        "column": Param("created_at", type="string",
-                        description="Partition column: timestamp, timestamptz or date."),
-        "period": Param("month", type="string", enum=["day", "week", "month", "quarter", "year"],
-                        description="Partition size. Bounds are UTC calendar periods."),
-        "past": Param(0, type="integer", minimum=0,
-                      description="Partitions to create before the current period (pgslice --past)."),
-        "future": Param(3, type="integer", minimum=0,
-                        description="Partitions to create after the current period (pgslice --future)."),
-        "cover_data": Param(True, type="boolean",
-                            description="Also create a partition for every period that holds rows (matching "
-                            "`where`), from the data's min to max."),
-        "batch_size": Param(10_000, type="integer", minimum=1,
-                            description="Primary-key range per fill batch (one short transaction each); also the "
-                            "keys per replay and catch-up batch."),
-        "where": Param("", type="string",
-                       description="Optional row filter, one boolean SQL expression over the table's columns "
-                       "(e.g. created_at > now() - interval '2 years'); validated by PostgreSQL before use."),
-        "sleep_seconds": Param(0, type="number", minimum=0, description="Pause between fill batches."),
-        "primary_key": Param("per_partition", type="string", enum=["per_partition", "composite"],
-                             description="per_partition: a primary key on each partition (pgslice's way, id "
-                             "unique per partition only); composite: (key, column) on the parent table."),
-        "default_partition": Param(False, type="boolean",
-                                   description="Add a DEFAULT partition (rows outside every range and NULLs "
-                                   "land there; handy in development databases)."),
-        "defer_indexes": Param(False, type="boolean",
-                               description="Create only the key before the fill and the other indexes after it "
-                               "(faster fill)."),
-        "tablespace": Param("", type="string", description="Optional tablespace for the new table and indexes."),
-        "lock_timeout": Param("2s", type="string",
-                              description="lock_timeout of every DDL on a live table (swap, attach); each lock "
-                              "wait gives up after this and retries with backoff."),
-        "lock_retries": Param(5, type="integer", minimum=1, description="Attempts per locked step."),
-        "capture_changes": Param("auto", type=["string", "boolean"], enum=["auto", "on", "off", True, False],
-                                 description="Change capture: auto (= on, the safe default), on, or off "
-                                 "(append-only mode, pgslice's way: fill + catch-up; UPDATE/DELETE after a row was "
-                                 "copied and ids reserved with nextval before the fill are NOT carried over). "
-                                 "Cannot be on together with `where`."),
-        "replay_until_backlog_below": Param(1000, type="integer", minimum=1,
-                                            description="Replay captured changes until fewer than this many "
-                                            "are waiting (after the fill, and again right before the swap)."),
-        "max_lag_bytes": Param(None, type=["null", "integer"], minimum=0,
-                               description="Hold the fill, index builds and swap (sensors) and pause fill/replay "
-                               "batches while a standby or watched replication slot lags more than this many "
-                               "bytes (empty: no gate)."),
-        "max_lag_seconds": Param(None, type=["null", "number"], minimum=0,
-                                 description="The same gate on replay lag in seconds (empty: no gate)."),
-        "watch_slots": Param(None, type=["null", "array"], items={"type": "string"},
-                             description="Replication slots the lag gate watches (empty: every slot; [] none). "
-                             "A named slot that does not exist fails the gate."),
-        "max_pause_seconds": Param(600, type=["null", "number"], minimum=0,
-                                   description="A fill/replay batch loop paused longer than this for lag defers "
-                                   "to the triggerer (frees the worker) and resumes from its checkpoint."),
-        "dry_run": Param(False, type="boolean", description="Log every statement, change nothing."),
+        "conn_id": required(default_conn_id, "string", "Airflow Postgres connection id.", WHAT,
+                            examples=[default_conn_id]),
+        "table": required("public.activities", "string",
+                          "Table to convert, as schema.table (quote mixed case: \"Sales\".\"Orders\").", WHAT,
+                          examples=["public.activities", '"Sales"."Orders"']),
+        "column": required("created_at", "string", "Partition column: timestamp, timestamptz or date.", WHAT,
+                           examples=["created_at"]),
+        "period": required("month", "string", "Partition size. Bounds are UTC calendar periods.", WHAT,
+                           enum=["day", "week", "month", "quarter", "year"]),
+        "past": required(0, "integer", "Partitions to create before the current period (pgslice --past).", WHAT,
+                         minimum=0),
+        "future": required(3, "integer", "Partitions to create after the current period (pgslice --future).",
+                           WHAT, minimum=0),
+        "cover_data": required(True, "boolean", "Also create a partition for every period that holds rows "
+                               "(matching `where`), from the data's min to max.", WHAT),
+        "where": optional("string", "Optional row filter, one boolean SQL expression over the table's own "
+                          "columns (e.g. created_at > now() - interval '2 years'): columns, constants, casts to "
+                          "built-in types, AND/OR/NOT, comparisons, arithmetic, IN, BETWEEN, IS NULL, LIKE and a "
+                          "short list of side-effect-free functions (now, date_trunc, lower, upper, coalesce, abs, "
+                          "length, ...). Parsed with PostgreSQL's grammar (pglast), re-checked against pg_proc; what "
+                          "runs is the re-printed tree, never the text; subqueries, other tables and volatile "
+                          "functions are refused. A dry run does not run it. Empty: every row.", WHAT,
+                          examples=["created_at > now() - interval '2 years'", "created_at >= '2024-01-01'"]),
+        "batch_size": required(10_000, "integer", "Primary-key range per fill batch (one short transaction "
+                               "each); also the keys per replay and catch-up batch.", HOW_FAST, minimum=1),
+        "sleep_seconds": required(0, "number", "Pause between fill batches, in seconds (e.g. 0.1).", HOW_FAST,
+                                  minimum=0),
+        "defer_indexes": required(False, "boolean", "Create only the key before the fill and the other indexes "
+                                  "after it (faster fill).", HOW_FAST),
+        "dry_run": required(False, "boolean", "Log every statement, change nothing.", SAFETY),
+        "lock_timeout": required("2s", "string", "lock_timeout of every DDL on a live table (swap, attach); "
+                                 "each lock wait gives up after this and retries with backoff. "
+                                 "PostgreSQL units: 500ms, 2s, 1min.", SAFETY, examples=["500ms", "2s", "5s"]),
+        "lock_retries": required(5, "integer", "Attempts per locked step.", SAFETY, minimum=1),
+        "capture_changes": required("auto", ["string", "boolean"], "Change capture: auto (= on, the safe "
+                                    "default), on, or off (append-only mode, pgslice's way: fill + catch-up; "
+                                    "UPDATE/DELETE after a row was copied and ids reserved with nextval before the "
+                                    "fill are NOT carried over). Cannot be on together with `where`.", CAPTURE,
+                                    enum=["auto", "on", "off", True, False]),
+        "replay_until_backlog_below": required(1000, "integer", "Replay captured changes until fewer than this "
+                                               "many are waiting (after the fill, and again right before the "
+                                               "swap).", CAPTURE, minimum=1),
+        "max_lag_bytes": optional("integer", "Hold the fill, index builds and swap (sensors) and pause "
+                                  "fill/replay batches while a standby or watched replication slot lags more than "
+                                  "this many bytes, e.g. 268435456 for 256 MB (empty: no gate).", LAG, minimum=0),
+        "max_lag_seconds": optional("number", "The same gate on replay lag in seconds, e.g. 30 (empty: no gate).",
+                                    LAG, minimum=0),
+        "watch_slots": optional("array", "Replication slots the lag gate watches, one per line (empty: every "
+                                "slot; [] none). A named slot that does not exist fails the gate.", LAG,
+                                items={"type": "string"}),
+        "max_pause_seconds": optional("number", "A fill/replay batch loop paused longer than this for lag "
+                                      "defers to the triggerer (frees the worker) and resumes from its checkpoint "
+                                      "(empty: never defer).", LAG, default=600, minimum=0),
+        "primary_key": required("per_partition", "string", "per_partition: a primary key on each partition "
+                                "(pgslice's way, id unique per partition only); composite: (key, column) on the "
+                                "parent table.", ADVANCED, enum=["per_partition", "composite"]),
+        "default_partition": required(False, "boolean", "Add a DEFAULT partition (rows outside every range and "
+                                      "NULLs land there; handy in development databases).", ADVANCED),
+        "tablespace": optional("string", "Optional tablespace for the new table and indexes (empty: the "
+                               "database's default).", ADVANCED, examples=["pg_default"]),
     }
 
 
@@ -181,17 +196,15 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
         preflight = ConvertPreflightOperator(task_id="preflight", where=where, capture_changes=capture_mode,
                                              retries=0, **common)
         prep = ConvertPrepOperator(task_id="prep", retries=2, **common)
-        add = ConvertAddPartitionsOperator(
+        add = ConvertPartitionsAndCaptureOperator(
             task_id="add_partitions", past="{{ params.past }}", future="{{ params.future }}",
-            cover_data="{{ params.cover_data }}", where=where, retries=3, **common)
-        install_capture = ConvertInstallCaptureOperator(task_id="install_capture", capture_changes=capture_mode,
-                                                        where=where, retries=3, **common)
+            cover_data="{{ params.cover_data }}", where=where, capture_changes=capture_mode, retries=3, **common)
         plan = ConvertPlanFillOperator(task_id="plan_fill", where=where, batch_size="{{ params.batch_size }}",
                                        retries=2, trigger_rule=skip_ok, **common)
         lag_before_fill = lag_sensor("lag_before_fill")
         fill = ConvertFillOperator.partial(
-            task_id="fill", batch_size="{{ params.batch_size }}", sleep_seconds="{{ params.sleep_seconds }}",
-            retries=5, max_active_tis_per_dag=4, **batch_lag, **common,
+            task_id="fill", map_index_template=FILL_LABEL, batch_size="{{ params.batch_size }}",
+            sleep_seconds="{{ params.sleep_seconds }}", retries=5, max_active_tis_per_dag=4, **batch_lag, **common,
         ).expand(item=plan.output)
         replay = ReplayChangesOperator(
             task_id="replay", conn_id=common["conn_id"], table=common["table"], dry_run=common["dry_run"],
@@ -207,16 +220,11 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
         swap = ConvertSwapOperator(task_id="swap", batch_size="{{ params.batch_size }}",
                                    replay_until_backlog_below="{{ params.replay_until_backlog_below }}",
                                    retries=3, **common)
-        # rows the application changes or deletes after the swap differ from the retired copy legitimately (and a
-        # delete cannot be told from a lost row), so this comparison is logged; the pre-swap verify is the gate
-        verify_after_swap = VerifyConversionOperator(
-            task_id="verify_after_swap", conn_id=common["conn_id"], table=common["table"],
-            dry_run=common["dry_run"], against="retired", fail_on_mismatch=False, skip_without_capture=True,
-            retries=1)
-        catch_up = ConvertCatchUpOperator(task_id="catch_up", batch_size="{{ params.batch_size }}",
-                                          skip_with_capture=True, retries=3, trigger_rule=skip_ok, **common)
+        # append-only: catch-up of rows written since the fill; with capture: retired vs live, logged (rows the
+        # application changes after the swap differ legitimately; the pre-swap verify is the gate)
+        after_swap = ConvertAfterSwapOperator(task_id="after_swap", batch_size="{{ params.batch_size }}",
+                                              retries=3, trigger_rule=skip_ok, **common)
         report = ConvertReportOperator(task_id="report", retries=1, trigger_rule=skip_ok, **common)
-        (preflight >> prep >> add >> install_capture >> plan >> lag_before_fill >> fill >> replay
-         >> lag_before_indexes >> indexes >> analyze >> verify >> lag_before_swap >> swap >> verify_after_swap
-         >> catch_up >> report)
+        (preflight >> prep >> add >> plan >> lag_before_fill >> fill >> replay >> lag_before_indexes >> indexes
+         >> analyze >> verify >> lag_before_swap >> swap >> after_swap >> report)
     return dag

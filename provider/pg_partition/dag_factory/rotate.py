@@ -23,14 +23,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Param, TriggerRule, get_current_context, task, task_group
+from airflow.sdk import DAG, TriggerRule, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowSkipException
 from psycopg import sql
 
+from pg_partition import settings
 from pg_partition.assets import ARCHIVE_PENDING
 from pg_partition.config import ConfigError, FleetConfig, TableConfig, is_due, load_config, previous_tick
 from pg_partition.core.db import state
 from pg_partition.core.params import parse_bool
+from pg_partition.dag_factory.params import SAFETY, TARGET, optional, required
 from pg_partition.hooks.partition import PartitionHook
 from pg_partition.operators.rotate import (
     DetachExpiredPartitionsOperator,
@@ -102,11 +104,12 @@ def build_rotate_dag(
     config: FleetConfig | str | Path | None = None,
     on_failure_callback: Callback | list[Callback] | None = None,
 ) -> DAG:
-    """Build the rotation DAG from the fleet config (``config``: a loaded config or a path; default: the file
-    beside the DAGs or ``$PG_PARTITION_CONFIG``). ``on_failure_callback`` (a function or notifier, or a list)
-    overrides ``dag.on_failure_callback`` from the config; it is set on every task, so a failed health check
-    pages whoever it names."""
-    cfg = config if isinstance(config, FleetConfig) else load_config(config)
+    """Build the rotation DAG from the fleet config (``config``: a loaded config or a path; default:
+    ``$PG_PARTITION_CONFIG``, else ``[pg_partition] config_file``, else pg_partition.yaml in ``[core]
+    dags_folder``: Airflow's setting, not an environment variable). ``on_failure_callback`` (a function or
+    notifier, or a list) overrides ``dag.on_failure_callback`` from the config; it is set on every task, so a
+    failed health check pages whoever it names."""
+    cfg = config if isinstance(config, FleetConfig) else load_config(config or settings.config_file())
     callback = on_failure_callback if on_failure_callback is not None else resolve_callback(
         cfg.dag.on_failure_callback, cfg.source)
     entries = [t.model_dump(mode="json") for t in cfg.enabled()]
@@ -122,12 +125,12 @@ def build_rotate_dag(
         doc_md=f"{__doc__}\n\nConfig: `{cfg.source}`\n\n{tables}\n",
         default_args={"on_failure_callback": callback} if callback else {},
         params={
-            "dry_run": Param(cfg.dag.dry_run, type="boolean",
-                             description="Only list what would be created, moved and detached."),
-            "conn_ids": Param([], type="array", items={"type": "string"},
-                              description="Only these Airflow connection ids (empty: every entry that is due)."),
-            "today": Param("", type="string",
-                           description="Rotate as of this date (YYYY-MM-DD); empty: the current UTC date."),
+            "dry_run": required(cfg.dag.dry_run, "boolean", "Only list what would be created, moved and detached.",
+                                SAFETY),
+            "conn_ids": optional("array", "Only these Airflow connection ids, one per line (empty: every entry "
+                                 "that is due).", TARGET, items={"type": "string"}),
+            "today": optional("string", "Rotate as of this date (YYYY-MM-DD); empty: the current UTC date.", TARGET,
+                              format="date", examples=["2025-01-31"]),
         },
     ) as dag:
 
@@ -147,7 +150,9 @@ def build_rotate_dag(
         @task_group(group_id="rotate")  # type: ignore[untyped-decorator]
         def rotate_one(entry: dict[str, Any]) -> DetachExpiredPartitionsOperator:
             common: dict[str, Any] = {"entry": entry, "dry_run": "{{ params.dry_run }}",
-                                      "today": "{{ params.today }}"}
+                                      "today": "{{ params.today }}",
+                                      # conn_id:table, set by the operator (BaseOperator ignores a class attribute)
+                                      "map_index_template": "{{ pg_partition_target }}"}
             premake = PremakePartitionsOperator(task_id="premake", **common)
             detach = DetachExpiredPartitionsOperator(task_id="detach", trigger_rule=TriggerRule.ALL_DONE, **common)
             health = PartitionHealthOperator(task_id="health", trigger_rule=TriggerRule.ALL_DONE, **common)

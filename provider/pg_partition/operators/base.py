@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 from airflow.sdk import BaseOperator
 
+from pg_partition import settings
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.execute import Executor
 from pg_partition.core.db.locks import table_lock
@@ -79,7 +80,9 @@ class PartitionBaseOperator(BaseOperator):
                     self._holds_table_lock = False
 
     def sql_executor(self, conn: psycopg.Connection[Any]) -> Executor:
-        """Not named ``executor``: Airflow's BaseOperator.__init__ sets ``self.executor`` (the executor name)."""
+        """Not named ``executor``: Airflow's BaseOperator.__init__ sets ``self.executor`` (the executor name).
+        Statements go to the ``pg_partition.sql`` logger at ``[pg_partition] sql_log_level``."""
+        settings.sql_logger()  # applies [pg_partition] sql_log_level to the Executor's pg_partition.sql lines
         return Executor(conn, dry_run=self.is_dry_run)
 
     def lock_kwargs(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pg_partition.core.convert import capture
 from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.lag import LagPauseTooLong
 from pg_partition.core.params import parse_bool, parse_float, parse_int, parse_text
+from pg_partition.operators import progress
 from pg_partition.operators.base import PartitionBaseOperator
 from pg_partition.sensors.lag import LAG_FIELDS, LagGated
 
@@ -223,11 +224,17 @@ class ConvertFillOperator(LagGated, ConvertBaseOperator):
     def _fill(self) -> dict[str, Any]:
         with self.run_step() as (ex, spec), self.throttle() as throttle:
             try:
-                return convert.fill(ex, spec, self.item, batch_size=parse_int(self.batch_size),
-                                    sleep_seconds=parse_float(self.sleep_seconds), throttle=throttle)
+                result = convert.fill(ex, spec, self.item, batch_size=parse_int(self.batch_size),
+                                      sleep_seconds=parse_float(self.sleep_seconds), throttle=throttle)
             except LagPauseTooLong as exc:
                 self.defer_for_lag(exc)
                 raise  # pragma: no cover - defer raises TaskDeferred
+            if not ex.dry_run:  # the whole conversion, not just this partition
+                overall = progress.overall_fill(ex.conn, spec, parallel=self.max_active_tis_per_dag or 1)
+                if overall is not None:
+                    self.log.info("%s", progress.overall_line(overall))
+                    result["overall"] = overall
+            return result
 
 
 class ConvertIndexesOperator(ConvertBaseOperator):
@@ -318,6 +325,10 @@ class ConvertReportOperator(ConvertBaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         with self.run_step() as (ex, spec):
             report = convert.report(ex.conn, spec)
-        for line in convert.format_report(report).splitlines():
+            overall = progress.overall_fill(ex.conn, spec, parallel=1)
+        dag_run = context.get("dag_run")
+        tail = progress.report_tail(report, getattr(dag_run, "start_date", None),
+                                    overall["fill_seconds"] if overall else None)
+        for line in [*convert.format_report(report).splitlines(), *tail]:
             self.log.info("%s", line)
-        return report
+        return report | {"summary": tail}

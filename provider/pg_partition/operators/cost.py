@@ -79,9 +79,10 @@ class CostReportOperator(BaseOperator):
 
     def _config_policy(self) -> Any:
         try:
+            from pg_partition import settings
             from pg_partition.config import load_config
 
-            entry = load_config().find(self.conn_id, self.table)
+            entry = load_config(settings.config_file()).find(self.conn_id, self.table)
         except Exception as exc:  # no config file, or one with errors: the report does not need it
             self.log.info("no archive location from the fleet config (%s)", str(exc).splitlines()[0])
             return None

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
+from airflow.configuration import conf
 from airflow.sdk import BaseSensorOperator, Context
 from airflow.sdk.bases.sensor import PokeReturnValue
 
@@ -36,7 +37,8 @@ class ReplicationLagSensor(BaseSensorOperator):
         A named standby that is not connected fails the task (its lag is unknown, not zero).
     :param watch_slots: replication slot names to watch; ``None``: every slot; ``[]``: none. ``slots`` is an
         alias. A named slot that does not exist, or a lost one, fails the task.
-    :param deferrable: wait in the triggerer (default) instead of poking in a worker slot.
+    :param deferrable: wait in the triggerer instead of poking in a worker slot. Default:
+        ``[operators] default_deferrable`` of the deployment (True when unset).
     Standard sensor options (``poke_interval``, ``timeout``, ``soft_fail``, ``mode``...) apply; in deferrable
     mode ``timeout`` bounds the deferral and ``soft_fail`` turns a timeout into a skip.
 
@@ -58,7 +60,7 @@ class ReplicationLagSensor(BaseSensorOperator):
         standbys: Sequence[str] | str | None = None,
         watch_slots: Sequence[str] | str | None = None,
         slots: Sequence[str] | str | None = None,
-        deferrable: bool | str = True,
+        deferrable: bool | str | None = None,
         poke_interval: timedelta | float = 30,
         **kwargs: Any,
     ) -> None:
@@ -71,7 +73,10 @@ class ReplicationLagSensor(BaseSensorOperator):
         self.max_lag_seconds = max_lag_seconds
         self.standbys = standbys
         self.watch_slots = watch_slots if watch_slots is not None else slots
-        self.deferrable = deferrable
+        # the deployment's [operators] default_deferrable decides unless the DAG says; our default stays True
+        # (a lag wait can last hours: it should not hold a worker slot) when the setting is absent
+        self.deferrable = deferrable if deferrable is not None else conf.getboolean(
+            "operators", "default_deferrable", fallback=True)
 
     def thresholds(self) -> LagThresholds:
         """Parse the (rendered) arguments; bad values raise InvalidInputError before anything is polled."""

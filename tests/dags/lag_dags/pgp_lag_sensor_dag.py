@@ -36,6 +36,7 @@ with DAG(
         max_lag_seconds="{{ params.max_lag_seconds }}",
         watch_slots="{{ params.watch_slots }}",
         standbys=["standby1"],
+        deferrable=True,  # explicit: the sensor otherwise follows [operators] default_deferrable
         poke_interval=1,
         timeout=600,
     )

@@ -256,7 +256,8 @@ def copy_missing(
         with ex.transaction():
             if not synchronous and not ex.dry_run:
                 conn.execute("SET LOCAL synchronous_commit = off")
-            cur = ex.run(insert)
+            # the first batch's INSERT at INFO (the template), the others at DEBUG
+            cur = ex.run(insert, level=logging.INFO if cursor == low else logging.DEBUG)
             n = max(cur.rowcount, 0) if cur is not None else 0
             out_row = conn.execute(count_outside).fetchone()
         copied += n

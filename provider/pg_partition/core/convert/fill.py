@@ -452,8 +452,9 @@ def fill(
             # Losing the last few commits in a crash is harmless here: the checkpoint commits with its batch,
             # so both are redone on resume. It saves a WAL flush per batch on a table nobody reads yet.
             conn.execute("SET LOCAL synchronous_commit = off")
-            ex.run(delete)
-            cur = ex.run(insert)
+            level = logging.INFO if batches == 0 else logging.DEBUG  # the first batch is the template
+            ex.run(delete, level=level)
+            cur = ex.run(insert, level=level)
             n = cur.rowcount if cur is not None else 0
             rows_total += max(n, 0)
             done = upper >= hi_end
@@ -462,6 +463,10 @@ def fill(
                 "seconds": round(seconds_before + time.monotonic() - started, 3),
             }, it["key"])
         cursor = upper
+        if batches == 0 and cursor < hi_end:
+            ex.logger.info("fill %s: the other %d batches run the same two statements over the next %s ranges "
+                           "of %d (their SQL at DEBUG); progress every %.0fs", it["key"],
+                           math.ceil((hi_end - cursor) / size), plan["key"], size, progress_every)
         batches += 1
         progress.rows += max(n, 0)
         progress.add(1, force=cursor >= hi_end)

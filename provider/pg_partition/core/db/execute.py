@@ -51,14 +51,20 @@ class Executor:
         if self.conn.info.parameter_status("standard_conforming_strings") != "on":
             self.conn.execute("SET standard_conforming_strings = on")
 
-    def run(self, stmt: Query, params: Sequence[Any] | dict[str, Any] | None = None) -> psycopg.Cursor[Any] | None:
-        """Execute a statement that changes something. Returns the cursor, or None in dry-run mode."""
+    def run(self, stmt: Query, params: Sequence[Any] | dict[str, Any] | None = None, *,
+            level: int = logging.INFO) -> psycopg.Cursor[Any] | None:
+        """Execute a statement that changes something. Returns the cursor, or None in dry-run mode.
+
+        ``level``: batch loops log their first batch at INFO (the template) and the rest at DEBUG, so a
+        terabyte fill does not write two lines of SQL per batch at INFO; a dry run always logs at INFO. Executed
+        SQL goes to the ``<logger>.sql`` child logger (``pg_partition.sql``), so a deployment can set its level
+        apart from progress lines and warnings."""
         text = render(self.conn, stmt)
         self.statements.append(text)
         if self.dry_run:
             self.logger.info("[dry run] %s", text)
             return None
-        self.logger.info("SQL: %s", text)
+        logging.getLogger(f"{self.logger.name}.sql").log(level, "SQL: %s", text)
         return self.conn.execute(stmt, params)
 
     def query(self, stmt: Query, params: Sequence[Any] | dict[str, Any] | None = None) -> list[tuple[Any, ...]]:

@@ -182,9 +182,9 @@ def test_sensor_does_not_succeed_while_replay_is_paused_and_succeeds_after_resum
                 lag_sensor(db.conn_id, max_lag_bytes="1MB", timeout=1).execute({})
             with pytest.raises(AirflowSkipException):
                 lag_sensor(db.conn_id, max_lag_bytes="1MB", timeout=1, soft_fail=True).execute({})
-            # deferrable (the default): the first check fails, so it hands the wait to the trigger
+            # deferrable: the first check fails, so it hands the wait to the trigger
             deferring = ReplicationLagSensor(task_id="lag_d", conn_id=db.conn_id, max_lag_bytes="1MB",
-                                             watch_slots=[], poke_interval=5, timeout=600)
+                                             watch_slots=[], poke_interval=5, timeout=600, deferrable=True)
             with pytest.raises(TaskDeferred) as deferred:
                 deferring.execute({})
             assert deferred.value.method_name == "execute_complete"

@@ -58,20 +58,28 @@ def convert_all(
     batch_size: int = 2_000,
     where: str | None = None,
     swap: bool = True,
+    capture: bool = False,
 ) -> dict[str, Any]:
-    """Every step of a conversion in order, as the DAG runs them; returns each step's result."""
+    """Every step of a conversion in order, as the DAG runs them; returns each step's result. ``capture``: with
+    change capture (replay, then the swap applies the rest under its lock) instead of append-only catch-up."""
     ex = Executor(conn)
     out: dict[str, Any] = {"preflight": convert.preflight(conn, spec, where=where)}
     out["prep"] = convert.prep(ex, spec)
     out["add_partitions"] = convert.add_partitions(ex, spec, past=past, future=future, cover_data=cover_data,
                                                    where=where)
+    if capture:
+        out["capture"] = convert.install_capture(ex, spec, "on", where=where)
     out["plan"] = convert.plan_fill(ex, spec, where=where, batch_size=batch_size)
     out["fill"] = [convert.fill(ex, spec, item) for item in out["plan"]["items"]]
     out["indexes"] = convert.build_indexes(ex, spec)
     out["analyze"] = convert.analyze(ex, spec)
-    out["catch_up_before"] = convert.catch_up(ex, spec)
-    if swap:
-        out["swap"] = convert.swap(ex, spec)
-        out["catch_up"] = convert.catch_up(ex, spec)
+    if capture:
+        if swap:
+            out["swap"] = convert.finish_and_swap(ex, spec, batch_size=batch_size)
+    else:
+        out["catch_up_before"] = convert.catch_up(ex, spec)
+        if swap:
+            out["swap"] = convert.swap(ex, spec)
+            out["catch_up"] = convert.catch_up(ex, spec)
     out["report"] = convert.report(conn, spec)
     return out

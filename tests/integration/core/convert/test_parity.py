@@ -18,6 +18,7 @@ from psycopg import sql
 
 from pg_partition.core import convert
 from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db import catalog
 from pg_partition.core.db.errors import PreflightError
 from pg_partition.core.db.execute import Executor
 from tests.support.convert import convert_all, row_hash
@@ -297,7 +298,9 @@ def test_random_shape_keeps_its_definition_through_convert_and_unswap(conn, role
     audited = audit(conn)
     assert audited == 600
     spec = ConvertSpec.create("parity_t", "created_at", period="month", primary_key=shape.primary_key)
-    convert_all(conn, spec)
+    key = catalog.describe(conn, spec.table).primary_key
+    # a composite key needs change capture (append-only mode is refused for it: its high-water mark is one column)
+    convert_all(conn, spec, capture=key is not None and len(key.columns) > 1)
 
     shape_text = "\n".join(shape.ddl)
     assert row_hash(conn, "parity_t") == hashed, shape_text

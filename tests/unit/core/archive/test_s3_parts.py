@@ -40,7 +40,7 @@ def test_part_size_is_the_base_for_small_tables_and_grows_for_large_ones() -> No
 
 
 CHILD = textwrap.dedent("""
-    import json, os, resource, sys
+    import json, os, sys
     from pg_partition.core.archive.s3 import MultipartUpload
 
     class DiscardingS3:
@@ -65,6 +65,12 @@ CHILD = textwrap.dedent("""
         def abort_multipart_upload(self, **kw):
             raise AssertionError("aborted")
 
+    def peak_rss_mb():
+        # VmHWM belongs to this process image; ru_maxrss would carry over the forking parent's peak (a pytest
+        # worker that ran other tests first), which says nothing about the upload
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+
     expected, total = int(sys.argv[1]), int(sys.argv[2])
     s3 = DiscardingS3()
     chunk = os.urandom(1 << 20)
@@ -74,7 +80,7 @@ CHILD = textwrap.dedent("""
         res = up.complete()
     print(json.dumps({"bytes": res.bytes, "parts": res.parts, "stored": sum(s3.parts.values()),
                       "part_size": up.base_part_size,
-                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "rss_mb": peak_rss_mb()}))
 """)
 
 

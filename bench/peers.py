@@ -244,9 +244,9 @@ class TimedExecutor(Executor):
         self.logger = logging.getLogger("pg_partition.bench")
         self.by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
 
-    def run(self, stmt: Any, params: Any = None) -> Any:
+    def run(self, stmt: Any, params: Any = None, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
-        out = super().run(stmt, params)
+        out = super().run(stmt, params, **kwargs)
         words = self.statements[-1].split()
         kind = " ".join(words[:2]).upper() if words[:1] in (["CREATE"], ["ALTER"]) else (words[:1] or ["?"])[0].upper()
         entry = self.by_kind[kind]

@@ -210,17 +210,23 @@ def test_every_trigger_form_is_enabled_and_convert_runs_from_its_form(browser, a
                                     "on trigger')]//input[@type='checkbox']")
     assert unpause and unpause[0].is_selected(), "the form should offer to unpause the DAG, checked"
     assert submit.is_enabled()
+    # the metadata DB was copied from the session's, which holds dag.test() runs of other tests in this worker:
+    # only the run the form creates counts
+    earlier = {r[0] for r in af.query("SELECT run_id FROM dag_run WHERE dag_id = 'pg_partition_convert'")}
     submit.click()
 
     def run() -> tuple[str, str] | None:
         af.alive()
-        rows = af.query("SELECT run_id, state FROM dag_run WHERE dag_id = 'pg_partition_convert'")
+        rows = [r for r in af.query("SELECT run_id, state FROM dag_run WHERE dag_id = 'pg_partition_convert'")
+                if r[0] not in earlier]
+        assert len(rows) <= 1, f"the form created more than one run: {rows}"
         return (str(rows[0][0]), str(rows[0][1])) if rows else None
 
     run_id, _ = wait_for(run, "the DAG run the form created", timeout=60)
     wait_for(lambda: (run() or ("", ""))[1] in {"success", "failed"}, "the convert run to finish", timeout=900,
              every=3)
-    states = af.query("SELECT task_id, map_index, state FROM task_instance WHERE dag_id = 'pg_partition_convert'")
+    states = af.query("SELECT task_id, map_index, state FROM task_instance WHERE dag_id = 'pg_partition_convert' "
+                      "AND run_id = ?", run_id)
     assert run() == (run_id, "success"), states
     with db.connect() as check:
         assert check.execute("SELECT count(*) FROM public.activities").fetchone() == (30_000,)
@@ -233,12 +239,13 @@ def test_every_trigger_form_is_enabled_and_convert_runs_from_its_form(browser, a
     time.sleep(2)
     shot(browser, "convert-run-success")
     labels = {str(r[0]) for r in af.query(
-        "SELECT rendered_map_index FROM task_instance WHERE dag_id = 'pg_partition_convert' AND task_id = 'fill'")}
+        "SELECT rendered_map_index FROM task_instance WHERE dag_id = 'pg_partition_convert' AND task_id = 'fill' "
+        "AND run_id = ?", run_id)}
     assert labels and all(label.startswith("public.activities_") for label in labels), labels
 
     # a fill task's log page shows the progress line (rows, rows/s)
     map_index = af.query("SELECT map_index FROM task_instance WHERE dag_id = 'pg_partition_convert' "
-                         "AND task_id = 'fill' ORDER BY map_index LIMIT 1")[0][0]
+                         "AND task_id = 'fill' AND run_id = ? ORDER BY map_index LIMIT 1", run_id)[0][0]
     browser.get(f"{base}/dags/pg_partition_convert/runs/{run_id}/tasks/fill/mapped/{map_index}")
     wait_for(lambda: "rows/s" in page_text(browser), "the progress line in the fill task's log", timeout=90)
     progress = [line for line in page_text(browser).splitlines() if "rows/s" in line]

@@ -19,7 +19,10 @@ def test_fill_logs_the_batch_template_once_at_info_and_the_rest_at_debug(conn, c
     convert.prep(ex, spec)
     convert.add_partitions(ex, spec, past=0, future=0, cover_data=True)
     items = convert.plan_fill(ex, spec, batch_size=500)["items"]
-    with caplog.at_level(logging.DEBUG, logger="pg_partition"):
+    # the SQL logger's own level is set by operators from [pg_partition] sql_log_level (an earlier test in this
+    # process may have run one): open both loggers to DEBUG
+    with caplog.at_level(logging.DEBUG, logger="pg_partition"), caplog.at_level(logging.DEBUG,
+                                                                                logger="pg_partition.sql"):
         results = [convert.fill(ex, spec, it) for it in items]
     batches = sum(r["batches"] for r in results)
     assert batches >= 6 and sum(r["rows"] for r in results) == 3_000

@@ -12,10 +12,7 @@ If Chromium or chromedriver is missing the test FAILS with the install command: 
 
 from __future__ import annotations
 
-import base64
 import os
-import secrets
-import sqlite3
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -26,9 +23,8 @@ import pytest
 
 from pg_partition.core.db.catalog import QualifiedName
 from tests.conftest import REPO
-from tests.dags.test_lag_scheduler import Airflow
+from tests.support.airflow import Airflow, airflow_home
 from tools.seed import seed_activities
-from tools.stack import free_port
 
 # a real scheduler runs ~40 task processes for the conversion: minutes on a busy 2-core CI machine, so this test
 # gets more than the suite's 600 s default
@@ -86,40 +82,12 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 def airflow_ui(airflow_db: Path, db: Any, tmp_path: Path) -> Iterator[tuple[Airflow, str]]:
     """api-server (UI + execution API), scheduler, dag-processor and triggerer over dags/, on free ports. The
     connection ``pg_demo`` (the DAGs' default) points at this test's database, so the forms' defaults work."""
-    home = tmp_path / "airflow"
-    home.mkdir()
-    with sqlite3.connect(airflow_db / "airflow.db") as src, sqlite3.connect(home / "airflow.db") as dst:
-        src.backup(dst)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "2",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # rotate/archive must not start on their own
-        "AIRFLOW__CORE__FERNET_KEY": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
-        # a busy CI machine (load 20+ on 2 cores) made a task's call to the execution API time out at the 5 s
-        # default and the task fail before it ran; wait longer and retry more instead
-        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
-        "AIRFLOW__WORKERS__EXECUTION_API_RETRIES": "10",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW_CONN_PG_DEMO": os.environ[f"AIRFLOW_CONN_{db.conn_id.upper()}"],
-    })
+    home, port, env = airflow_home(
+        airflow_db, tmp_path, REPO / "dags",
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",  # rotate/archive must not start on their own
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
+        AIRFLOW_CONN_PG_DEMO=os.environ[f"AIRFLOW_CONN_{db.conn_id.upper()}"])
+    env["AIRFLOW__API__BASE_URL"] = f"http://127.0.0.1:{port}"
     af = Airflow(home, env)
     base = f"http://127.0.0.1:{port}"
     try:

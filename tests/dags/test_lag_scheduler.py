@@ -9,66 +9,21 @@ in its own process group and stopped by that group's id.
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import os
-import secrets
-import shutil
-import signal
-import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.airflow import Airflow, airflow_home
 from tests.support.lag import replay_paused, standby_caught_up, wait_until, write_wal
-from tools.stack import free_port
 
 DAG_ID = "pgp_lag_sensor_test"
 TASK_ID = "wait_for_replicas"
 LAG_DAGS = Path(__file__).resolve().parent / "lag_dags"
 
 
-class Airflow:
-    """Airflow components as subprocesses against one metadata DB, each logging to its own file."""
-
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
-        self.home = home
-        self.env = env
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.airflow = shutil.which("airflow", path=str(Path(sys.executable).parent)) or "airflow"
-
-    def log(self, name: str) -> Path:
-        return self.home / f"{name}.log"
-
-    def start(self, name: str, *args: str) -> None:
-        with self.log(name).open("ab") as out:
-            self.procs[name] = subprocess.Popen([self.airflow, *args], env=self.env, stdout=out,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
-
-    def alive(self) -> None:
-        for name, proc in self.procs.items():
-            assert proc.poll() is None, f"airflow {name} exited:\n{self.log(name).read_text()[-4000:]}"
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for proc in self.procs.values():  # workers the executor forked share the group; leave none behind
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-
-    def query(self, stmt: str, *params: object) -> list[tuple[object, ...]]:
-        with sqlite3.connect(self.home / "airflow.db", timeout=30) as db:
-            return db.execute(stmt, params).fetchall()
+class LagAirflow(Airflow):
+    """The stack, with this test's task and run states."""
 
     def ti_state(self) -> str | None:
         rows = self.query("SELECT state FROM task_instance WHERE dag_id = ? AND task_id = ?", DAG_ID, TASK_ID)
@@ -80,42 +35,11 @@ class Airflow:
 
 
 @pytest.fixture
-def airflow_stack(airflow_db: Path, db, tmp_path: Path) -> Iterator[Airflow]:
-    home = tmp_path / "airflow"
-    home.mkdir()
-    # a copy of the session's migrated metadata DB: no second migration, and the session's DB is untouched
-    with sqlite3.connect(airflow_db / "airflow.db") as src, sqlite3.connect(home / "airflow.db") as dst:
-        src.backup(dst)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(LAG_DAGS),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "2",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__CORE__FERNET_KEY": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),  # never the default 8080 nor 8793/8794 (other services on this host)
-        "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
-        # on a busy machine a task's call to the execution API can exceed the 5 s default and the task dies
-        # before it runs; wait longer and retry more
-        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
-        "AIRFLOW__WORKERS__EXECUTION_API_RETRIES": "10",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__TRIGGERER__CAPACITY": "10",
-        "PGP_LAG_TEST_CONN_ID": db.conn_id,
-    })
-    stack = Airflow(home, env)
+def airflow_stack(airflow_db: Path, db, tmp_path: Path) -> Iterator[LagAirflow]:
+    home, _, env = airflow_home(airflow_db, tmp_path, LAG_DAGS,
+                                AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+                                AIRFLOW__TRIGGERER__CAPACITY="10", PGP_LAG_TEST_CONN_ID=db.conn_id)
+    stack = LagAirflow(home, env)
     try:
         yield stack
     finally:
@@ -175,14 +99,14 @@ def test_deferrable_sensor_defers_to_a_real_triggerer_until_replay_resumes(airfl
     assert not blocked, blocked
 
 
-def trigger_log(af: Airflow) -> str:
+def trigger_log(af: LagAirflow) -> str:
     """What the triggerer process wrote for the deferred task instance (``attempt=N.log.trigger.<job>.log``)."""
     logs = af.home / "logs"
     files = sorted(logs.rglob("attempt=*.log.trigger.*.log")) if logs.exists() else []
     return "".join(p.read_text(errors="replace") for p in files)
 
 
-def task_log(af: Airflow) -> str:
+def task_log(af: LagAirflow) -> str:
     """The task's own log (the worker's attempts: before the deferral and after resuming)."""
     logs = af.home / "logs"
     files = sorted(logs.rglob(f"task_id={TASK_ID}/attempt=*.log")) if logs.exists() else []

@@ -117,6 +117,15 @@ def _params(default_conn_id: str) -> dict[str, Param]:
                                   minimum=0),
         "defer_indexes": required(False, "boolean", "Create only the key before the fill and the other indexes "
                                   "after it (faster fill).", HOW_FAST),
+        "throttle_p99_ratio": optional("number", "Gentle mode: keep a canary query's p99 latency (a primary-key "
+                                       "lookup on the table, every 50 ms) under this multiple of its p99 before "
+                                       "the conversion (measured once by plan_fill and kept in the conversion's "
+                                       "state), by pausing fill, replay, index builds and verify between batches "
+                                       "(at most 4x the batch time, 5 s each). E.g. 1.5. Empty: no throttle.",
+                                       HOW_FAST, minimum=1, examples=[1.5, 2]),
+        "throttle_target_ms": optional("number", "Gentle mode with an absolute target: keep the canary's p99 under "
+                                       "this many milliseconds (overrides throttle_p99_ratio). Empty: none.",
+                                       HOW_FAST, minimum=0.1, examples=[20]),
         "dry_run": required(False, "boolean", "Log every statement, change nothing.", SAFETY),
         "lock_timeout": required("2s", "string", "lock_timeout of every DDL on a live table (swap, attach); "
                                  "each lock wait gives up after this and retries with backoff. "
@@ -173,6 +182,8 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
     }
     batch_lag: dict[str, Any] = {**lag, "max_pause_seconds": "{{ params.max_pause_seconds }}",
                                  "lag_poll_seconds": LAG_POLL_SECONDS}
+    pace: dict[str, Any] = {"throttle_p99_ratio": "{{ params.throttle_p99_ratio }}",
+                            "throttle_target_ms": "{{ params.throttle_target_ms }}"}
     capture_mode = "{{ params.capture_changes }}"
     skip_ok = "none_failed"  # a skipped capture task (append-only) or catch-up (capture) must not stop the run
 
@@ -200,26 +211,27 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
             task_id="add_partitions", past="{{ params.past }}", future="{{ params.future }}",
             cover_data="{{ params.cover_data }}", where=where, capture_changes=capture_mode, retries=3, **common)
         plan = ConvertPlanFillOperator(task_id="plan_fill", where=where, batch_size="{{ params.batch_size }}",
-                                       retries=2, trigger_rule=skip_ok, **common)
+                                       retries=2, trigger_rule=skip_ok, **pace, **common)
         lag_before_fill = lag_sensor("lag_before_fill")
         fill = ConvertFillOperator.partial(
             task_id="fill", map_index_template=FILL_LABEL, batch_size="{{ params.batch_size }}",
-            sleep_seconds="{{ params.sleep_seconds }}", retries=5, max_active_tis_per_dag=4, **batch_lag, **common,
+            sleep_seconds="{{ params.sleep_seconds }}", retries=5, max_active_tis_per_dag=4, **batch_lag, **pace,
+            **common,
         ).expand(item=plan.output)
         replay = ReplayChangesOperator(
             task_id="replay", conn_id=common["conn_id"], table=common["table"], dry_run=common["dry_run"],
             batch_size="{{ params.batch_size }}", until_backlog_below="{{ params.replay_until_backlog_below }}",
-            skip_without_capture=True, retries=3, trigger_rule=skip_ok, **batch_lag)
+            skip_without_capture=True, retries=3, trigger_rule=skip_ok, **batch_lag, **pace)
         lag_before_indexes = lag_sensor("lag_before_indexes", trigger_rule=skip_ok)
-        indexes = ConvertIndexesOperator(task_id="indexes", retries=2, trigger_rule=skip_ok, **common)
+        indexes = ConvertIndexesOperator(task_id="indexes", retries=2, trigger_rule=skip_ok, **pace, **common)
         analyze = ConvertAnalyzeOperator(task_id="analyze", retries=2, **common)
         verify = VerifyConversionOperator(
             task_id="verify", conn_id=common["conn_id"], table=common["table"], dry_run=common["dry_run"],
-            against="intermediate", retries=1, trigger_rule=skip_ok)  # the gate runs in both modes
+            against="intermediate", retries=1, trigger_rule=skip_ok, **batch_lag, **pace)  # gate in both modes
         lag_before_swap = lag_sensor("lag_before_swap", trigger_rule=skip_ok)
         swap = ConvertSwapOperator(task_id="swap", batch_size="{{ params.batch_size }}",
                                    replay_until_backlog_below="{{ params.replay_until_backlog_below }}",
-                                   retries=3, **common)
+                                   retries=3, **pace, **common)
         # append-only: catch-up of rows written since the fill; with capture: retired vs live, logged (rows the
         # application changes after the swap differ legitimately; the pre-swap verify is the gate)
         after_swap = ConvertAfterSwapOperator(task_id="after_swap", batch_size="{{ params.batch_size }}",

@@ -8,7 +8,7 @@ conversion's ``<table>_intermediate`` (before the swap) and the source ``<table>
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import Context
@@ -17,6 +17,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 from pg_partition.core import convert
 from pg_partition.core.convert import capture, replay, verify
 from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.convert.throttle import chain
 from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError
@@ -24,6 +25,7 @@ from pg_partition.core.db.names import derived_name
 from pg_partition.core.lag import LagPauseTooLong
 from pg_partition.core.params import BATCH_SIZE, SLEEP_SECONDS, bounded_float, bounded_int, parse_bool
 from pg_partition.operators.base import PartitionBaseOperator
+from pg_partition.operators.pacing import PACE_FIELDS, LatencyPaced
 from pg_partition.sensors.lag import LAG_FIELDS, LagGated
 
 
@@ -31,7 +33,7 @@ def _sibling(table: QualifiedName, role: str) -> QualifiedName:
     return table.sibling(derived_name(table.name, role))
 
 
-class ReplayChangesOperator(LagGated, PartitionBaseOperator):
+class ReplayChangesOperator(LatencyPaced, LagGated, PartitionBaseOperator):
     """Apply the captured changes to the intermediate until fewer than ``until_backlog_below`` are waiting.
 
     A no-op (with a log line) when capture is not installed, so the DAG can always run it; with
@@ -39,18 +41,21 @@ class ReplayChangesOperator(LagGated, PartitionBaseOperator):
     ``sleep_seconds`` pauses between batches to leave room for the application; ``max_lag_bytes`` /
     ``max_lag_seconds`` (and ``watch_slots``) gate every batch on replication lag, and a pause longer than
     ``max_pause_seconds`` defers to the replication-lag trigger, then replays on (the changelog is the
-    checkpoint: entries are removed only with the batch that applied them).
+    checkpoint: entries are removed only with the batch that applied them). ``throttle_p99_ratio`` /
+    ``throttle_target_ms`` pace the batches by the application's latency (a canary query).
     """
 
     template_fields: Sequence[str] = (*PartitionBaseOperator.template_fields, "batch_size", "until_backlog_below",
-                                      "sleep_seconds", *LAG_FIELDS)
+                                      "sleep_seconds", *LAG_FIELDS, *PACE_FIELDS)
     ui_color = "#f3e2c7"
 
     def __init__(self, *, batch_size: int | str = 5000, until_backlog_below: int | str = 1000,
                  sleep_seconds: float | str = 0.0, skip_without_capture: bool = False, max_lag_bytes: Any = None,
                  max_lag_seconds: Any = None, watch_slots: Any = None, max_pause_seconds: Any = 600,
-                 lag_poll_seconds: float = 30.0, **kwargs: Any) -> None:
+                 lag_poll_seconds: float = 30.0, throttle_p99_ratio: Any = None, throttle_target_ms: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
         self.batch_size = batch_size
         self.until_backlog_below = until_backlog_below
         self.sleep_seconds = sleep_seconds
@@ -69,16 +74,14 @@ class ReplayChangesOperator(LagGated, PartitionBaseOperator):
                 if self.skip_without_capture:
                     raise AirflowSkipException(f"no change capture on {table}: nothing to replay")
                 return {"skipped": True, "reason": "capture not installed"}
-            with self.throttle() as gate:
-                def throttle() -> None:
-                    if gate is not None:
-                        gate()
-                    if pause > 0:
-                        time.sleep(pause)
+            ex = self.sql_executor(conn)
+            with self.throttle() as gate, self.paced(ex, ConvertSpec(table, "-")) as pace:
+                def sleep() -> None:
+                    time.sleep(pause)
 
-                step: Callable[[], None] | None = throttle if gate is not None or pause > 0 else None
+                step = chain(gate, pace, sleep if pause > 0 else None)
                 try:
-                    stats = replay.replay(self.sql_executor(conn), table, _sibling(table, "intermediate"),
+                    stats = replay.replay(ex, table, _sibling(table, "intermediate"),
                                            batch_size=batch, until_backlog_below=below, throttle=step)
                 except LagPauseTooLong as exc:
                     self.defer_for_lag(exc)
@@ -91,22 +94,29 @@ class ReplayChangesOperator(LagGated, PartitionBaseOperator):
         return self.execute(context)
 
 
-class VerifyConversionOperator(PartitionBaseOperator):
+class VerifyConversionOperator(LatencyPaced, LagGated, PartitionBaseOperator):
     """Compare per partition (row count + content hash) and fail naming the partition and key ranges.
 
     ``against="intermediate"`` (before the swap): ``<table>`` vs ``<table>_intermediate``, keys with pending
     captured changes excluded. ``against="retired"`` (after): ``<table>_retired`` vs ``<table>``; pass
-    ``exclude_keys`` for keys the application changed since the swap.
+    ``exclude_keys`` for keys the application changed since the swap. The replay (or catch-up) that verify runs
+    first is gated like the replay task: replication lag (``max_lag_*``; a long pause defers to the trigger and
+    verify starts over) and the application-latency throttle.
     """
 
     template_fields: Sequence[str] = (*PartitionBaseOperator.template_fields, "against", "exclude_keys",
-                                      "fail_on_mismatch")
+                                      "fail_on_mismatch", *LAG_FIELDS, *PACE_FIELDS)
     ui_color = "#d5f0e3"
 
     def __init__(self, *, against: str = "intermediate", exclude_keys: Sequence[Any] | None = None,
                  max_ranges: int = 20, fail_on_mismatch: bool | str = True, skip_without_capture: bool = False,
-                 **kwargs: Any) -> None:
+                 max_lag_bytes: Any = None, max_lag_seconds: Any = None, watch_slots: Any = None,
+                 max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0, throttle_p99_ratio: Any = None,
+                 throttle_target_ms: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.init_lag(max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds, watch_slots=watch_slots,
+                      max_pause_seconds=max_pause_seconds, lag_poll_seconds=lag_poll_seconds)
+        self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
         self.against = against
         self.exclude_keys = exclude_keys
         self.max_ranges = max_ranges
@@ -132,9 +142,15 @@ class VerifyConversionOperator(PartitionBaseOperator):
                 self.log.info("[dry run] would verify %s against %s", dest, source)
                 return {"dry_run": True, "source": str(source), "dest": str(dest)}
             if self.against == "intermediate" and not self.is_dry_run and not self.exclude_keys:
-                # the pre-swap gate, in both modes: replay (capture) or catch-up (append-only) first
-                report = verify.verify_conversion(self.sql_executor(conn), ConvertSpec(self.qualified_table, "-"),
-                                                  max_ranges=self.max_ranges)
+                # the pre-swap gate, in both modes: replay (capture) or catch-up (append-only) first, paced
+                ex, spec = self.sql_executor(conn), ConvertSpec(self.qualified_table, "-")
+                with self.throttle() as gate, self.paced(ex, spec) as pace:
+                    try:
+                        report = verify.verify_conversion(ex, spec, max_ranges=self.max_ranges,
+                                                          throttle=chain(gate, pace))
+                    except LagPauseTooLong as exc:
+                        self.defer_for_lag(exc)
+                        raise  # pragma: no cover - defer raises TaskDeferred
             else:
                 report = verify.verify(conn, source, dest, exclude_keys=list(self.exclude_keys or []) or None,
                                        max_ranges=self.max_ranges)
@@ -145,6 +161,11 @@ class VerifyConversionOperator(PartitionBaseOperator):
                              "swap, rows the application changed or deleted since then legitimately differ from "
                              "%s:\n%s", source, report.summary())
         return report.as_dict()
+
+    def resume_after_lag(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Lag is back within limits: verify again (what was replayed before the deferral stays applied)."""
+        self.check_lag_event(event, str(self.conn_id))
+        return self.execute(context)
 
 
 class RemoveCaptureOperator(PartitionBaseOperator):

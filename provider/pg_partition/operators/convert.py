@@ -18,10 +18,12 @@ from airflow.sdk.exceptions import AirflowSkipException
 from pg_partition.core import convert
 from pg_partition.core.convert import capture
 from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.convert.throttle import chain
 from pg_partition.core.lag import LagPauseTooLong
 from pg_partition.core.params import parse_bool, parse_float, parse_int, parse_text
 from pg_partition.operators import progress
 from pg_partition.operators.base import PartitionBaseOperator
+from pg_partition.operators.pacing import PACE_FIELDS, LatencyPaced
 from pg_partition.sensors.lag import LAG_FIELDS, LagGated
 
 SPEC_FIELDS = ("column", "period", "primary_key", "default_partition", "tablespace", "defer_indexes")
@@ -154,16 +156,18 @@ class ConvertInstallCaptureOperator(ConvertBaseOperator):
         return result
 
 
-class ConvertPlanFillOperator(ConvertBaseOperator):
-    """Plan the fill (safe high-water mark, one item per partition) and return the items to map over."""
+class ConvertPlanFillOperator(LatencyPaced, ConvertBaseOperator):
+    """Plan the fill (safe high-water mark, one item per partition) and return the items to map over. With
+    ``throttle_p99_ratio`` it also records the canary's baseline latency, before any row is copied."""
 
     template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "where", "batch_size", "start",
-                                      "stop", "replan", "wait_timeout")
+                                      "stop", "replan", "wait_timeout", *PACE_FIELDS)
 
     def __init__(self, *, where: str | None = None, batch_size: int | str = 10_000, start: int | str | None = None,
                  stop: int | str | None = None, replan: bool | str = False, wait_timeout: float | str = 3600,
-                 **kwargs: Any) -> None:
+                 throttle_p99_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
         self.where = where
         self.batch_size = batch_size
         self.start = start
@@ -177,13 +181,14 @@ class ConvertPlanFillOperator(ConvertBaseOperator):
                 ex, spec, where=parse_text(self.where), batch_size=parse_int(self.batch_size, 10_000) or 10_000,
                 start=parse_int(self.start), stop=parse_int(self.stop), replan=parse_bool(self.replan, what="replan"),
                 wait_timeout=parse_float(self.wait_timeout, 3600.0))
+            self.measure_pace_baseline(ex, spec)
         self.log.info("fill plan: %s strategy, %d items, %s rows, %s outside every partition, high-water id %s",
                       plan["strategy"], len(plan["items"]), f"{plan['rows']:,}", f"{plan['outside_rows']:,}",
                       plan["high_water"])
         return list(plan["items"])
 
 
-class ConvertFillOperator(LagGated, ConvertBaseOperator):
+class ConvertFillOperator(LatencyPaced, LagGated, ConvertBaseOperator):
     """Fill one planned item (mapped: one task per partition), resuming from its checkpoint.
 
     ``max_lag_bytes`` / ``max_lag_seconds`` (for the standbys and the ``watch_slots``, default every slot) make
@@ -193,13 +198,14 @@ class ConvertFillOperator(LagGated, ConvertBaseOperator):
     """
 
     template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "batch_size", "sleep_seconds",
-                                      *LAG_FIELDS)
+                                      *LAG_FIELDS, *PACE_FIELDS)
 
     def __init__(self, *, item: dict[str, Any] | str | None = None, batch_size: int | str | None = None,
                  sleep_seconds: float | str = 0, max_lag_bytes: Any = None, max_lag_seconds: Any = None,
                  watch_slots: Any = None, max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0,
-                 **kwargs: Any) -> None:
+                 throttle_p99_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
         self.item = item
         self.batch_size = batch_size
         self.sleep_seconds = sleep_seconds
@@ -222,10 +228,10 @@ class ConvertFillOperator(LagGated, ConvertBaseOperator):
         return self._fill()
 
     def _fill(self) -> dict[str, Any]:
-        with self.run_step() as (ex, spec), self.throttle() as throttle:
+        with self.run_step() as (ex, spec), self.throttle() as gate, self.paced(ex, spec) as pace:
             try:
                 result = convert.fill(ex, spec, self.item, batch_size=parse_int(self.batch_size),
-                                      sleep_seconds=parse_float(self.sleep_seconds), throttle=throttle)
+                                      sleep_seconds=parse_float(self.sleep_seconds), throttle=chain(gate, pace))
             except LagPauseTooLong as exc:
                 self.defer_for_lag(exc)
                 raise  # pragma: no cover - defer raises TaskDeferred
@@ -237,12 +243,19 @@ class ConvertFillOperator(LagGated, ConvertBaseOperator):
             return result
 
 
-class ConvertIndexesOperator(ConvertBaseOperator):
-    """Build deferred indexes per partition and attach them (no-op without ``defer_indexes``)."""
+class ConvertIndexesOperator(LatencyPaced, ConvertBaseOperator):
+    """Build deferred indexes per partition and attach them (no-op without ``defer_indexes``); paced between
+    partitions by the latency throttle when one is set."""
+
+    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, *PACE_FIELDS)
+
+    def __init__(self, *, throttle_p99_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        with self.run_step() as (ex, spec):
-            return convert.build_indexes(ex, spec)
+        with self.run_step() as (ex, spec), self.paced(ex, spec) as pace:
+            return convert.build_indexes(ex, spec, throttle=pace)
 
 
 class ConvertAnalyzeOperator(ConvertBaseOperator):
@@ -277,15 +290,17 @@ class ConvertCatchUpOperator(ConvertBaseOperator):
                                     wait_timeout=parse_float(self.wait_timeout, 3600.0))
 
 
-class ConvertSwapOperator(ConvertBaseOperator):
+class ConvertSwapOperator(LatencyPaced, ConvertBaseOperator):
     """Catch up (outside any lock), then swap in one short transaction under ``lock_timeout`` with retries."""
 
     template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "batch_size", "catch_up_first",
-                                      "replay_until_backlog_below")
+                                      "replay_until_backlog_below", *PACE_FIELDS)
 
     def __init__(self, *, batch_size: int | str = 10_000, catch_up_first: bool | str = True,
-                 replay_until_backlog_below: int | str = 1000, **kwargs: Any) -> None:
+                 replay_until_backlog_below: int | str = 1000, throttle_p99_ratio: Any = None,
+                 throttle_target_ms: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
         self.batch_size = batch_size
         self.catch_up_first = catch_up_first
         self.replay_until_backlog_below = replay_until_backlog_below
@@ -295,12 +310,13 @@ class ConvertSwapOperator(ConvertBaseOperator):
         locked apply is small), then swap, which applies the rest and removes capture under its lock; no
         catch-up (capture has every insert too). Without: catch-up outside any lock, then swap (its last
         anti-join under the lock)."""
-        with self.run_step() as (ex, spec):
+        with self.run_step() as (ex, spec), self.paced(ex, spec) as pace:
             return convert.finish_and_swap(
                 ex, spec, batch_size=parse_int(self.batch_size, 10_000, what="batch_size") or 10_000,
                 replay_until_backlog_below=parse_int(self.replay_until_backlog_below, 1000,
                                                      what="replay_until_backlog_below") or 1,
-                catch_up_first=parse_bool(self.catch_up_first, what="catch_up_first"), **self.lock_kwargs())
+                catch_up_first=parse_bool(self.catch_up_first, what="catch_up_first"), throttle=pace,
+                **self.lock_kwargs())
 
 
 class ConvertUnswapOperator(ConvertBaseOperator):

@@ -80,7 +80,9 @@ class _Applier:
         self.take = sql.SQL(
             "DELETE FROM {cl} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {cl} LIMIT %s)) RETURNING {cols}"
         ).format(cl=p.changelog.ident, cols=column_list(p.key))
-        self.take_all = sql.SQL("WITH taken AS (DELETE FROM {cl} RETURNING {cols}) SELECT DISTINCT {cols} FROM taken"
+        # the distinct keys of the whole backlog, each row also carrying how many entries were taken
+        self.take_all = sql.SQL("WITH taken AS (DELETE FROM {cl} RETURNING {cols}) SELECT {cols}, "
+                                "sum(count(*)) OVER () FROM taken GROUP BY {cols}"
                                 ).format(cl=p.changelog.ident, cols=column_list(p.key))
 
     def execute(self, stmt: sql.Composed, params: Sequence[Any]) -> psycopg.Cursor[Any]:
@@ -226,44 +228,93 @@ def replay(
     return stats
 
 
-def finish_in_swap(ex: Executor, source: QualifiedName, dest: QualifiedName, *, chunk: int = 10000) -> int:
+@dataclass(frozen=True)
+class FinishPlan:
+    """What :func:`finish_in_swap` needs, read from the catalog *before* the swap takes its exclusive lock, so the
+    locked transaction only acts (every catalog read under the lock is time the application waits)."""
+
+    plan: CapturePlan | None  # None: no changelog, nothing to apply
+    triggers: tuple[str, ...]
+
+
+def prepare_finish(conn: psycopg.Connection[Any], source: QualifiedName, dest: QualifiedName) -> FinishPlan:
+    """Read the capture plan and trigger names for the swap's locked apply (outside the lock)."""
+    triggers = tuple(trigger_names(conn, source))
+    if not catalog.exists(conn, changelog_name(source)):
+        if triggers:
+            raise StateError(f"{source} has capture triggers {list(triggers)} but no changelog "
+                             f"{changelog_name(source)}", where=str(source),
+                             fix="remove capture (capture.uninstall) and re-run the conversion from the fill")
+        return FinishPlan(None, triggers)
+    return FinishPlan(capture_plan(conn, source, dest), triggers)
+
+
+def drain_before_lock(
+    ex: Executor,
+    source: QualifiedName,
+    dest: QualifiedName,
+    *,
+    below: int = 50,
+    max_rounds: int = 20,
+    batch_size: int = 5000,
+    throttle: Callable[[], None] | None = None,
+) -> ReplayStats | None:
+    """Replay right before the swap takes its lock, until fewer than ``below`` entries wait or after
+    ``max_rounds`` batches (bounded: under a writer faster than replay it gives up and the locked apply takes
+    the rest, as before).
+
+    Why: everything left in the changelog is applied while the application waits on the swap's ACCESS
+    EXCLUSIVE lock; the replay task ran minutes earlier (indexes, ANALYZE and verify ran since), so without this
+    the locked apply grows with the write rate times those minutes. Returns None when capture is not installed
+    or in a dry run.
+    """
+    if ex.dry_run or not is_installed(ex.conn, source):
+        return None
+    stats = replay(ex, source, dest, batch_size=batch_size, until_backlog_below=max(below, 1), throttle=throttle,
+                   max_batches=max_rounds)
+    ex.logger.info("swap: pre-lock replay of %s left %d entries (threshold %d, %d batches)", source,
+                   stats.backlog, below, stats.batches)
+    return stats
+
+
+def finish_in_swap(ex: Executor, source: QualifiedName, dest: QualifiedName, *, chunk: int = 10000,
+                   prepared: FinishPlan | None = None) -> int:
     """Apply the whole remaining backlog to ``dest`` and remove capture, inside the swap's transaction.
 
     Call it after the swap holds ACCESS EXCLUSIVE on ``source`` and before renaming anything: no write can be in
     flight, so the changelog is complete and the destination becomes an exact copy. Everything here (apply, drop
     triggers/function/changelog) commits or rolls back with the swap: if the swap's transaction fails (lock
     timeout, error) the backlog and the triggers are intact and the next attempt starts over.
+    ``prepared`` (:func:`prepare_finish`, read before the lock) spares the catalog reads under the lock.
     Returns the number of distinct keys applied; logs the backlog size and how long it took.
     """
     conn = ex.conn
     cl = changelog_name(source)
-    triggers = trigger_names(conn, source)
-    if not catalog.exists(conn, cl):
-        if triggers:
-            raise StateError(f"{source} has capture triggers {triggers} but no changelog {cl}", where=str(source),
-                             fix="remove capture (capture.uninstall) and re-run the conversion from the fill")
+    if prepared is None:
+        prepared = prepare_finish(conn, source, dest)
+    if prepared.plan is None:
         ex.logger.info("no change capture on %s; nothing to apply", source)
         return 0
     started = time.monotonic()
-    plan = capture_plan(conn, source, dest)
-    applier = _Applier(plan, ex)
-    waiting = backlog(conn, source)
-    ex.logger.info("swap: applying the last change-capture backlog of %s: %d entries", source, waiting)
+    applier = _Applier(prepared.plan, ex)
     applied = 0
     if ex.dry_run:
         for stmt in (applier.take_all, applier.delete, applier.insert):
             ex.run(stmt)
-        applied = waiting
+        waiting = applied = backlog(conn, source)
     else:
         ex.run(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(dest.ident))
-        keys = [tuple(r) for r in applier.execute(applier.take_all, ()).fetchall()]
+        # one statement takes (and counts) the whole backlog: no separate count(*) under the lock
+        taken = [tuple(r) for r in applier.execute(applier.take_all, ()).fetchall()]
+        waiting = int(taken[0][-1]) if taken else 0
+        keys = [k[:-1] for k in taken]
         for i in range(0, len(keys), chunk):
             applier.apply(keys[i:i + chunk])
         applied = len(keys)
-    for name in triggers:
+    for name in prepared.triggers:
         ex.run(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), source.ident))
     ex.run(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(function_name(source).ident))
     ex.run(sql.SQL("DROP TABLE IF EXISTS {}").format(cl.ident))
-    ex.logger.info("swap: change-capture backlog of %s applied: %d entries, %d distinct keys in %.3fs; capture "
-                   "removed", source, waiting, applied, time.monotonic() - started)
+    ex.logger.info("swap: change-capture backlog of %s applied under the lock: %d entries, %d distinct keys in "
+                   "%.3fs; capture removed", source, waiting, applied, time.monotonic() - started)
     return applied

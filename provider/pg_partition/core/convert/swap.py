@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -36,7 +37,7 @@ from pg_partition.core.convert.spec import (
 from pg_partition.core.db import catalog, state
 from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
-from pg_partition.core.db.errors import PreflightError, StateError
+from pg_partition.core.db.errors import LockTimeoutExhausted, PreflightError, StateError
 from pg_partition.core.db.execute import Executor
 from pg_partition.core.db.names import fit_identifier
 from pg_partition.core.db.partitions import copy_grants
@@ -170,6 +171,8 @@ def swap(
     sync: bool = True,
     require_complete_fill: bool = True,
     wait_timeout: float = 3600.0,
+    drain_below: int = 50,
+    drain_rounds: int = 20,
 ) -> dict[str, Any]:
     """Make the partitioned table live in one short transaction under ``lock_timeout`` with retries.
 
@@ -178,6 +181,12 @@ def swap(
     rows), rename ``<table>`` to ``<table>_retired`` and the intermediate to ``<table>``, restore index names,
     move sequence ownership or restart identity, carry publication membership (publish_via_partition_root),
     re-grant, ``NOTIFY pg_partition, '<table>'`` and record the swap. Logs how long the lock was held.
+
+    With capture, each attempt first replays the backlog down to fewer than ``drain_below`` entries (at most
+    ``drain_rounds`` batches; not paced: a pause there only grows what the lock must apply) right before asking
+    for the lock, so the locked apply is a few entries whatever happened since the replay task (issue 18: lock
+    held <= 100 ms under write load). Every catalog read happens before the lock; ``lock_ms`` is the ACCESS
+    EXCLUSIVE hold, from the grant to the end of the COMMIT.
     """
     conn = ex.conn
     if not ex.dry_run and is_swapped(conn, spec):
@@ -211,7 +220,7 @@ def swap(
     if plan and not ex.dry_run:
         # no row left behind: a row no partition takes would stay only in the retired table (and be archived
         # with it); refuse before any lock, in every mode (a DEFAULT partition takes such rows)
-        outside = rows_outside(conn, plan, spec.table, spec.intermediate)
+        outside = rows_outside(conn, plan, spec.table, spec.intermediate, logger=ex.logger)
         if outside[0]:
             raise outside_error(*outside, spec.table, spec.intermediate, plan["column"])
         if sync and not _capture_triggers(conn, spec.table):
@@ -226,6 +235,9 @@ def swap(
     extras = parity.read(conn, src.oid)  # RLS, policies, user triggers, dependent views of the source
     prepared = prepare_locked_copy(conn, plan, spec.table, spec.intermediate) \
         if sync and plan and not ex.dry_run else None
+    captured_triggers = _capture_triggers(conn, spec.table) if catalog.exists(conn, spec.table) else []
+    finish = replay.prepare_finish(conn, spec.table, spec.intermediate) \
+        if captured_triggers and not ex.dry_run else None
     last_pass: dict[str, Any] | None = None
     if prepared is not None:
         # one more catch-up just before locking: the locked anti-join then only sees the last milliseconds' rows
@@ -240,9 +252,10 @@ def swap(
         ex.run(sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(
             spec.table.ident, spec.intermediate.ident))
         lock_started.append(time.monotonic())
-        triggers = _capture_triggers(conn, spec.table)
+        triggers = captured_triggers
         if triggers:
-            replay.finish_in_swap(ex, source=spec.table, dest=spec.intermediate)
+            outcome["locked_keys"] = replay.finish_in_swap(ex, source=spec.table, dest=spec.intermediate,
+                                                           prepared=finish)
         synced = copy_missing_locked(ex, prepared, low=low) if prepared is not None else {
             "rows": 0, "outside_rows": 0, "high_water": low}
         if synced["outside_rows"]:  # written in the last moments before the lock: refuse, the lock rolls back
@@ -277,11 +290,16 @@ def swap(
                        lock_body_ms=round((time.monotonic() - lock_started[0]) * 1000, 1))
 
     started = time.monotonic()
-    ex.with_lock_timeout(body, lock_timeout=lock_timeout, retries=retries, what=f"swap {spec.table}")
-    lock_ms = round((time.monotonic() - lock_started[0]) * 1000, 1) if lock_started else 0.0
-    ex.logger.info("swap of %s: ACCESS EXCLUSIVE lock held for %.1f ms (%d rows synced under the lock)",
-                   spec.table, lock_ms, outcome.get("synced", {}).get("rows", 0))
+    drains: list[dict[str, Any]] = []
+    lock_ended = _locked_attempts(ex, body, lock_timeout=lock_timeout, retries=retries, what=f"swap {spec.table}",
+                                  before=(lambda: _drain(ex, spec, drains, drain_below, drain_rounds))
+                                  if finish is not None else None)
+    lock_ms = round((lock_ended - lock_started[0]) * 1000, 1) if lock_started else 0.0
+    ex.logger.info("swap of %s: ACCESS EXCLUSIVE lock held for %.1f ms, commit included (%d rows synced, %s "
+                   "captured keys applied under the lock)", spec.table, lock_ms,
+                   outcome.get("synced", {}).get("rows", 0), outcome.get("locked_keys", 0))
     result = {"lock_ms": lock_ms, "seconds": round(time.monotonic() - started, 3),
+              "drain_before_lock": drains[-1] if drains else None,
               "publications": [p["name"] for p in explicit], "last_pass_rows": last_pass["rows"] if last_pass else 0,
               **outcome}
     if not ex.dry_run:
@@ -289,6 +307,36 @@ def swap(
             put(ex, spec, "swap", {**result, "high_water": outcome["synced"]["high_water"]})
             put(ex, spec, "timing", {"seconds": result["seconds"], "lock_ms": lock_ms}, "swap")
     return result
+
+
+def _drain(ex: Executor, spec: ConvertSpec, drains: list[dict[str, Any]], below: int, rounds: int) -> None:
+    stats = replay.drain_before_lock(ex, spec.table, spec.intermediate, below=below, max_rounds=rounds)
+    if stats is not None:
+        drains.append({"entries": stats.entries, "batches": stats.batches, "backlog_left": stats.backlog})
+
+
+def _locked_attempts(ex: Executor, body: Callable[[], None], *, lock_timeout: str, retries: int, what: str,
+                     before: Callable[[], None] | None) -> float:
+    """``ex.with_lock_timeout(body)``, with ``before`` run outside the transaction ahead of every attempt (the
+    pre-lock drain: a lock wait of ``lock_timeout`` lets the backlog grow again, so each retry drains first).
+    Returns the monotonic time the transaction (and so the lock) ended."""
+    if before is None or ex.dry_run:
+        ex.with_lock_timeout(body, lock_timeout=lock_timeout, retries=retries, what=what)
+        return time.monotonic()
+    for attempt in range(1, retries + 1):
+        before()
+        try:
+            ex.with_lock_timeout(body, lock_timeout=lock_timeout, retries=1, what=what)
+            return time.monotonic()
+        except LockTimeoutExhausted as exc:
+            if attempt == retries:
+                raise LockTimeoutExhausted(
+                    f"{what} could not get its lock within lock_timeout={lock_timeout} after {retries} attempts",
+                    fix=exc.fix) from exc
+            ex.logger.warning("%s: lock not granted within lock_timeout=%s (attempt %d of %d); draining the "
+                              "backlog again and retrying", what, lock_timeout, attempt, retries)
+            time.sleep(min(0.2 * 2 ** (attempt - 1), 10.0))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _columns_back(ex: Executor, spec: ConvertSpec, plan: dict[str, Any], low: int) -> dict[str, list[str]]:
@@ -478,7 +526,7 @@ def _being_converted(conn: psycopg.Connection[Any], spec: ConvertSpec) -> bool:
 
 def finish_and_swap(ex: Executor, spec: ConvertSpec, *, batch_size: int = 10_000,
                     replay_until_backlog_below: int = 1000, catch_up_first: bool = True, lock_timeout: str = "2s",
-                    retries: int = 5) -> dict[str, Any]:
+                    retries: int = 5, throttle: Callable[[], None] | None = None) -> dict[str, Any]:
     """Bring the copy as close to the source as possible outside any lock, then :func:`swap`.
 
     With change capture: replay until fewer than ``replay_until_backlog_below`` changes wait (so the swap's
@@ -492,8 +540,8 @@ def finish_and_swap(ex: Executor, spec: ConvertSpec, *, batch_size: int = 10_000
     replayed: dict[str, Any] | None = None
     if captured and not ex.dry_run:
         replayed = replay.replay(ex, spec.table, spec.intermediate, batch_size=batch_size,
-                                 until_backlog_below=replay_until_backlog_below).as_dict()
+                                 until_backlog_below=replay_until_backlog_below, throttle=throttle).as_dict()
     elif catch_up_first and not swapped and not captured:
-        caught = catch_up(ex, spec, batch_size=batch_size)
+        caught = catch_up(ex, spec, batch_size=batch_size, throttle=throttle)
     result = swap(ex, spec, sync=not captured, lock_timeout=lock_timeout, retries=retries)
     return {**result, "catch_up_before": caught, "replay_before": replayed}

@@ -20,12 +20,18 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
+from pg_partition.core.convert.spec import ConvertSpec, checkpoint, put
+from pg_partition.core.db import catalog
 from pg_partition.core.db.errors import InvalidInputError
+from pg_partition.core.db.execute import Executor
 
 log = logging.getLogger("pg_partition")
 
@@ -54,6 +60,7 @@ class Canary:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._in_flight: float | None = None  # when the running probe started (monotonic), if one is running
 
     def __enter__(self) -> Canary:
         self.start()
@@ -78,7 +85,13 @@ class Canary:
 
     def _probe(self, conn: psycopg.Connection[Any]) -> None:
         t0 = time.perf_counter()
-        conn.execute(self.query).fetchall()  # type: ignore[arg-type]  # the user's read-only canary
+        with self._lock:
+            self._in_flight = t0
+        try:
+            conn.execute(self.query).fetchall()  # type: ignore[arg-type]  # the read-only canary
+        finally:
+            with self._lock:
+                self._in_flight = None
         with self._lock:
             self.samples.append((time.perf_counter() - t0) * 1000.0)
 
@@ -94,8 +107,13 @@ class Canary:
                     log.warning("canary query failed (%s); counted as %d ms", exc, self.timeout_ms)
 
     def recent(self) -> list[float]:
+        """The window's latencies; a probe still running counts with the time it has waited so far, so a stall
+        (a lock queue, an I/O storm) is seen while it lasts, not only once the probe returns."""
         with self._lock:
-            return list(self.samples)
+            out = list(self.samples)
+            if self._in_flight is not None:
+                out.append((time.perf_counter() - self._in_flight) * 1000.0)
+            return out
 
     def p99(self) -> float:
         return p99(self.recent())
@@ -118,6 +136,7 @@ class LatencyThrottle:
                                     fix="e.g. 1.5x the p99 of the canary before the conversion")
         self.canary, self.target_ms, self.max_ratio, self.max_pause = canary, target_ms, max_ratio, max_pause
         self.sleep, self.logger = sleep, logger or log
+        self.max_paused = 0.0  # the longest single pause (bounded by max_pause)
         self.ratio = 0.0
         self.paused = 0.0
         self.calls = 0
@@ -139,10 +158,120 @@ class LatencyThrottle:
                                  current, self.target_ms, pause * 1000)
             self.sleep(pause)
             self.paused += pause
+            self.max_paused = max(self.max_paused, pause)
         self._last = time.monotonic()
+
+    def summary(self) -> str:
+        return (f"throttle: {self.calls} batches, paused {self.paused:.1f}s in total (longest pause "
+                f"{self.max_paused * 1000:.0f} ms), target canary p99 {self.target_ms:.1f} ms, last p99 "
+                f"{self.canary.p99():.1f} ms, canary errors {self.canary.errors}")
 
 
 def baseline_p99(canary: Canary, seconds: float = 2.0) -> float:
     """The canary's p99 over ``seconds`` before the conversion starts (a target is often a multiple of it)."""
     time.sleep(seconds)
     return canary.p99() or statistics.fmean(canary.recent() or [0.0])
+
+
+# --- wiring: a baseline recorded once per conversion, a throttle per task ------------------------------------
+
+BASELINE_STEP = "throttle_baseline"
+BASELINE_SECONDS = 5.0
+OPERATOR_INTERVAL = 0.05  # each throttled task runs its own canary: 20 lookups/s, a 5 s window of 100 samples
+OPERATOR_WINDOW = 100
+MIN_HEADROOM_MS = 1.0  # a target never closer than this to the baseline: scheduler jitter alone is ~1 ms
+
+
+def canary_query(conn: psycopg.Connection[Any], table: catalog.QualifiedName) -> str:
+    """The default canary: what an application does most, a primary-key lookup on the table being converted
+    (the newest row: the hot end of the index). Built from identifiers, never from user text."""
+    info = catalog.describe(conn, table)
+    pk = info.primary_key.columns if info.primary_key is not None else ()
+    if not pk:
+        return "SELECT 1"
+    keys = sql.SQL(", ").join(sql.Identifier(c) for c in pk)
+    desc = sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(c)) for c in pk)
+    return sql.SQL("SELECT {k} FROM {t} ORDER BY {d} LIMIT 1").format(k=keys, t=table.ident, d=desc).as_string(conn)
+
+
+def recorded_baseline(conn: psycopg.Connection[Any], spec: ConvertSpec) -> dict[str, Any] | None:
+    value = checkpoint(conn, spec, BASELINE_STEP)
+    return dict(value) if isinstance(value, dict) else None
+
+
+def measure_baseline(ex: Executor, spec: ConvertSpec, connect: Callable[[], psycopg.Connection[Any]], *,
+                     seconds: float = BASELINE_SECONDS, query: str | None = None) -> dict[str, Any]:
+    """The canary's latency before the conversion loads the server, recorded in the conversion's state so every
+    task (retried, mapped, on another worker) compares against the same number; measured once (a recorded
+    baseline is returned as is: a second measurement would be taken while the conversion already runs)."""
+    recorded = recorded_baseline(ex.conn, spec)
+    if recorded is not None:
+        return recorded
+    query = query or canary_query(ex.conn, spec.table)
+    with Canary(connect, query=query, interval=OPERATOR_INTERVAL / 2, window=max(10, int(seconds / 0.025))) as c:
+        time.sleep(seconds)
+        samples = c.recent()
+    value = {"p99_ms": round(p99(samples), 3), "p50_ms": round(statistics.median(samples or [0.0]), 3),
+             "samples": len(samples), "seconds": seconds, "query": query,
+             "measured_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    if not ex.dry_run:
+        with ex.conn.transaction():
+            put(ex, spec, BASELINE_STEP, value)
+    ex.logger.info("throttle baseline for %s: canary p99 %.2f ms, p50 %.2f ms over %d samples in %.0fs (`%s`)",
+                   spec.table, value["p99_ms"], value["p50_ms"], len(samples), seconds, query)
+    return value
+
+
+def target_from(baseline: dict[str, Any] | None, *, ratio: float | None, target_ms: float | None) -> float:
+    """The canary p99 to keep under: ``target_ms`` when given, else ``ratio`` times the baseline p99 (at least
+    the baseline plus MIN_HEADROOM_MS: a sub-millisecond baseline times 1.5 is within noise)."""
+    if target_ms is not None:
+        return target_ms
+    if ratio is None or baseline is None:
+        raise InvalidInputError("a throttle needs throttle_target_ms or throttle_p99_ratio with a baseline",
+                                fix="set throttle_p99_ratio (e.g. 1.5) or throttle_target_ms (e.g. 20)")
+    if ratio < 1:
+        raise InvalidInputError(f"throttle_p99_ratio must be at least 1, got {ratio}",
+                                fix="e.g. 1.5: keep the canary's p99 under 1.5x what it was before the conversion")
+    base = float(baseline["p99_ms"])
+    return max(ratio * base, base + MIN_HEADROOM_MS)
+
+
+@contextmanager
+def latency_throttle(ex: Executor, spec: ConvertSpec, connect: Callable[[], psycopg.Connection[Any]], *,
+                     ratio: float | None = None, target_ms: float | None = None, max_pause: float = 5.0,
+                     max_ratio: float = 4.0) -> Iterator[LatencyThrottle | None]:
+    """A running canary and its throttle for one task's batch loop, or None when no target is set (or in a dry
+    run). The baseline is the one recorded for the conversion (measured now if none is). Logs the target on
+    entry and what the throttle did on exit."""
+    if (ratio is None and target_ms is None) or ex.dry_run:
+        yield None
+        return
+    baseline = recorded_baseline(ex.conn, spec) if target_ms is not None else measure_baseline(ex, spec, connect)
+    target = target_from(baseline, ratio=ratio, target_ms=target_ms)
+    query = (baseline or {}).get("query") or canary_query(ex.conn, spec.table)
+    with Canary(connect, query=query, interval=OPERATOR_INTERVAL, window=OPERATOR_WINDOW) as canary:
+        thr = LatencyThrottle(canary, target, max_ratio=max_ratio, max_pause=max_pause, logger=ex.logger)
+        ex.logger.info("throttle on: keeping the canary's p99 under %.1f ms (%s; baseline p99 %s ms); pauses of at "
+                       "most %.1fs and %.0fx the batch time", target,
+                       f"ratio {ratio}" if target_ms is None else "target_ms",
+                       (baseline or {}).get("p99_ms", "not measured"), max_pause, max_ratio)
+        try:
+            yield thr
+        finally:
+            ex.logger.info("%s", thr.summary())
+
+
+def chain(*steps: Callable[[], None] | None) -> Callable[[], None] | None:
+    """One between-batches callback calling each of ``steps`` (lag gate, latency throttle, fixed sleep) in order;
+    None when there is none."""
+    real = [s for s in steps if s is not None]
+    if not real:
+        return None
+    if len(real) == 1:
+        return real[0]
+
+    def call() -> None:
+        for s in real:
+            s()
+    return call

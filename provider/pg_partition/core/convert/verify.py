@@ -23,7 +23,7 @@ compares ``<table>_retired`` (source) with the new table (dest); pass the keys w
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -456,6 +456,7 @@ def verify_conversion(
     replay_until_backlog_below: int = 1000,
     max_ranges: int = 20,
     raise_on_mismatch: bool = False,
+    throttle: Callable[[], None] | None = None,
 ) -> VerifyReport:
     """The pre-swap gate, in either mode: bring the copy up to date, then compare ``<table>`` with its
     intermediate in one snapshot.
@@ -465,15 +466,18 @@ def verify_conversion(
     unchecked), then keys still pending are excluded. Append-only mode (no capture): catch-up copies the rows
     written since the fill, then every key up to its high-water mark is compared; a row updated or deleted after
     it was copied shows up as a difference, which is exactly what this mode would lose.
+
+    ``throttle`` paces the replay / catch-up batches as in the replay task (replication-lag gate, application
+    latency): the backlog verify replays can be the largest of the run (it grew during index builds and ANALYZE).
     """
     conn = ex.conn
     if capture.is_installed(conn, spec.table):
         stats = replay.replay(ex, spec.table, spec.intermediate, batch_size=batch_size,
-                              until_backlog_below=replay_until_backlog_below)
+                              until_backlog_below=replay_until_backlog_below, throttle=throttle)
         report = verify(conn, spec.table, spec.intermediate, max_ranges=max_ranges)
         report.mode, report.replayed = "capture", stats.as_dict()
     else:
-        caught = catchup.catch_up(ex, spec, batch_size=batch_size)
+        caught = catchup.catch_up(ex, spec, batch_size=batch_size, throttle=throttle)
         cp = checkpoint(conn, spec, "catch_up") or {}
         upto = cp.get("high_water", caught.get("high_water"))
         plan = checkpoint(conn, spec, "plan") or {}

@@ -139,15 +139,21 @@ def _acl_statements(have: set[tuple[int, str | None, str, bool]], want: set[tupl
     return out
 
 
-def sync_privileges(ex: Executor, source_oid: int, target_oid: int, target: QualifiedName) -> None:
-    """Make ``target``'s table and column privileges (with grant options) equal to the source's."""
-    conn = ex.conn
+def privilege_statements(conn: psycopg.Connection[Any], source_oid: int, target_oid: int,
+                         target: QualifiedName) -> list[sql.Composed]:
+    """The GRANT/REVOKE statements that make ``target``'s table and column privileges (with grant options) equal
+    to the source's; read-only, so the swap can compute them before its lock and only run them under it."""
     stmts = _acl_statements(_table_acl(conn, target_oid), _table_acl(conn, source_oid), target.ident, None)
     have_cols = _column_acls(conn, target_oid)
     for name, want in _column_acls(conn, source_oid).items():
         if name in have_cols:
             stmts += _acl_statements(have_cols[name], want, target.ident, name)
-    for stmt in stmts:
+    return list(stmts)
+
+
+def sync_privileges(ex: Executor, source_oid: int, target_oid: int, target: QualifiedName) -> None:
+    """Make ``target``'s table and column privileges (with grant options) equal to the source's."""
+    for stmt in privilege_statements(ex.conn, source_oid, target_oid, target):
         ex.run(stmt)
 
 

@@ -197,6 +197,9 @@ def swap(
     src = catalog.describe(conn, spec.table)
     if src.is_partitioned:
         raise PreflightError(f"{spec.table} is already partitioned", fix="nothing to swap")
+    captured_triggers = _capture_triggers(conn, spec.table)
+    if captured_triggers:
+        sync = False  # capture has every insert too: the locked apply replaces the locked anti-join
     rec = checkpoint(conn, spec, "prep")
     indexes = rec["indexes"] if rec else index_plan(conn, spec, src)
     plan = checkpoint(conn, spec, "plan")
@@ -233,9 +236,12 @@ def swap(
     # every catalog read happens here, before the lock: the locked transaction only acts
     new_info = None if ex.dry_run else catalog.describe(conn, spec.intermediate)
     extras = parity.read(conn, src.oid)  # RLS, policies, user triggers, dependent views of the source
+    # what the locked transaction will run, computed now: privileges as a diff, and whether the RLS flags,
+    # policies and triggers need statements at all (the intermediate has none of them unless the source does)
+    grants = None if new_info is None else parity.privilege_statements(conn, src.oid, new_info.oid, spec.table)
+    extras_needed = new_info is None or _extras_differ(extras, parity.read(conn, new_info.oid))
     prepared = prepare_locked_copy(conn, plan, spec.table, spec.intermediate) \
         if sync and plan and not ex.dry_run else None
-    captured_triggers = _capture_triggers(conn, spec.table) if catalog.exists(conn, spec.table) else []
     finish = replay.prepare_finish(conn, spec.table, spec.intermediate) \
         if captured_triggers and not ex.dry_run else None
     last_pass: dict[str, Any] | None = None
@@ -279,8 +285,10 @@ def swap(
         if new_info is None:
             copy_grants(ex, src.grants, spec.table)
         else:  # schema parity (issue 15): privileges as a diff, RLS, policies, triggers, views re-pointed
-            parity.sync_privileges(ex, src.oid, new_info.oid, spec.table)
-        parity.apply_extras(ex, extras, spec.table, new_info.oid if new_info else None)
+            for stmt in grants or []:
+                ex.run(stmt)
+        if extras_needed:
+            parity.apply_extras(ex, extras, spec.table, new_info.oid if new_info else None)
         parity.repoint_views(ex, extras.views)
         _notify(ex, spec)
         put(ex, spec, "swap", {"high_water": synced["high_water"], "synced_rows": synced["rows"],
@@ -307,6 +315,13 @@ def swap(
             put(ex, spec, "swap", {**result, "high_water": outcome["synced"]["high_water"]})
             put(ex, spec, "timing", {"seconds": result["seconds"], "lock_ms": lock_ms}, "swap")
     return result
+
+
+def _extras_differ(want: parity.Extras, have: parity.Extras) -> bool:
+    """Whether :func:`parity.apply_extras` has anything to change on the new table (RLS flags, policies, user
+    triggers); when not, the swap skips its ALTER TABLE statements under the lock."""
+    return (want.rls, want.force_rls, want.policies, want.triggers) != (have.rls, have.force_rls, have.policies,
+                                                                         have.triggers)
 
 
 def _drain(ex: Executor, spec: ConvertSpec, drains: list[dict[str, Any]], below: int, rounds: int) -> None:

@@ -5,10 +5,15 @@ The workload is the users' application on ``activities``: look up by ``id``, lis
 then continuously while the whole conversion runs (with change capture, because the workload updates rows):
 prep, add partitions, install capture, fill, index builds, analyze, replay, swap.
 
-Figures: tps during / before, p50 and p99 latency during / before (goal p99 <= 2x), the slowest application
-transaction during the conversion (an upper bound of the longest lock wait any application statement saw; goal
-<= lock_timeout + the p99 before), and the swap's exclusive-lock time. Per-transaction latencies come from
-pgbench's own log (``-l``).
+Figures: tps during / before, p50 and p99 latency during / before (goal p99 <= 2x without throttle, <= 1.5x with
+it), the slowest application transaction during the conversion (an upper bound of the longest lock wait any
+application statement saw; goal <= lock_timeout + the p99 before), and the swap's ACCESS EXCLUSIVE hold (from the
+grant to the end of the COMMIT; goal <= 100 ms). Per-transaction latencies come from pgbench's own log (``-l``).
+
+The trade-off curve: the same measurement with the throttle off and at each canary target of
+BENCH_THROTTLE_TARGETS (default "3,2,1.5": multiples of the canary's p99 before the conversion), each on a fresh
+copy of the table with its own "before" baseline in the same run; ``main()`` writes the curve's table and chart
+(conversion time vs application p99) next to the other results (BENCH_IMPACT_OUT names them).
 
 Run alone: ``.venv/bin/python -m bench.impact`` (BENCH_ROWS).
 """

@@ -216,3 +216,36 @@ def test_verify_conversion_append_only_paces_its_catch_up(conn) -> None:
     assert report.ok, report.summary()
     assert report.caught_up is not None and report.caught_up["rows"] == 3000
     assert len(calls) >= 5
+
+
+def test_each_swap_attempt_drains_again_after_a_lock_timeout_and_nothing_is_lost(db, conn, caplog) -> None:
+    spec, ex = _prepared(conn, 6_000)
+    assert convert.install_capture(ex, spec)["capture"]
+    for item in convert.plan_fill(ex, spec, batch_size=3_000)["items"]:
+        convert.fill(ex, spec, item)
+    conn.execute("UPDATE activities SET parameters = 'a' WHERE id <= 500")
+    blocker = db.connect(autocommit=False)
+    blocker.execute("SELECT 1 FROM activities LIMIT 1")  # ACCESS SHARE held: the swap's lock must wait
+    writer = db.connect()
+
+    def retry_seen() -> bool:
+        return any("draining the backlog again" in m for m in list(caplog.messages))
+
+    def release() -> None:
+        _wait_for(retry_seen)
+        writer.execute("UPDATE activities SET parameters = 'b' WHERE id BETWEEN 501 AND 800")  # between attempts
+        blocker.rollback()
+
+    t = threading.Thread(target=release)
+    with caplog.at_level(logging.INFO, logger="pg_partition"):
+        t.start()
+        result = convert.swap(ex, spec, lock_timeout="300ms", retries=20)
+    t.join()
+    blocker.close()
+    drains = [m for m in caplog.messages if "pre-lock replay" in m]
+    assert len(drains) >= 2, drains  # one drain per attempt
+    assert result["lock_ms"] > 0 and catalog.describe(conn, TABLE).is_partitioned
+    retired, live = spec.retired, spec.table
+    assert row_hash(conn, str(live)) == row_hash(conn, str(retired))
+    assert conn.execute("SELECT count(*) FROM activities WHERE parameters = 'b'").fetchone()[0] == 300
+    writer.close()

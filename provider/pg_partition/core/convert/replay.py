@@ -278,7 +278,7 @@ def drain_before_lock(
 
 
 def finish_in_swap(ex: Executor, source: QualifiedName, dest: QualifiedName, *, chunk: int = 10000,
-                   prepared: FinishPlan | None = None) -> int:
+                   prepared: FinishPlan | None = None, drop_changelog: bool = True) -> int:
     """Apply the whole remaining backlog to ``dest`` and remove capture, inside the swap's transaction.
 
     Call it after the swap holds ACCESS EXCLUSIVE on ``source`` and before renaming anything: no write can be in
@@ -286,6 +286,8 @@ def finish_in_swap(ex: Executor, source: QualifiedName, dest: QualifiedName, *, 
     triggers/function/changelog) commits or rolls back with the swap: if the swap's transaction fails (lock
     timeout, error) the backlog and the triggers are intact and the next attempt starts over.
     ``prepared`` (:func:`prepare_finish`, read before the lock) spares the catalog reads under the lock.
+    ``drop_changelog=False`` leaves the (now empty, no longer written) changelog for :func:`drop_changelog`
+    after the swap commits: its DROP is catalog and file work the application need not wait for.
     Returns the number of distinct keys applied; logs the backlog size and how long it took.
     """
     conn = ex.conn
@@ -314,7 +316,22 @@ def finish_in_swap(ex: Executor, source: QualifiedName, dest: QualifiedName, *, 
     for name in prepared.triggers:
         ex.run(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), source.ident))
     ex.run(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(function_name(source).ident))
-    ex.run(sql.SQL("DROP TABLE IF EXISTS {}").format(cl.ident))
+    if drop_changelog:
+        ex.run(sql.SQL("DROP TABLE IF EXISTS {}").format(cl.ident))
     ex.logger.info("swap: change-capture backlog of %s applied under the lock: %d entries, %d distinct keys in "
                    "%.3fs; capture removed", source, waiting, applied, time.monotonic() - started)
     return applied
+
+
+def drop_changelog(ex: Executor, source: QualifiedName, *, lock_timeout: str = "2s", retries: int = 5) -> None:
+    """Drop the changelog of ``source`` once no capture trigger feeds it (after the swap committed; safe to run
+    again: a swap retried after a kill finds it and drops it)."""
+    cl = changelog_name(source)
+    if ex.dry_run or not catalog.exists(ex.conn, cl) or (catalog.exists(ex.conn, source)
+                                                          and trigger_names(ex.conn, source)):
+        return
+
+    def body() -> None:
+        ex.run(sql.SQL("DROP TABLE IF EXISTS {}").format(cl.ident))
+
+    ex.with_lock_timeout(body, lock_timeout=lock_timeout, retries=retries, what=f"drop {cl}")

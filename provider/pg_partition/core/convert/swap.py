@@ -190,6 +190,7 @@ def swap(
     """
     conn = ex.conn
     if not ex.dry_run and is_swapped(conn, spec):
+        replay.drop_changelog(ex, spec.table, lock_timeout=lock_timeout, retries=retries)  # a kill after the commit
         ex.logger.info("%s is already swapped in; nothing to do", spec.table)
         return {"already_swapped": True, **(checkpoint(conn, spec, "swap") or {})}
     if not catalog.exists(conn, spec.intermediate) and not ex.dry_run:
@@ -261,7 +262,7 @@ def swap(
         triggers = captured_triggers
         if triggers:
             outcome["locked_keys"] = replay.finish_in_swap(ex, source=spec.table, dest=spec.intermediate,
-                                                           prepared=finish)
+                                                           prepared=finish, drop_changelog=False)
         synced = copy_missing_locked(ex, prepared, low=low) if prepared is not None else {
             "rows": 0, "outside_rows": 0, "high_water": low}
         if synced["outside_rows"]:  # written in the last moments before the lock: refuse, the lock rolls back
@@ -310,6 +311,8 @@ def swap(
               "drain_before_lock": drains[-1] if drains else None,
               "publications": [p["name"] for p in explicit], "last_pass_rows": last_pass["rows"] if last_pass else 0,
               **outcome}
+    if finish is not None:  # out of the lock: the changelog is empty and nothing writes it any more
+        replay.drop_changelog(ex, spec.table, lock_timeout=lock_timeout, retries=retries)
     if not ex.dry_run:
         with conn.transaction():
             put(ex, spec, "swap", {**result, "high_water": outcome["synced"]["high_water"]})

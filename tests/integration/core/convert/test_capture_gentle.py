@@ -84,6 +84,8 @@ def test_swap_drains_the_backlog_to_a_few_entries_before_its_lock_under_a_steady
     assert result["drain_before_lock"]["entries"] >= 6000
     assert result["lock_ms"] > 0
     assert catalog.describe(conn, TABLE).is_partitioned
+    assert not catalog.exists(conn, capture.changelog_name(TABLE))  # dropped after the commit, out of the lock
+    assert not capture.trigger_names(conn, TABLE) and not capture.trigger_names(conn, spec.retired)
     assert row_hash(conn, "activities") == row_hash(conn, "truth")
 
 

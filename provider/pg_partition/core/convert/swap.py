@@ -262,22 +262,23 @@ def swap(
         triggers = captured_triggers
         if triggers:
             outcome["locked_keys"] = replay.finish_in_swap(ex, source=spec.table, dest=spec.intermediate,
-                                                           prepared=finish, drop_changelog=False)
+                                                           prepared=finish, drop_changelog=False, dest_locked=True)
         synced = copy_missing_locked(ex, prepared, low=low) if prepared is not None else {
             "rows": 0, "outside_rows": 0, "high_water": low}
         if synced["outside_rows"]:  # written in the last moments before the lock: refuse, the lock rolls back
             raise outside_error(int(synced["outside_rows"]), None, None, 0, spec.table, spec.intermediate,
                                 plan["column"] if plan else "the partition column")
-        ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.table.ident, sql.Identifier(spec.retired.name)))
-        ex.run(sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.intermediate.ident,
-                                                            sql.Identifier(spec.table.name)))
+        renames: list[sql.Composable] = [
+            sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.table.ident, sql.Identifier(spec.retired.name)),
+            sql.SQL("ALTER TABLE {} RENAME TO {}").format(spec.intermediate.ident, sql.Identifier(spec.table.name))]
         for m in indexes:
             if not m["on_parent"]:
                 continue
-            ex.run(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+            renames.append(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
                 spec.table.sibling(m["source"]).ident, sql.Identifier(m["retired"])))
-            ex.run(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+            renames.append(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
                 spec.table.sibling(m["temp"]).ident, sql.Identifier(m["source"])))
+        replay.run_together(ex, renames)  # one round trip under the lock
         seqs = _move_sequences(ex, src, new_info, spec.table, top=int(synced["high_water"])) \
             if new_info is not None else []
         _move_publications(ex, explicit, every, spec.retired, spec.table, via_root=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from pg_partition import settings
 from pg_partition.core.db.catalog import QualifiedName
@@ -15,6 +16,25 @@ from pg_partition.core.db.execute import Executor
 from pg_partition.core.db.locks import table_lock
 from pg_partition.core.params import LOCK_RETRIES, bounded_int, is_none, parse_bool, parse_lock_timeout
 from pg_partition.hooks.partition import PartitionHook
+
+# SQLSTATE classes that fail the same way on every attempt: syntax error or access rule violation (a missing table
+# or column, a permission), feature not supported. Airflow's task retries (minutes of backoff) cannot cure them.
+PERMANENT_SQLSTATE_CLASSES = ("42", "0A")
+
+
+@contextmanager
+def _fail_without_retry() -> Iterator[None]:
+    """A schema error fails the task at once (AirflowFailException: no Airflow retry) with PostgreSQL's message;
+    everything else keeps the task's retries (a lost connection, a lock timeout, a busy table)."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        state = exc.sqlstate or ""
+        if state[:2] in PERMANENT_SQLSTATE_CLASSES:
+            raise AirflowFailException(
+                f"{type(exc).__name__} (SQLSTATE {state}): {str(exc).strip()} - a schema or permission error "
+                "does not go away on retry, so the task fails now; fix the cause and clear the task") from exc
+        raise
 
 
 class PartitionBaseOperator(BaseOperator):
@@ -65,7 +85,7 @@ class PartitionBaseOperator(BaseOperator):
         """A connection holding the table's pg-partition lock for the task: a second run on the same table (any
         executor, any worker) fails naming the session that holds it. Every param is checked first."""
         self.lock_kwargs()
-        with self.hook().open(autocommit=autocommit) as conn:
+        with _fail_without_retry(), self.hook().open(autocommit=autocommit) as conn:
             # the archive operator learns its table from the queue row (the engine locks it); a second connection
             # of the same task (the lag gate's) is covered by the lock its first connection holds
             if is_none(self.table) or getattr(self, "_holds_table_lock", False):

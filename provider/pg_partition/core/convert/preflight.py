@@ -72,6 +72,7 @@ def validate_where(conn: psycopg.Connection[Any], table: QualifiedName, where: s
                 "set on this server (pg_proc); nothing was run", fix=where_filter.FIX)
     ensure_conforming_strings(conn)
     fragment = sql.SQL("(" + checked.sql + ")")  # safe: pglast's print of a tree checked against the allowlist
+    where_filter.check_on_server(conn, table, checked, fragment)  # user-defined operators, types, casts
     probe = sql.SQL("EXPLAIN SELECT 1 FROM {} WHERE {}").format(table.ident, fragment)
     outer_tx = conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
     try:

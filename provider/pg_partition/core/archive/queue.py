@@ -26,7 +26,7 @@ from pg_partition.core.db.errors import (
     VerificationError,
 )
 from pg_partition.core.db.execute import Executor
-from pg_partition.core.db.locks import table_lock
+from pg_partition.core.db.locks import locks_table, table_lock
 from pg_partition.core.db.names import derived_name
 from pg_partition.core.db.partitions import partition_column
 
@@ -370,6 +370,7 @@ def _mark_failed(conn: psycopg.Connection[Any], queue_id: int, exc: BaseExceptio
 # --------------------------------------------------------------------------------------------------- drop
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def drop_archived(ex: Executor, table: QualifiedName, manifest: dict[str, Any], *, queue_id: int | None = None,
                   lock_timeout: str = "2s", retries: int = 5) -> None:
     """DROP the archived table once its archive is verified, re-counting its rows under the DROP's own lock.

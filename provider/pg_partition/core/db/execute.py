@@ -192,6 +192,18 @@ def _why(state: RetryCallState, lock_timeout: str) -> str:
         exc, psycopg.Error) else type(exc).__name__
 
 
+def read_only(conn: psycopg.Connection[Any], query: Query,
+              params: Sequence[Any] | dict[str, Any] | None = None) -> list[Any]:
+    """Run a query that only reads (planning, counting) in a READ ONLY transaction when no transaction is open,
+    so even a filter that slipped through every gate could not write (inside a caller's transaction it runs
+    there: that transaction's mode is the caller's)."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return conn.execute(query, params).fetchall()
+    with conn.transaction():
+        conn.execute("SET TRANSACTION READ ONLY")
+        return conn.execute(query, params).fetchall()
+
+
 class Progress:
     """Progress lines for long loops: done/total, rate, ETA. Logs at most every ``every`` seconds."""
 

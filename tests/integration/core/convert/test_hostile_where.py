@@ -195,3 +195,27 @@ def test_built_in_operators_and_a_short_like_still_work(conn) -> None:
                             where="id > 250 AND v LIKE '2%' AND v NOT ILIKE '%x%' AND id IN (260, 270, 300)")
     assert rep["rows_matching_where"] == 2  # 260 and 270 (300 does not start with 2)
     assert conn.execute("SELECT count(*) FROM victim").fetchone() == (0,)
+
+
+def test_counting_with_the_filter_runs_read_only(conn, monkeypatch) -> None:
+    """Defence in depth: the queries that only read with the user's filter (plan_fill's stats, preflight's count,
+    catch-up's rows-outside count) run in READ ONLY transactions, so a filter that slipped past every gate still
+    could not write. The gate is bypassed on purpose here (validate_where patched to return nextval())."""
+    from psycopg import sql
+
+    from pg_partition.core.convert import catchup
+    from pg_partition.core.convert.fill import recorded_plan
+
+    _setup(conn)
+    spec = ConvertSpec.create("ev", "at")
+    ex = Executor(conn)
+    convert.prep(ex, spec)
+    convert.add_partitions(ex, spec, cover_data=True)
+    convert.plan_fill(ex, spec)
+    plan = recorded_plan(conn, spec) | {"where": "slipped through"}
+    before = _state(conn)
+    monkeypatch.setattr(catchup, "validate_where",
+                        lambda *a, **k: sql.SQL("(pg_catalog.nextval('public.some_seq') > 0)"))
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        catchup.rows_outside(conn, plan, spec.table, spec.intermediate)
+    assert _state(conn) == before

@@ -1,0 +1,78 @@
+"""Issue 16: every engine entry point that changes a table takes the per-table lock itself, so two direct callers
+of the engine (no operator in between) exclude each other; within one session the lock is re-entrant, so an
+operator's lock (exclusive, or shared by the mapped fill tasks) never deadlocks the step it calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pg_partition.core import convert
+from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.locks import TableBusyError, holds, table_lock
+from tests.support.convert import snapshot
+
+
+def _table(conn: Any) -> None:
+    conn.execute("CREATE TABLE ev (id bigserial PRIMARY KEY, at timestamptz NOT NULL, v text)")
+    conn.execute("INSERT INTO ev (at, v) SELECT timestamptz '2024-01-01 00:00+00' + g * interval '1 day', g::text "
+                 "FROM generate_series(1, 90) g")
+
+
+STEPS = [
+    ("prep", lambda ex, spec: convert.prep(ex, spec)),
+    ("add_partitions", lambda ex, spec: convert.add_partitions(ex, spec, cover_data=True)),
+    ("swap", lambda ex, spec: convert.swap(ex, spec)),
+    ("unprep", lambda ex, spec: convert.unprep(ex, spec)),
+]
+
+
+@pytest.mark.parametrize(("name", "step"), STEPS, ids=[s[0] for s in STEPS])
+def test_a_direct_engine_call_is_refused_while_another_session_works_on_the_table(conn, db, name, step) -> None:
+    _table(conn)
+    spec = ConvertSpec.create("ev", "at")
+    with db.connect() as other:
+        other.execute("SET application_name = 'the_other_run'")
+        with table_lock(other, spec.table, what="the other run"):
+            before = snapshot(conn)
+            with pytest.raises(TableBusyError, match=r"another pg-partition step is working on public\.ev .*"
+                               r"application_name 'the_other_run'"):
+                step(Executor(conn), spec)
+            assert snapshot(conn) == before
+    assert not holds(conn, spec.table)
+
+
+def test_the_engine_lock_is_re_entrant_and_released(conn, db) -> None:
+    _table(conn)
+    spec = ConvertSpec.create("ev", "at")
+    ex = Executor(conn)
+    with table_lock(conn, spec.table, what="operator"):  # as an operator holds it around the step
+        convert.prep(ex, spec)
+        assert holds(conn, spec.table)
+    assert not holds(conn, spec.table)
+    convert.add_partitions(ex, spec, cover_data=True)  # no outer lock: the step takes and releases its own
+    assert not holds(conn, spec.table)
+    # and the table is free for another session afterwards
+    with db.connect() as other, table_lock(other, spec.table, what="next"):
+        assert holds(other, spec.table)
+
+
+def test_a_fill_task_under_a_shared_lock_runs_beside_another_fill_task(conn, db) -> None:
+    """The mapped fill tasks share the table's lock; the engine's fill must run under it, not ask for the
+    exclusive one (which the sibling task's shared lock would refuse)."""
+    _table(conn)
+    spec = ConvertSpec.create("ev", "at")
+    ex = Executor(conn)
+    convert.prep(ex, spec)
+    convert.add_partitions(ex, spec, cover_data=True)
+    items = convert.plan_fill(ex, spec)["items"]
+    assert len(items) >= 2
+    with db.connect() as sibling, \
+            table_lock(sibling, spec.table, what="fill[1]", shared=True, item=items[1]["key"]), \
+            table_lock(conn, spec.table, what="fill[0]", shared=True, item=items[0]["key"]):
+        assert convert.fill(ex, spec, items[0])["rows"] > 0
+    plain = QualifiedName("public", "ev")
+    assert not holds(conn, plain)

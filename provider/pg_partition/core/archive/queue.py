@@ -26,7 +26,7 @@ from pg_partition.core.db.errors import (
     VerificationError,
 )
 from pg_partition.core.db.execute import Executor
-from pg_partition.core.db.locks import locks_table, table_lock
+from pg_partition.core.db.locks import heavy_step, locks_table, table_lock
 from pg_partition.core.db.names import derived_name
 from pg_partition.core.db.partitions import partition_column
 
@@ -236,6 +236,7 @@ def check_queued_table(conn: psycopg.Connection[Any], row: QueueRow) -> None:
                          "archive or drop it", fix=fix)
 
 
+@heavy_step  # counts against the database's heavy-step slots
 def archive_queued(
     ex: Executor,
     s3: S3Client,

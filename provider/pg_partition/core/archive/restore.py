@@ -26,7 +26,7 @@ from pg_partition.core.db.errors import (
     VerificationError,
 )
 from pg_partition.core.db.execute import Executor, Progress
-from pg_partition.core.db.locks import locks_table
+from pg_partition.core.db.locks import heavy_step, locks_table
 from pg_partition.core.db.names import Range, parse_bound_day
 from pg_partition.core.db.partitions import (
     bounds_condition,
@@ -270,6 +270,7 @@ def _restore_table(ex: Executor, s3: S3Client, manifest: dict[str, Any], *args: 
 
 
 @locks_table(_restore_table)  # the per-table lock, also for a direct caller of the engine
+@heavy_step  # counts against the database's heavy-step slots
 def restore(
     ex: Executor,
     s3: S3Client,

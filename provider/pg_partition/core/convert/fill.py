@@ -40,7 +40,7 @@ from pg_partition.core.db import catalog, state
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import PartitionError, StateError
 from pg_partition.core.db.execute import Executor, Progress
-from pg_partition.core.db.locks import locks_table
+from pg_partition.core.db.locks import heavy_step, locks_table
 from pg_partition.core.db.names import ColumnKind, Range, bound_literal, covering
 from pg_partition.core.params import BATCH_SIZE, SLEEP_SECONDS, bounded_float, bounded_int
 
@@ -384,6 +384,7 @@ def _fill_item(ex: Executor, spec: ConvertSpec, item: dict[str, Any] | str | Non
 
 
 @locks_table(item_of=_fill_item)  # the per-table lock (shared, plus the item's), also for a direct engine caller
+@heavy_step  # counts against the database's heavy-step slots
 def fill(
     ex: Executor,
     spec: ConvertSpec,

@@ -30,7 +30,7 @@ from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import Index, QualifiedName, TableInfo
 from pg_partition.core.db.errors import InvalidInputError, PreflightError, StateError
 from pg_partition.core.db.execute import Executor
-from pg_partition.core.db.locks import locks_table
+from pg_partition.core.db.locks import heavy_step, locks_table
 from pg_partition.core.db.names import Range, covering, fit_identifier, window
 from pg_partition.core.db.partitions import copy_grants, create_partition
 from pg_partition.core.params import LOCK_RETRIES, MAX_PARTITIONS, PERIODS, bounded_int, parse_lock_timeout
@@ -356,6 +356,7 @@ def _live_parent(conn: psycopg.Connection[Any], spec: ConvertSpec) -> QualifiedN
 
 
 @locks_table()  # the per-table lock, also for a direct caller of the engine
+@heavy_step  # counts against the database's heavy-step slots
 def build_indexes(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WORKERS,
                   connect: Callable[[], psycopg.Connection[Any]] | None = None,
                   throttle: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -420,6 +421,7 @@ def build_indexes(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WOR
 
 
 @locks_table()  # the per-table lock, also for a direct caller of the engine
+@heavy_step  # counts against the database's heavy-step slots
 def analyze(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WORKERS,
             connect: Callable[[], psycopg.Connection[Any]] | None = None,
             throttle: Callable[[], None] | None = None) -> dict[str, Any]:

@@ -167,6 +167,7 @@ SLOTS_SETTING = "pg_partition.heavy_slots"
 DEFAULT_SLOTS = 4
 MAX_SLOTS = 64
 SLOT_NAMESPACE = "pg_partition:heavy-slot#"
+WAIT_SECONDS = 3600.0  # how long a heavy step waits for a slot before it fails (its task retries later)
 
 
 class DatabaseBusyError(PartitionError):
@@ -199,7 +200,7 @@ def _slot_holders(conn: psycopg.Connection[Any], slots: int) -> list[str]:
 
 
 @contextmanager
-def heavy_slot(conn: psycopg.Connection[Any], *, what: str, wait_seconds: float = 3600.0, poll: float = 1.0,
+def heavy_slot(conn: psycopg.Connection[Any], *, what: str, wait_seconds: float | None = None, poll: float = 1.0,
                logger: Any = None) -> Iterator[None]:
     """Hold one of the database's heavy-step slots (session advisory locks ``slot#0..N-1``) for the block.
 
@@ -218,7 +219,7 @@ def heavy_slot(conn: psycopg.Connection[Any], *, what: str, wait_seconds: float 
     if mine and mine[0]:
         yield
         return
-    deadline = time.monotonic() + max(wait_seconds, 0.0)
+    deadline = time.monotonic() + max(WAIT_SECONDS if wait_seconds is None else wait_seconds, 0.0)
     next_log = time.monotonic()
     taken: str | None = None
     while taken is None:

@@ -76,3 +76,34 @@ def test_a_fill_task_under_a_shared_lock_runs_beside_another_fill_task(conn, db)
         assert convert.fill(ex, spec, items[0])["rows"] > 0
     plain = QualifiedName("public", "ev")
     assert not holds(conn, plain)
+
+
+def test_heavy_steps_are_bounded_per_database(conn, db, monkeypatch) -> None:
+    """With pg_partition.heavy_slots = 1 a second heavy step waits for the first, then fails naming it; once the
+    slot is free it runs. Re-entrant in one session (build_indexes inside an operator that holds a slot)."""
+    from pg_partition.core.db import locks
+    from pg_partition.core.db.locks import DatabaseBusyError, heavy_slot, heavy_slots
+
+    conn.execute(f'ALTER DATABASE "{db.name}" SET pg_partition.heavy_slots = 1')  # for new sessions
+    conn.execute("SET pg_partition.heavy_slots = 1")  # and this one, opened before
+    with db.connect() as first, db.connect() as second:
+        first.execute("SET application_name = 'first_heavy'")
+        assert heavy_slots(second) == 1
+        busy = pytest.raises(DatabaseBusyError, match=r"all 1 heavy-step slots .*\(pid \d+ \(first_heavy\)\)")
+        with heavy_slot(first, what="fill a"), heavy_slot(first, what="nested"), busy, \
+                heavy_slot(second, what="fill b", wait_seconds=0.3, poll=0.1):  # re-entrant in `first`, not shared
+            pass
+        with heavy_slot(second, what="fill b", wait_seconds=0.3, poll=0.1):
+            pass  # free again
+    _table(conn)
+    spec = ConvertSpec.create("ev", "at")
+    ex = Executor(conn)
+    convert.prep(ex, spec)
+    convert.add_partitions(ex, spec, cover_data=True)
+    monkeypatch.setattr(locks, "WAIT_SECONDS", 0.3)  # the engine's steps wait an hour by default
+    with db.connect() as other, heavy_slot(other, what="someone else's fill"):
+        before = snapshot(conn)
+        with pytest.raises(DatabaseBusyError, match="analyze: all 1 heavy-step slots"):
+            convert.analyze(ex, spec)  # the engine's heavy steps take a slot themselves
+        assert snapshot(conn) == before
+    convert.analyze(ex, spec)  # the slot is free again

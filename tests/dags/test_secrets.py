@@ -1,5 +1,5 @@
 """Issue 16: no secret leaves the connection. A known password is planted in the Postgres connection and a known
-secret key (and access key) in the AWS connection; the convert, archive and restore DAGs run for real
+secret key, access key id and session token in the AWS connection; the convert, archive and restore DAGs run for real
 (dag.test(), every log record of the process written to a file at DEBUG, including the per-batch SQL), then every
 place a secret could land is searched: the log file and anything under AIRFLOW_HOME/logs, captured stdout/stderr,
 the whole Airflow metadata DB file (XCom, trigger kwargs, task instances, run conf, ...), every object, manifest and
@@ -24,7 +24,8 @@ from tools.seed import seed_activities
 PASSWORD = "Pl4nted-PG-pw-7f3c1e"
 ACCESS_KEY = "AKIAPLANTED7F3C1E00"
 SECRET_KEY = "Pl4nted-S3-secret-9b2d44/xyz"
-SECRETS = (PASSWORD, SECRET_KEY, ACCESS_KEY)
+SESSION_TOKEN = "Pl4ntedSessionToken0e5a7c"
+SECRETS = (PASSWORD, SECRET_KEY, ACCESS_KEY, SESSION_TOKEN)
 
 
 def _hits(blob: bytes | str, where: str) -> list[str]:
@@ -39,6 +40,7 @@ def planted(db, s3_server) -> Any:
     pg_var = f"AIRFLOW_CONN_{db.conn_id.upper()}"
     pg = json.loads(os.environ[pg_var]) | {"password": PASSWORD}
     aws = json.loads(s3_server.aws_conn_uri()) | {"login": ACCESS_KEY, "password": SECRET_KEY}
+    aws["extra"] = aws["extra"] | {"aws_session_token": SESSION_TOKEN}
     old = os.environ[pg_var]
     os.environ[pg_var] = json.dumps(pg)
     os.environ["AIRFLOW_CONN_AWS_PLANTED"] = json.dumps(aws)
@@ -66,7 +68,7 @@ def test_no_planted_secret_in_logs_xcom_triggers_s3_or_state(db, conn, bucket, r
         before = row_hash(conn, "activities")
         converted = run_dag("pg_partition_convert", {
             "conn_id": db.conn_id, "table": "public.activities", "column": "created_at", "period": "month",
-            "future": 1, "cover_data": True, "batch_size": 1_000, "max_lag_bytes": "1GB"})
+            "future": 1, "cover_data": True, "batch_size": 1_000})
         assert converted.state == "success", converted.task_states
         archived = run_dag("pg_partition_archive", {
             "conn_ids": [db.conn_id], "archive_retired": ["public.activities"], "bucket": bucket.name,

@@ -86,7 +86,7 @@ def build_archive_dag(
         dag_id=dag_id,
         schedule=[ARCHIVE_PENDING],
         catchup=False,
-        max_active_runs=1,
+        max_active_runs=1,  # two runs would map over the same pending queue rows and fail on each other's claims
         tags=["pg-partition"],
         doc_md=__doc__,
         params={

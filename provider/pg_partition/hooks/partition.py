@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -11,6 +13,44 @@ from airflow.providers.postgres.hooks.postgres import PostgresHook
 from psycopg.rows import tuple_row
 
 APPLICATION_NAME = "pg_partition"
+
+# botocore at DEBUG logs every request's headers and the string it signs: the access key id (Credential=...), the
+# signature and, with temporary credentials, the session token itself. A deployment that turns DEBUG on to see our
+# per-batch SQL must not get those in its task logs, so these loggers' records are redacted.
+_AWS_SECRETS = (
+    re.compile(r"(Credential=)[^/\s,'\"]+"),
+    re.compile(r"(Signature=)[0-9a-fA-F]+"),
+    re.compile(r"((?:X-Amz-Security-Token|x-amz-security-token)['\"]?\s*[:=]\s*b?['\"]?)[^'\"\s,}]+"),
+)
+_BOTOCORE_LOGGERS = ("botocore.endpoint", "botocore.auth", "botocore.awsrequest", "botocore.httpsession",
+                     "botocore.hooks", "botocore.retryhandler")
+
+
+class RedactAwsCredentials(logging.Filter):
+    """Replaces access key ids, signatures and session tokens in botocore's DEBUG records by ``[redacted]``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is botocore's to report, not ours
+            return True
+        redacted = message
+        for pattern in _AWS_SECRETS:
+            redacted = pattern.sub(r"\1[redacted]", redacted)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def redact_aws_debug_logs() -> None:
+    """Install :class:`RedactAwsCredentials` on botocore's request loggers (idempotent)."""
+    for name in _BOTOCORE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactAwsCredentials) for f in logger.filters):
+            logger.addFilter(RedactAwsCredentials())
+
+
+redact_aws_debug_logs()  # every pg-partition task imports this module (operators/base.py)
 
 
 class PartitionHook(PostgresHook):

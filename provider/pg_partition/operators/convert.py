@@ -42,6 +42,7 @@ class ConvertBaseOperator(PartitionBaseOperator):
 
     template_fields: Sequence[str] = (*PartitionBaseOperator.template_fields, *SPEC_FIELDS)
     ui_color = "#d7e9f7"
+    run_claim: str | None = "check"  # a later step of a run stops when another run has claimed the table since
 
     def __init__(self, *, column: str, period: str = "month", primary_key: str = "per_partition",
                  default_partition: bool | str = False, tablespace: str | None = None,
@@ -77,6 +78,8 @@ class ConvertPreflightOperator(ConvertBaseOperator):
     """Refuse unsafe conversions (the task fails with what/where/how to fix) or report rows, size, rows per
     period, append-only, publications and replication slots. Reads only."""
 
+    run_claim = None  # reads only, writes no claim: a run after an abandoned one must get past it
+
     template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "where", "capture_changes")
 
     def __init__(self, *, where: str | None = None, capture_changes: bool | str | None = None,
@@ -103,6 +106,8 @@ class ConvertPreflightOperator(ConvertBaseOperator):
 
 class ConvertPrepOperator(ConvertBaseOperator):
     """Create (or complete) ``<table>_intermediate``, mirroring the source."""
+
+    run_claim = "claim"  # the convert run's first change: this run now works on the table
 
     def execute(self, context: Context) -> dict[str, Any]:
         with self.run_step() as (ex, spec):
@@ -321,6 +326,8 @@ class ConvertSwapOperator(LatencyPaced, ConvertBaseOperator):
 
 class ConvertUnswapOperator(ConvertBaseOperator):
     """Roll the swap back (rows written since are copied back first)."""
+
+    run_claim = "claim"  # the rollback run's first change
 
     def execute(self, context: Context) -> dict[str, Any]:
         with self.run_step() as (ex, spec):

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from pg_partition.core.db.catalog import QualifiedName
-from pg_partition.core.db.errors import PreflightError, StateError
+from pg_partition.core.db.errors import LockTimeoutExhausted, PreflightError, StateError
 from pg_partition.operators.convert import (
     ConvertAddPartitionsOperator,
     ConvertAnalyzeOperator,
@@ -119,3 +119,33 @@ def test_lock_params_are_refused_before_connecting(db, conn, field: str, value: 
     with pytest.raises(InvalidInputError, match=message):
         ConvertPrepOperator(task_id="prep", **(_common(db) | {field: value})).execute({})
     assert snapshot(conn) == before
+
+
+def test_a_schema_error_fails_the_task_without_retry(db, conn) -> None:
+    """Issue 16: a schema error was retried by Airflow for 7 minutes (task retries with backoff). It now raises
+    AirflowFailException, which Airflow never retries; a lock timeout still raises its own (retryable) error."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pg_partition.operators.base import PartitionBaseOperator
+
+    class _Alter(PartitionBaseOperator):
+        def execute(self, context: Any) -> None:
+            with self.connection() as c:
+                self.sql_executor(c).run("ALTER TABLE public.no_such_table ADD COLUMN x int")
+
+    conn.execute("CREATE TABLE present (id int)")
+    base = {"conn_id": db.conn_id, "table": "public.present", "lock_timeout": "2s", "lock_retries": "1"}
+    with pytest.raises(AirflowFailException, match=r"UndefinedTable \(SQLSTATE 42P01\).*no_such_table"):
+        _Alter(task_id="alter", **base).execute({})
+
+    class _Locked(PartitionBaseOperator):
+        def execute(self, context: Any) -> None:
+            with self.connection() as c:
+                ex = self.sql_executor(c)
+                ex.with_lock_timeout(lambda: ex.run("ALTER TABLE present ADD COLUMN y int"), lock_timeout="20ms",
+                                     retries=1)
+
+    with db.connect(autocommit=False) as holder:
+        holder.execute("LOCK TABLE present IN ACCESS SHARE MODE")
+        with pytest.raises(LockTimeoutExhausted):
+            _Locked(task_id="locked", **base).execute({})

@@ -26,7 +26,7 @@ from pg_partition.core.db.errors import (
     VerificationError,
 )
 from pg_partition.core.db.execute import Executor
-from pg_partition.core.db.locks import table_lock
+from pg_partition.core.db.locks import heavy_step, locks_table, table_lock
 from pg_partition.core.db.names import derived_name
 from pg_partition.core.db.partitions import partition_column
 
@@ -236,6 +236,7 @@ def check_queued_table(conn: psycopg.Connection[Any], row: QueueRow) -> None:
                          "archive or drop it", fix=fix)
 
 
+@heavy_step  # counts against the database's heavy-step slots
 def archive_queued(
     ex: Executor,
     s3: S3Client,
@@ -370,6 +371,7 @@ def _mark_failed(conn: psycopg.Connection[Any], queue_id: int, exc: BaseExceptio
 # --------------------------------------------------------------------------------------------------- drop
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def drop_archived(ex: Executor, table: QualifiedName, manifest: dict[str, Any], *, queue_id: int | None = None,
                   lock_timeout: str = "2s", retries: int = 5) -> None:
     """DROP the archived table once its archive is verified, re-counting its rows under the DROP's own lock.

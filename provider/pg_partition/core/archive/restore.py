@@ -26,6 +26,7 @@ from pg_partition.core.db.errors import (
     VerificationError,
 )
 from pg_partition.core.db.execute import Executor, Progress
+from pg_partition.core.db.locks import heavy_step, locks_table
 from pg_partition.core.db.names import Range, parse_bound_day
 from pg_partition.core.db.partitions import (
     bounds_condition,
@@ -257,6 +258,19 @@ def check_recorded(conn: psycopg.Connection[Any], manifest: dict[str, Any], logg
     return True
 
 
+def _restore_table(ex: Executor, s3: S3Client, manifest: dict[str, Any], *args: Any, **kwargs: Any,
+                   ) -> QualifiedName | None:
+    """The table a restore changes, for its lock: the parent it attaches to, or the table it loads."""
+    if kwargs.get("target", "attach") == "attach":
+        parent = kwargs.get("parent")
+        if parent is None and manifest.get("parent"):
+            parent = QualifiedName(manifest["parent"]["schema"], manifest["parent"]["name"])
+        return parent if isinstance(parent, QualifiedName) else None
+    return QualifiedName(kwargs.get("schema") or RESTORE_SCHEMA, manifest["table"]["name"])
+
+
+@locks_table(_restore_table)  # the per-table lock, also for a direct caller of the engine
+@heavy_step  # counts against the database's heavy-step slots
 def restore(
     ex: Executor,
     s3: S3Client,

@@ -59,6 +59,7 @@ from pg_partition.core.db import catalog, state
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError, PreflightError, StateError
 from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.locks import locks_table
 from pg_partition.core.db.names import derived_name
 from pg_partition.core.params import parse_switch
 
@@ -392,6 +393,7 @@ def publishing_changelog(conn: psycopg.Connection[Any], source: QualifiedName) -
     return sorted(set(names))
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def uninstall(ex: Executor, source: QualifiedName, *, lock_timeout: str = "2s", retries: int = 5) -> bool:
     """Remove the capture triggers, the trigger function and the changelog (unprep/unswap cleanup). Idempotent.
 
@@ -474,6 +476,7 @@ def decide_capture(conn: psycopg.Connection[Any], spec: ConvertSpec, setting: bo
     return {"capture": on, "reason": reason, "installed": installed}
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def install_capture(ex: Executor, spec: ConvertSpec, setting: bool | str | None = "auto", *,
                     where: str | None = None, lock_timeout: str = "2s", retries: int = 5) -> dict[str, Any]:
     """Decide (:func:`decide_capture`) and make it so, before the fill: install the triggers and changelog

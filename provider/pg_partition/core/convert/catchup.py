@@ -37,7 +37,8 @@ from pg_partition.core.convert.spec import (
 from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import PartitionError
-from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.execute import Executor, read_only
+from pg_partition.core.db.locks import locks_table
 from pg_partition.core.db.names import ColumnKind
 from pg_partition.core.params import BATCH_SIZE, bounded_int
 
@@ -54,6 +55,7 @@ def safe_low(conn: psycopg.Connection[Any], spec: ConvertSpec, plan: dict[str, A
     return low
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def catch_up(
     ex: Executor,
     spec: ConvertSpec,
@@ -187,19 +189,17 @@ def rows_outside(conn: psycopg.Connection[Any], plan: dict[str, Any], src: Quali
     where_sql = validate_where(conn, src, plan.get("where"))
     filt = sql.SQL(" AND {}").format(where_sql) if where_sql is not None else sql.SQL("")
     index = _column_index(conn, src, plan["column"])
-    if index is not None:
-        hits = [cond for cond in conds if (conn.execute(sql.SQL(
-            "SELECT EXISTS (SELECT 1 FROM {s} WHERE ({o}){f})").format(s=src.ident, o=cond, f=filt)).fetchone()
-            or (False,))[0]]
+    if index is not None:  # the user's filter runs READ ONLY, so it cannot write whatever it is
+        hits = [cond for cond in conds if read_only(conn, sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM {s} WHERE ({o}){f})").format(s=src.ident, o=cond, f=filt))[0][0]]
         (logger or log).info("rows outside every partition of %s: %d range probes on index %s, %d with rows",
                              dst, len(conds), index, len(hits))
         if not hits:
             return 0, None, None, 0
         conds = hits
-    row = conn.execute(sql.SQL(
+    row = read_only(conn, sql.SQL(
         "SELECT count(*), min({c})::text, max({c})::text, count(*) FILTER (WHERE {c} IS NULL) FROM {s} "
-        "WHERE ({o}){f}").format(c=c, s=src.ident, o=sql.SQL(" OR ").join(conds), f=filt)).fetchone()
-    assert row is not None
+        "WHERE ({o}){f}").format(c=c, s=src.ident, o=sql.SQL(" OR ").join(conds), f=filt))[0]
     return int(row[0]), row[1], row[2], int(row[3])
 
 

@@ -40,6 +40,7 @@ from pg_partition.core.db import catalog, state
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import PartitionError, StateError
 from pg_partition.core.db.execute import Executor, Progress
+from pg_partition.core.db.locks import heavy_step, locks_table
 from pg_partition.core.db.names import ColumnKind, Range, bound_literal, covering
 from pg_partition.core.params import BATCH_SIZE, SLEEP_SECONDS, bounded_float, bounded_int
 
@@ -180,6 +181,7 @@ def _destination_partitions(ex: Executor, spec: ConvertSpec, src: TableInfo) -> 
     return [(spec.partition(r.start), r) for r in covering(row[0], row[1], spec.period)], spec.default_partition
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def plan_fill(
     ex: Executor,
     spec: ConvertSpec,
@@ -374,6 +376,15 @@ def _batch_statements(plan: dict[str, Any], item: dict[str, Any], src: TableInfo
     return delete, insert
 
 
+def _fill_item(ex: Executor, spec: ConvertSpec, item: dict[str, Any] | str | None = None, *args: Any,
+               **kwargs: Any) -> str | None:
+    """The lock item of one fill (its key, as the mapped fill task locks it); None (every item): exclusive."""
+    item = kwargs.get("item", item)
+    return None if item is None else str(item if isinstance(item, str) else item.get("key"))
+
+
+@locks_table(item_of=_fill_item)  # the per-table lock (shared, plus the item's), also for a direct engine caller
+@heavy_step  # counts against the database's heavy-step slots
 def fill(
     ex: Executor,
     spec: ConvertSpec,

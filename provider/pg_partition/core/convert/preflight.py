@@ -22,6 +22,7 @@ from pg_partition.core.db import catalog, state
 from pg_partition.core.db.capabilities import capabilities, require_privileges
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import InvalidInputError, PreflightError
+from pg_partition.core.db.execute import read_only as read_only  # re-exported: fill imports it here
 from pg_partition.core.db.names import ColumnKind
 
 INTEGER_KEY_TYPES = ("smallint", "integer", "bigint")
@@ -72,6 +73,7 @@ def validate_where(conn: psycopg.Connection[Any], table: QualifiedName, where: s
                 "set on this server (pg_proc); nothing was run", fix=where_filter.FIX)
     ensure_conforming_strings(conn)
     fragment = sql.SQL("(" + checked.sql + ")")  # safe: pglast's print of a tree checked against the allowlist
+    where_filter.check_on_server(conn, table, checked, fragment)  # user-defined operators, types, casts
     probe = sql.SQL("EXPLAIN SELECT 1 FROM {} WHERE {}").format(table.ident, fragment)
     outer_tx = conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
     try:
@@ -94,16 +96,6 @@ def validate_where(conn: psycopg.Connection[Any], table: QualifiedName, where: s
             fix="pass one boolean expression over the table's columns, e.g. where=\"account_id = 123\"",
         ) from None
     return fragment
-
-
-def read_only(conn: psycopg.Connection[Any], query: sql.Composed) -> list[Any]:
-    """Run a query that only reads (planning, counting) in a READ ONLY transaction when no transaction is open,
-    so even a filter that slipped through every gate could not write."""
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        return conn.execute(query).fetchall()
-    with conn.transaction():
-        conn.execute("SET TRANSACTION READ ONLY")
-        return conn.execute(query).fetchall()
 
 
 class _Rollback(Exception):
@@ -244,8 +236,8 @@ def check(conn: psycopg.Connection[Any], spec: ConvertSpec) -> tuple[TableInfo, 
                 f"supported first key column types: {', '.join(INTEGER_KEY_TYPES)}; add an integer surrogate "
                 "key or convert this table with another tool")
     if not col.not_null and not spec.default_partition:
-        nulls = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(
-            table.ident, sql.Identifier(spec.column))).fetchone()
+        nulls = read_only(conn, sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(
+            table.ident, sql.Identifier(spec.column)))[0]
         if nulls and nulls[0]:
             problems.add(
                 f"{nulls[0]:,} rows have NULL in {spec.column!r}; a RANGE partition cannot hold them",

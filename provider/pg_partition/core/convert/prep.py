@@ -30,6 +30,7 @@ from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import Index, QualifiedName, TableInfo
 from pg_partition.core.db.errors import InvalidInputError, PreflightError, StateError
 from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.locks import heavy_step, locks_table
 from pg_partition.core.db.names import Range, covering, fit_identifier, window
 from pg_partition.core.db.partitions import copy_grants, create_partition
 from pg_partition.core.params import LOCK_RETRIES, MAX_PARTITIONS, PERIODS, bounded_int, parse_lock_timeout
@@ -110,6 +111,7 @@ def _start_job(ex: Executor, spec: ConvertSpec, resuming: bool) -> None:
                          fix="run unprep for it first")
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def prep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: int = 5) -> dict[str, Any]:
     """Create ``<table>_intermediate``, partitioned by RANGE on the column and mirroring the source.
 
@@ -228,6 +230,7 @@ def _min_max(conn: psycopg.Connection[Any], table: QualifiedName, column: str,
     return (row[0], row[1]) if row else (None, None)
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def add_partitions(
     ex: Executor,
     spec: ConvertSpec,
@@ -352,6 +355,8 @@ def _live_parent(conn: psycopg.Connection[Any], spec: ConvertSpec) -> QualifiedN
     return spec.intermediate
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
+@heavy_step  # counts against the database's heavy-step slots
 def build_indexes(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WORKERS,
                   connect: Callable[[], psycopg.Connection[Any]] | None = None,
                   throttle: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -415,6 +420,8 @@ def build_indexes(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WOR
     return info
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
+@heavy_step  # counts against the database's heavy-step slots
 def analyze(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WORKERS,
             connect: Callable[[], psycopg.Connection[Any]] | None = None,
             throttle: Callable[[], None] | None = None) -> dict[str, Any]:

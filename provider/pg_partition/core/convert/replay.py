@@ -26,6 +26,7 @@ from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError, PartitionError, StateError
 from pg_partition.core.db.execute import Executor, Progress, log
+from pg_partition.core.db.locks import locks_table
 
 
 @dataclass
@@ -137,6 +138,7 @@ def _distinct(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return list(dict.fromkeys(tuple(r) for r in rows))
 
 
+@locks_table(item_of=lambda *a, **k: "replay")  # shared with the fill items, one replay at a time
 def replay(
     ex_or_conn: Executor | psycopg.Connection[Any],
     source: QualifiedName,

@@ -19,13 +19,14 @@ from pg_partition.core.convert.spec import (
 from pg_partition.core.convert.swap import is_swapped
 from pg_partition.core.db import catalog, state
 from pg_partition.core.db.catalog import QualifiedName
+from pg_partition.core.db.execute import read_only
 
 # --- report --------------------------------------------------------------------------------------------------
 
 
 def _count(conn: psycopg.Connection[Any], table: QualifiedName, exact: bool) -> int:
     if exact:
-        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident)).fetchone()
+        row = read_only(conn, sql.SQL("SELECT count(*) FROM {}").format(table.ident))[0]
     else:
         row = conn.execute("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)",
                            (table.ident.as_string(conn),)).fetchone()

@@ -39,6 +39,7 @@ from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import LockTimeoutExhausted, PreflightError, StateError
 from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.locks import locks_table
 from pg_partition.core.db.names import fit_identifier
 from pg_partition.core.db.partitions import copy_grants
 
@@ -162,6 +163,7 @@ def _notify(ex: Executor, spec: ConvertSpec) -> None:
     ex.run(sql.SQL("SELECT pg_notify('pg_partition', {})").format(sql.Literal(str(spec.table))))
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def swap(
     ex: Executor,
     spec: ConvertSpec,
@@ -392,6 +394,7 @@ def _columns_back(ex: Executor, spec: ConvertSpec, plan: dict[str, Any], low: in
     return out
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def unswap(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: int = 5,
            wait_timeout: float = 3600.0) -> dict[str, Any]:
     """Roll a swap back: the original table becomes live again, the partitioned one the intermediate.
@@ -501,6 +504,7 @@ def _resume_user_triggers(ex: Executor, spec: ConvertSpec, triggers: list[dict[s
         ex.run(sql.SQL("ALTER TABLE {} {} {}").format(spec.table.ident, sql.SQL(state_sql), sql.Identifier(t["name"])))
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def unprep(ex: Executor, spec: ConvertSpec, *, lock_timeout: str = "2s", retries: int = 5) -> dict[str, Any]:
     """Remove change capture (triggers, function, changelog), drop the intermediate table (with its partitions)
     and forget the conversion. Refused while swapped."""
@@ -543,6 +547,7 @@ def _being_converted(conn: psycopg.Connection[Any], spec: ConvertSpec) -> bool:
         catalog.exists(conn, spec.table) and bool(capture.trigger_names(conn, spec.table)))
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def finish_and_swap(ex: Executor, spec: ConvertSpec, *, batch_size: int = 10_000,
                     replay_until_backlog_below: int = 1000, catch_up_first: bool = True, lock_timeout: str = "2s",
                     retries: int = 5, throttle: Callable[[], None] | None = None) -> dict[str, Any]:

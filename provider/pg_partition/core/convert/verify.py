@@ -38,6 +38,7 @@ from pg_partition.core.db import catalog, partitions
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError, StateError, VerificationError
 from pg_partition.core.db.execute import Executor, log
+from pg_partition.core.db.locks import heavy_step, locks_table
 
 INTEGER_TYPES = {"smallint", "integer", "bigint"}
 FANOUT = 16
@@ -448,6 +449,8 @@ def verify(
     return report
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
+@heavy_step  # counts against the database's heavy-step slots
 def verify_conversion(
     ex: Executor,
     spec: ConvertSpec,

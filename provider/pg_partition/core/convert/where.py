@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from pglast import ast, parse_sql
 from pglast.enums import A_Expr_Kind, SQLValueFunctionOp
 from pglast.parser import ParseError
@@ -40,7 +41,7 @@ FUNCTIONS = frozenset({
     "make_interval", "to_timestamp", "to_date", "to_char", "age", "isfinite", "statement_timestamp",
     "transaction_timestamp",
     "lower", "upper", "length", "char_length", "octet_length", "btrim", "ltrim", "rtrim", "substring", "substr",
-    "left", "right", "starts_with", "replace", "concat", "similar_to_escape",
+    "left", "right", "starts_with", "replace", "concat",
     "abs", "round", "floor", "ceil", "ceiling", "trunc", "mod", "sign",
 })
 # Built-in types a cast may name (as pglast spells them after parsing, e.g. integer -> int4).
@@ -48,11 +49,17 @@ TYPES = frozenset({
     "int2", "int4", "int8", "numeric", "float4", "float8", "text", "varchar", "bpchar", "date", "timestamp",
     "timestamptz", "time", "timetz", "interval", "bool", "uuid",
 })
-OPERATORS = frozenset({"=", "<>", "!=", "<", ">", "<=", ">=", "+", "-", "*", "/", "%", "||", "~~", "!~~", "~~*",
-                       "!~~*", "~", "!~", "~*", "!~*"})
+LIKE_OPERATORS = frozenset({"~~", "!~~", "~~*", "!~~*"})
+OPERATORS = frozenset({"=", "<>", "!=", "<", ">", "<=", ">=", "+", "-", "*", "/", "%", "||"}) | LIKE_OPERATORS
+# Regular expressions (~, ~*, !~, !~*, SIMILAR TO) are refused: a pattern such as '^(a+)+$' can take time
+# exponential in the row's length, per row, inside the fill's transactions. LIKE is kept, bounded: its pattern must
+# be a constant (a column's value as a pattern would be data-chosen) with at most MAX_LIKE_WILDCARDS '%'s, which
+# keeps PostgreSQL's backtracking matcher polynomial and small.
+REGEX_OPERATORS = frozenset({"~", "!~", "~*", "!~*"})
+MAX_LIKE_WILDCARDS = 4
 EXPR_KINDS = frozenset({
     A_Expr_Kind.AEXPR_OP, A_Expr_Kind.AEXPR_IN, A_Expr_Kind.AEXPR_LIKE, A_Expr_Kind.AEXPR_ILIKE,
-    A_Expr_Kind.AEXPR_SIMILAR, A_Expr_Kind.AEXPR_BETWEEN, A_Expr_Kind.AEXPR_NOT_BETWEEN,
+    A_Expr_Kind.AEXPR_BETWEEN, A_Expr_Kind.AEXPR_NOT_BETWEEN,
     A_Expr_Kind.AEXPR_DISTINCT, A_Expr_Kind.AEXPR_NOT_DISTINCT, A_Expr_Kind.AEXPR_NULLIF,
 })
 VALUE_FUNCTIONS = frozenset({
@@ -62,8 +69,9 @@ VALUE_FUNCTIONS = frozenset({
     SQLValueFunctionOp.SVFOP_CURRENT_TIME_N, SQLValueFunctionOp.SVFOP_LOCALTIME, SQLValueFunctionOp.SVFOP_LOCALTIME_N,
 })
 FIX = ("pass one boolean expression over the table's own columns, e.g. where=\"account_id = 123 AND created_at >= "
-       "'2024-01-01'\"; allowed: columns, constants, casts, AND/OR/NOT, comparisons, arithmetic, IN, BETWEEN, "
-       "IS NULL, LIKE and the functions " + ", ".join(sorted(FUNCTIONS)))
+       "'2024-01-01'\"; allowed: columns of built-in types, constants, casts, AND/OR/NOT, comparisons, arithmetic, "
+       f"IN, BETWEEN, IS NULL, LIKE with a constant pattern (at most {MAX_LIKE_WILDCARDS} '%'), PostgreSQL's own "
+       "operators and the functions " + ", ".join(sorted(FUNCTIONS)))
 
 
 @dataclass(frozen=True)
@@ -119,12 +127,18 @@ def _check(node: Any, text: str, table_names: frozenset[tuple[str, ...]], found:
             _check(child, text, table_names, found, budget)
         return
     if isinstance(node, ast.A_Expr):
+        op_names = tuple(n.sval for n in (node.name or ()) if isinstance(n, ast.String))
+        if node.kind == A_Expr_Kind.AEXPR_SIMILAR or (op_names and op_names[-1] in REGEX_OPERATORS):
+            raise _refuse(text, "regular expressions (~, ~*, !~, !~*, SIMILAR TO) are not allowed: their matching "
+                          "time is unbounded; use LIKE with a constant pattern")
         if node.kind not in EXPR_KINDS:
             kind = node.kind.name if node.kind is not None else "?"
             raise _refuse(text, f"the operator form {kind} (e.g. = ANY(...)) is not allowed; use IN (...)")
         names = tuple(n.sval for n in (node.name or ()) if isinstance(n, ast.String))
         if len(names) != 1 or (node.kind == A_Expr_Kind.AEXPR_OP and names[0] not in OPERATORS):
             raise _refuse(text, f"the operator {'.'.join(names) or '?'} is not allowed")
+        if names[0] in LIKE_OPERATORS:
+            _check_like_pattern(node.rexpr, text)
         _check(node.lexpr, text, table_names, found, budget)
         _check(node.rexpr, text, table_names, found, budget)
         return
@@ -163,6 +177,15 @@ def _check(node: Any, text: str, table_names: frozenset[tuple[str, ...]], found:
     if isinstance(node, ast.ParamRef):
         raise _refuse(text, "parameters ($1) are not allowed")
     raise _refuse(text, f"{type(node).__name__} expressions are not allowed")
+
+
+def _check_like_pattern(pattern: Any, text: str) -> None:
+    value = pattern.val if isinstance(pattern, ast.A_Const) else None
+    if not isinstance(value, ast.String):
+        raise _refuse(text, "a LIKE pattern must be a string constant (not a column, an expression or ESCAPE)")
+    if (value.sval or "").count("%") > MAX_LIKE_WILDCARDS:
+        raise _refuse(text, f"a LIKE pattern with more than {MAX_LIKE_WILDCARDS} '%' wildcards can take very long "
+                      "to match; simplify it")
 
 
 # Source positions, and whether a call was written as SQL syntax (``x AT TIME ZONE 'UTC'``) or as a plain call
@@ -224,3 +247,86 @@ def parse(text: str, *, table: Iterable[str] = (), columns: Iterable[str] | None
         raise _refuse(text, "it could not be printed back unambiguously")  # pragma: no cover - deparser bug
     return WhereFilter(text=text, sql=printed, functions=frozenset(found["functions"]),
                        columns=frozenset(found["columns"]))
+
+
+# --- on the server: what the names resolve to ----------------------------------------------------------------
+
+PROBE_VIEW = "pg_partition_where_probe"
+
+# What the filter's expression depends on once PostgreSQL has resolved it (operators, functions incl. implicit
+# casts, types of constants). PostgreSQL records no dependency on its own pinned (initdb-created) objects, so
+# every row here is something a user or an extension created.
+_RESOLVED_SQL = """
+WITH d AS (
+  SELECT d.refclassid, d.refobjid FROM pg_depend d JOIN pg_rewrite r
+    ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+  WHERE r.ev_class = %s::regclass)
+SELECT 'operator', format('%%s.%%s(%%s,%%s)', o.oprnamespace::regnamespace, o.oprname,
+                          format_type(o.oprleft, NULL), format_type(o.oprright, NULL))
+  FROM d JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
+UNION ALL
+SELECT 'function', format('%%s.%%s()', p.pronamespace::regnamespace, p.proname)
+  FROM d JOIN pg_proc p ON d.refclassid = 'pg_proc'::regclass AND p.oid = d.refobjid
+UNION ALL
+SELECT 'type', format('%%s.%%s', t.typnamespace::regnamespace, t.typname)
+  FROM d JOIN pg_type t ON d.refclassid = 'pg_type'::regclass AND t.oid = d.refobjid
+ORDER BY 1, 2"""
+
+
+def check_on_server(conn: psycopg.Connection[Any], table: Any, checked: WhereFilter, fragment: Any) -> None:
+    """Refuse a filter whose names resolve on the server to anything but PostgreSQL's own built-ins.
+
+    The parser cannot know what ``a = b`` means: with a column of a user-defined type (a domain, an enum) or an
+    operator the user created for a pair of built-in types PostgreSQL has none for (``bigint = text``), the plain
+    ``=`` calls the user's function, which may do anything as the table owner. So (1) every column the filter
+    reads must have a built-in type (pg_catalog, not a domain), and (2) the filter is resolved by PostgreSQL itself
+    (``CREATE TEMP VIEW ... WHERE <filter>`` in a transaction that is always rolled back: parse analysis only,
+    nothing is executed or planned) and every operator, function or type it depends on must be a built-in one.
+    ``table`` is the QualifiedName, ``fragment`` the SQL of the validated filter. Raises InvalidInputError.
+    """
+    from psycopg import sql
+
+    if checked.columns:
+        rows = conn.execute(
+            """SELECT a.attname, format('%%s.%%s', t.typnamespace::regnamespace, t.typname)
+               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+               WHERE a.attrelid = %s::regclass AND a.attname = ANY(%s) AND NOT a.attisdropped
+                 AND (t.typnamespace <> 'pg_catalog'::regnamespace OR t.typtype = 'd')
+               ORDER BY 1""", (table.ident.as_string(conn), sorted(checked.columns))).fetchall()
+        if rows:
+            col, typ = rows[0]
+            raise _refuse(checked.text, f"column {col} has the user-defined type {typ}; a filter may only read "
+                          "columns of PostgreSQL's built-in types (a user-defined type's operators run its "
+                          "owner's code)")
+    probe = sql.SQL("CREATE TEMP VIEW {} AS SELECT 1 FROM {} WHERE {}").format(
+        sql.Identifier(PROBE_VIEW), table.ident, fragment)
+    found: list[tuple[str, str]] = []
+    try:
+        with conn.transaction():  # a savepoint when the caller has a transaction open; rolled back either way
+            conn.execute("SET LOCAL statement_timeout = '10s'")
+            conn.execute(probe)
+            found = [(r[0], r[1]) for r in conn.execute(_RESOLVED_SQL, (f"pg_temp.{PROBE_VIEW}",)).fetchall()]
+            raise _Rollback
+    except _Rollback:
+        pass
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise InvalidInputError(
+            f"the where filter {checked.text!r} cannot be checked: {(exc.diag.message_primary or '').strip()}; "
+            "nothing was run",
+            fix="GRANT TEMPORARY ON DATABASE <db> TO <the role pg-partition connects as> (the check resolves the "
+            "filter in a temporary view that is rolled back), or convert without a where filter") from None
+    except psycopg.Error as exc:
+        raise InvalidInputError(
+            f"the where filter {checked.text!r} is not a valid boolean expression on {table}: "
+            f"{(exc.diag.message_primary or str(exc)).strip()}",
+            fix="pass one boolean expression over the table's columns, e.g. where=\"account_id = 123\"",
+        ) from None
+    for kind, name in found:
+        what = {"operator": "not a built-in operator", "function": "not a built-in function",
+                "type": "not a built-in type"}[kind]
+        raise _refuse(checked.text, f"it uses the {kind} {name}, which is {what} of PostgreSQL (pg_catalog); "
+                      "a user-defined one may run its owner's code")
+
+
+class _Rollback(Exception):
+    """Raised inside ``conn.transaction()`` to roll the probe back on purpose."""

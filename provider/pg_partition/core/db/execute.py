@@ -28,6 +28,12 @@ from pg_partition.core.db.errors import LockTimeoutExhausted
 log = logging.getLogger("pg_partition")
 
 T = TypeVar("T")
+
+# What waiting and trying again can cure: a lock not granted within lock_timeout, a deadlock PostgreSQL broke by
+# cancelling us, a serialization failure. Anything else (a schema error, a missing table, bad data, a permission)
+# fails the same way on every attempt, so it is raised at once instead of being retried with backoff.
+RETRYABLE: tuple[type[psycopg.Error], ...] = (
+    psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 Query = str | sql.SQL | sql.Composed
 
 
@@ -106,14 +112,13 @@ class Executor:
 
         def _log_retry(state: RetryCallState) -> None:
             self.logger.warning(
-                "%s: lock not granted within lock_timeout=%s (attempt %d of %d); retrying",
-                what, lock_timeout, state.attempt_number, retries,
+                "%s: %s (attempt %d of %d); retrying", what, _why(state, lock_timeout), state.attempt_number, retries,
             )
 
         retrying = Retrying(
-            retry=retry_if_exception_type(psycopg.errors.LockNotAvailable),
+            retry=retry_if_exception_type(RETRYABLE),
             stop=stop_after_attempt(retries),
-            wait=wait_exponential_jitter(initial=0.2, max=10),
+            wait=wait_exponential_jitter(multiplier=0.2, max=10),
             before_sleep=_log_retry,
             reraise=True,
         )
@@ -122,9 +127,10 @@ class Executor:
                 with attempt, self.conn.transaction():
                     self.run(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout)))
                     return body()
-        except psycopg.errors.LockNotAvailable as exc:
+        except RETRYABLE as exc:
             raise LockTimeoutExhausted(
-                f"{what} could not get its lock within lock_timeout={lock_timeout} after {retries} attempts",
+                f"{what} could not get its lock within lock_timeout={lock_timeout} after {retries} attempts "
+                f"(last: {type(exc).__name__})",
                 fix="find the long-running transaction holding the table (pg_stat_activity, pg_locks) or retry "
                 "at a quieter time; raise lock_timeout/retries only if the application tolerates longer waits",
             ) from exc
@@ -176,6 +182,26 @@ class Executor:
             fix=fix or "find the long-running transaction holding the table (pg_stat_activity, pg_locks); the "
             "next run retries",
         ) from last
+
+
+def _why(state: RetryCallState, lock_timeout: str) -> str:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    if isinstance(exc, psycopg.errors.LockNotAvailable) or exc is None:
+        return f"lock not granted within lock_timeout={lock_timeout}"
+    return f"{type(exc).__name__} ({(exc.diag.message_primary or '').strip()})" if isinstance(
+        exc, psycopg.Error) else type(exc).__name__
+
+
+def read_only(conn: psycopg.Connection[Any], query: Query,
+              params: Sequence[Any] | dict[str, Any] | None = None) -> list[Any]:
+    """Run a query that only reads (planning, counting) in a READ ONLY transaction when no transaction is open,
+    so even a filter that slipped through every gate could not write (inside a caller's transaction it runs
+    there: that transaction's mode is the caller's)."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return conn.execute(query, params).fetchall()
+    with conn.transaction():
+        conn.execute("SET TRANSACTION READ ONLY")
+        return conn.execute(query, params).fetchall()
 
 
 class Progress:

@@ -9,11 +9,12 @@ at once (``max_active_runs`` > 1) bounded by a pool per database.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 
@@ -93,3 +94,175 @@ def _lock(conn: psycopg.Connection[Any], table: QualifiedName, key: str, what: s
             if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
                 conn.rollback()
             conn.execute(f"SELECT pg_advisory_unlock{suffix}(hashtextextended(%s, 0))", (key,))
+
+
+def holds(conn: psycopg.Connection[Any], table: QualifiedName) -> bool:
+    """Whether this session already holds the table's lock, shared or exclusive (an operator's, or an outer engine
+    step's)."""
+    row = conn.execute(
+        """SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
+                 AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(%s, 0) AND objsubid = 1)""",
+        (lock_key(table),)).fetchone()
+    return bool(row and row[0])
+
+
+@contextmanager
+def hold_table(conn: psycopg.Connection[Any], table: QualifiedName, *, what: str,
+               item: str | None = None) -> Iterator[None]:
+    """The lock an engine step takes itself, so a direct caller of the engine is excluded like an operator is.
+
+    Re-entrant: when this session already holds the table's lock (the operator took it, shared for the mapped fill
+    tasks, or an outer step did) the step runs under it; otherwise it takes the exclusive lock for its duration and
+    fails at once, naming the holder, when another session has it. With ``item`` (a fill range, the replay) the
+    step takes the table's lock shared plus the item's own exclusive lock: fill items and the replay of one
+    conversion run side by side, while prep, swap or another run's same item are excluded."""
+    if holds(conn, table):
+        yield
+        return
+    with table_lock(conn, table, what=what, shared=item is not None, item=item):
+        yield
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _subject_table(subject: Any) -> QualifiedName | None:
+    if isinstance(subject, QualifiedName):
+        return subject
+    table = getattr(subject, "table", None)
+    return table if isinstance(table, QualifiedName) else None
+
+
+def locks_table(table_of: Callable[..., QualifiedName | None] | None = None, *,
+                item_of: Callable[..., str | None] | None = None) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate an engine entry point ``f(ex, subject, ...)`` that changes a table so it holds the table's lock
+    (:func:`hold_table`) while it runs. The table is ``subject.table`` (a ConvertSpec, a RotationSpec) or
+    ``subject`` itself, or what ``table_of(*args, **kwargs)`` returns; ``item_of`` names the step's item for the
+    shared mode of :func:`hold_table`. A dry run changes nothing and takes no lock."""
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            ex = args[0]
+            conn = ex if isinstance(ex, psycopg.Connection) else getattr(ex, "conn", None)
+            if table_of is not None:
+                table = table_of(*args, **kwargs)
+            else:
+                table = _subject_table(args[1] if len(args) > 1 else kwargs.get("spec", kwargs.get("cfg")))
+            if conn is None or table is None or getattr(ex, "dry_run", False):
+                return func(*args, **kwargs)
+            item = item_of(*args, **kwargs) if item_of is not None else None
+            with hold_table(conn, table, what=func.__name__, item=item):
+                return func(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+# --- a per-database bound on heavy steps ------------------------------------------------------------------------
+
+SLOTS_SETTING = "pg_partition.heavy_slots"
+DEFAULT_SLOTS = 4
+MAX_SLOTS = 64
+SLOT_NAMESPACE = "pg_partition:heavy-slot#"
+WAIT_SECONDS = 3600.0  # how long a heavy step waits for a slot before it fails (its task retries later)
+
+
+class DatabaseBusyError(PartitionError):
+    """Every heavy-step slot of the database stayed taken for the whole wait; nothing was changed."""
+
+
+def heavy_slots(conn: psycopg.Connection[Any]) -> int:
+    """How many heavy steps may run at once in this database: the ``pg_partition.heavy_slots`` setting (a DBA
+    sets it where the load is felt, ``ALTER DATABASE d SET pg_partition.heavy_slots = 2``), else 4."""
+    row = conn.execute("SELECT current_setting(%s, true)", (SLOTS_SETTING,)).fetchone()
+    raw = (row[0] if row else None) or ""
+    try:
+        value = int(raw) if raw.strip() else DEFAULT_SLOTS
+    except ValueError:
+        raise DatabaseBusyError(f"{SLOTS_SETTING}={raw!r} is not a whole number",
+                                fix=f"ALTER DATABASE <db> SET {SLOTS_SETTING} = {DEFAULT_SLOTS} (1 to {MAX_SLOTS})"
+                                ) from None
+    return min(max(value, 1), MAX_SLOTS)
+
+
+def _slot_holders(conn: psycopg.Connection[Any], slots: int) -> list[str]:
+    rows = conn.execute(
+        """SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+             AND ((l.classid::bigint << 32) | l.objid::bigint) IN (
+                 SELECT hashtextextended(%s || i, 0) FROM generate_series(0, %s - 1) i)
+           ORDER BY 1""", (SLOT_NAMESPACE, slots)).fetchall()
+    return [f"pid {r[0]} ({r[1] or 'no application_name'})" for r in rows]
+
+
+@contextmanager
+def heavy_slot(conn: psycopg.Connection[Any], *, what: str, wait_seconds: float | None = None, poll: float = 1.0,
+               logger: Any = None) -> Iterator[None]:
+    """Hold one of the database's heavy-step slots (session advisory locks ``slot#0..N-1``) for the block.
+
+    Why in the database: the conn_id of a convert, rollback or restore run is a runtime param, so a static Airflow
+    pool cannot be per database (and ``pool`` is not a templated field), while the database itself is what every
+    run on any executor shares. Runs on different tables may then run side by side (``max_active_runs`` > 1), but
+    at most N of their heavy steps (fill, index builds, ANALYZE, verify, archive, restore) at once per database.
+    Re-entrant: a session that holds a slot keeps using it. Waits up to ``wait_seconds`` (logging who holds the
+    slots once a minute), then raises :class:`DatabaseBusyError` naming them."""
+    slots = heavy_slots(conn)
+    mine = conn.execute(
+        """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
+             AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) IN (
+                 SELECT hashtextextended(%s || i, 0) FROM generate_series(0, %s - 1) i)""",
+        (SLOT_NAMESPACE, slots)).fetchone()
+    if mine and mine[0]:
+        yield
+        return
+    deadline = time.monotonic() + max(WAIT_SECONDS if wait_seconds is None else wait_seconds, 0.0)
+    next_log = time.monotonic()
+    taken: str | None = None
+    while taken is None:
+        for i in range(slots):
+            key = f"{SLOT_NAMESPACE}{i}"
+            row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)).fetchone()
+            if row and row[0]:
+                taken = key
+                break
+        if taken is not None:
+            break
+        now = time.monotonic()
+        if now >= deadline:
+            raise DatabaseBusyError(
+                f"{what}: all {slots} heavy-step slots of this database are taken "
+                f"({', '.join(_slot_holders(conn, slots)) or 'by sessions that just ended'})",
+                fix=f"wait for those runs, or allow more at once: ALTER DATABASE <db> SET {SLOTS_SETTING} = "
+                f"{slots + 1}")
+        if logger is not None and now >= next_log:
+            logger.info("%s: waiting for one of the %d heavy-step slots of this database, held by %s", what, slots,
+                        ", ".join(_slot_holders(conn, slots)) or "sessions that just ended")
+            next_log = now + 60
+        time.sleep(poll)
+    try:
+        yield
+    finally:
+        if not conn.closed:
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                conn.rollback()
+            conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (taken,))
+
+
+def heavy_step(func: Callable[P, R]) -> Callable[P, R]:
+    """Decorate an engine step ``f(ex, ...)`` whose load counts against the database's heavy-step slots
+    (:func:`heavy_slot`); a dry run takes none."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        ex = args[0]
+        conn = ex if isinstance(ex, psycopg.Connection) else getattr(ex, "conn", None)
+        if conn is None or getattr(ex, "dry_run", False):
+            return func(*args, **kwargs)
+        with heavy_slot(conn, what=func.__name__, logger=getattr(ex, "logger", None)):
+            return func(*args, **kwargs)
+
+    return wrapper

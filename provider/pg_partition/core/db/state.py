@@ -63,6 +63,14 @@ MIGRATIONS: list[str] = [
         UNIQUE (schema_name, table_name)
     );
     """,
+    # 3: which DAG run is working on a table (runs of one DAG may overlap once max_active_runs > 1)
+    """
+    CREATE TABLE pgpartition.run_claims (
+        table_name text PRIMARY KEY,
+        run        text NOT NULL,
+        claimed_at timestamptz NOT NULL DEFAULT now()
+    );
+    """,
 ]
 
 
@@ -190,3 +198,46 @@ def ready(conn: psycopg.Connection[Any]) -> bool:
     row = conn.execute("SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
                        (sql.Identifier(SCHEMA, "checkpoints").as_string(conn), QUEUE.as_string(conn))).fetchone()
     return bool(row and row[0])
+
+
+# --- which run works on a table ---------------------------------------------------------------------------------
+
+
+class RunSupersededError(StateError):
+    """Another run has claimed the table since this run started; this run stops so two never interleave."""
+
+
+def claim_run(conn: psycopg.Connection[Any], table: str, run: str) -> str | None:
+    """Record that ``run`` (``dag_id/run_id``) now works on ``table``; returns the run it took over from, if any.
+
+    Why: a task holds the per-table advisory lock only while it runs, so once ``max_active_runs`` > 1 two runs on
+    one table could interleave their steps (run A's fill between run B's prep and B's plan). The first task that
+    changes anything claims the table for its run; every later task of a run checks the claim
+    (:func:`check_run`). The newest claim wins: a run left failed or abandoned never blocks the table, and an older
+    run still going stops at its next task, naming the run that took over."""
+    ensure_schema(conn)
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT run FROM pgpartition.run_claims WHERE table_name = %s FOR UPDATE", (table,)).fetchone()
+        conn.execute(
+            """INSERT INTO pgpartition.run_claims (table_name, run) VALUES (%s, %s)
+               ON CONFLICT (table_name) DO UPDATE SET run = EXCLUDED.run, claimed_at = now()""", (table, run))
+    previous = row[0] if row else None
+    return previous if previous != run else None
+
+
+def check_run(conn: psycopg.Connection[Any], table: str, run: str) -> None:
+    """Raise :class:`RunSupersededError` when another run holds the table's claim (nothing claimed: no-op)."""
+    if not ready(conn):
+        return
+    exists = conn.execute("SELECT to_regclass('pgpartition.run_claims') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return
+    row = conn.execute("SELECT run, claimed_at::text FROM pgpartition.run_claims WHERE table_name = %s",
+                       (table,)).fetchone()
+    if row is not None and row[0] != run:
+        raise RunSupersededError(
+            f"run {row[0]} is working on {table} (claimed at {row[1]}); this run ({run}) stops so the two do not "
+            "interleave their steps", where=table,
+            fix="let that run finish; to continue with this one instead, trigger a new run (its first step claims "
+            "the table and the other run stops at its next step)")

@@ -13,6 +13,7 @@ from psycopg import sql
 
 from pg_partition.core.db.errors import PartitionError
 from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.locks import locks_table
 from pg_partition.core.db.names import Period, Range
 from pg_partition.core.rotate.plan import (
     DEFAULT_ROWS_SCAN_LIMIT,
@@ -110,6 +111,7 @@ def health(conn: psycopg.Connection[Any], cfg: RotationSpec, today: date) -> Hea
     return out
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def rotate(ex: Executor, cfg: RotationSpec, today: date) -> dict[str, Any]:
     """Premake then retention for one table (the whole rotation, e.g. for a dry run or the CLI)."""
     the_plan = plan(ex.conn, cfg, today)

@@ -16,6 +16,7 @@ from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import PreflightError
 from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.locks import locks_table
 from pg_partition.core.db.names import Period, Range
 from pg_partition.core.db.partitions import (
     bounds_condition,
@@ -44,6 +45,7 @@ class PremakeResult:
         return asdict(self)
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def premake(ex: Executor, cfg: RotationSpec, today: date) -> PremakeResult:
     """Create the current and ``premake`` future partitions that are missing. Idempotent.
 

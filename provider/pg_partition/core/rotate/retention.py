@@ -16,6 +16,7 @@ from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError, PartitionError
 from pg_partition.core.db.execute import Executor
+from pg_partition.core.db.locks import locks_table
 from pg_partition.core.db.names import Period
 from pg_partition.core.rotate.plan import PlannedDetach, RotationSpec, job_id, plan
 
@@ -38,6 +39,7 @@ class DetachResult:
         return asdict(self)
 
 
+@locks_table()  # the per-table lock, also for a direct caller of the engine
 def detach_expired(ex: Executor, cfg: RotationSpec, today: date) -> DetachResult:
     """Detach partitions older than the retention window, finish interrupted detaches, queue them for archive."""
     conn = ex.conn

@@ -133,3 +133,89 @@ def test_a_legitimate_filter_still_converts_only_its_rows(conn) -> None:
     spec = ConvertSpec.create("ev", "at")
     rep = convert.preflight(conn, spec, where="id > 250 AND lower(v) <> 'x' AND at < now()")
     assert rep["rows_matching_where"] == 250
+
+
+# --- user-defined operators and unbounded matching (issue 16 leftovers) ------------------------------------------
+
+EVIL = """CREATE FUNCTION {name}({args}) RETURNS boolean LANGUAGE sql VOLATILE
+          AS $$ INSERT INTO victim VALUES (7); SELECT true $$"""
+
+
+def _evil_operators(conn: psycopg.Connection[Any]) -> None:
+    """Two ways a filter's plain `=` can land on a function of the user's: a column of a user-defined type (a
+    domain) with its own `=`, and a `=` in public for built-in types PostgreSQL has no `=` for (bigint, text)."""
+    conn.execute("CREATE DOMAIN score AS integer")
+    conn.execute("ALTER TABLE ev ADD COLUMN s score DEFAULT 1")
+    conn.execute(EVIL.format(name="evil_score_eq", args="score, integer"))
+    conn.execute("CREATE OPERATOR public.= (LEFTARG = score, RIGHTARG = integer, FUNCTION = evil_score_eq)")
+    conn.execute(EVIL.format(name="evil_int8_text_eq", args="bigint, text"))
+    conn.execute("CREATE OPERATOR public.= (LEFTARG = bigint, RIGHTARG = text, FUNCTION = evil_int8_text_eq)")
+
+
+@pytest.mark.parametrize(("where", "why"), [
+    ("s = 1", r"column s has the user-defined type public\.score"),
+    ("id = v", r"operator public\.=\(bigint,text\).* not a built-in operator"),
+])
+def test_a_user_defined_operator_is_refused(conn, where: str, why: str) -> None:
+    _setup(conn)
+    _evil_operators(conn)
+    spec = ConvertSpec.create("ev", "at")
+    before = _state(conn)
+    ex = Executor(conn)
+    for call in (lambda: convert.preflight(conn, spec, where=where),
+                 lambda: convert.add_partitions(ex, spec, cover_data=True, where=where),
+                 lambda: convert.plan_fill(ex, spec, where=where)):
+        with pytest.raises(InvalidInputError, match=why) as err:
+            call()
+        assert "nothing was run" in str(err.value)
+    assert _state(conn) == before
+    assert conn.execute("SELECT count(*) FROM victim").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(("where", "why"), [
+    ("v ~ '^(a+)+$'", "regular expressions"),
+    ("v ~* 'x'", "regular expressions"),
+    ("v !~ 'x'", "regular expressions"),
+    ("v SIMILAR TO '(a|aa)*b'", "regular expressions"),
+    ("v LIKE v", "LIKE pattern must be a string constant"),
+    ("v LIKE '%a%a%a%a%a%a%a%a%a%b'", "more than 4 '%' wildcards"),
+])
+def test_unbounded_matching_is_refused(conn, where: str, why: str) -> None:
+    _setup(conn)
+    before = _state(conn)
+    with pytest.raises(InvalidInputError, match=why):
+        convert.preflight(conn, ConvertSpec.create("ev", "at"), where=where)
+    assert _state(conn) == before
+
+
+def test_built_in_operators_and_a_short_like_still_work(conn) -> None:
+    _setup(conn)
+    _evil_operators(conn)  # their presence does not disturb filters that resolve to pg_catalog's operators
+    rep = convert.preflight(conn, ConvertSpec.create("ev", "at"),
+                            where="id > 250 AND v LIKE '2%' AND v NOT ILIKE '%x%' AND id IN (260, 270, 300)")
+    assert rep["rows_matching_where"] == 2  # 260 and 270 (300 does not start with 2)
+    assert conn.execute("SELECT count(*) FROM victim").fetchone() == (0,)
+
+
+def test_counting_with_the_filter_runs_read_only(conn, monkeypatch) -> None:
+    """Defence in depth: the queries that only read with the user's filter (plan_fill's stats, preflight's count,
+    catch-up's rows-outside count) run in READ ONLY transactions, so a filter that slipped past every gate still
+    could not write. The gate is bypassed on purpose here (validate_where patched to return nextval())."""
+    from psycopg import sql
+
+    from pg_partition.core.convert import catchup
+    from pg_partition.core.convert.fill import recorded_plan
+
+    _setup(conn)
+    spec = ConvertSpec.create("ev", "at")
+    ex = Executor(conn)
+    convert.prep(ex, spec)
+    convert.add_partitions(ex, spec, cover_data=True)
+    convert.plan_fill(ex, spec)
+    plan = recorded_plan(conn, spec) | {"where": "slipped through"}
+    before = _state(conn)
+    monkeypatch.setattr(catchup, "validate_where",
+                        lambda *a, **k: sql.SQL("(pg_catalog.nextval('public.some_seq') > 0)"))
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        catchup.rows_outside(conn, plan, spec.table, spec.intermediate)
+    assert _state(conn) == before

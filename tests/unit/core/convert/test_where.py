@@ -92,3 +92,26 @@ def test_a_backslash_is_an_ordinary_character() -> None:
     one literal, so a server session with the same setting (ours always) reads the same one constant."""
     checked = parse("v = 'a\\' AND id = 1", table=TABLE, columns=COLUMNS)
     assert checked.sql == "v = 'a\\' AND id = 1"
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("v ~ '^(a+)+$'", "regular expressions"),
+    ("v ~* 'a'", "regular expressions"),
+    ("v !~* 'a'", "regular expressions"),
+    ("v OPERATOR(pg_catalog.~) 'a'", "regular expressions"),
+    ("v SIMILAR TO '(a|aa)*b'", "regular expressions"),
+    ("v NOT SIMILAR TO 'a'", "regular expressions"),
+    ("v LIKE v", "must be a string constant"),
+    ("v LIKE 'a' || v", "must be a string constant"),
+    ("v LIKE 'a!%' ESCAPE '!'", "must be a string constant"),
+    ("v ~~ lower(v)", "must be a string constant"),
+    ("v ILIKE '%a%b%c%d%e'", "more than 4 '%' wildcards"),
+])
+def test_unbounded_matching_is_refused(text: str, why: str) -> None:
+    with pytest.raises(InvalidInputError, match=why):
+        parse(text, table=TABLE, columns=COLUMNS)
+
+
+def test_a_bounded_like_is_accepted() -> None:
+    assert parse("v LIKE '%a%b%' AND v NOT ILIKE 'x%'", table=TABLE, columns=COLUMNS).sql == \
+        "v LIKE '%a%b%' AND v NOT ILIKE 'x%'"

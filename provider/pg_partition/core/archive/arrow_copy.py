@@ -56,7 +56,8 @@ class AdbcUnavailable(Exception):
 def driver_missing() -> str | None:
     """Why the ADBC PostgreSQL driver cannot be used here, or None when it can."""
     try:
-        import adbc_driver_postgresql.dbapi  # noqa: F401
+        import adbc_driver_manager  # noqa: F401
+        import adbc_driver_postgresql  # noqa: F401
     except ImportError as exc:
         return f"adbc-driver-postgresql is not installed ({exc})"
     return None
@@ -96,47 +97,84 @@ def adbc_conninfo(conn: psycopg.Connection[Any]) -> Iterator[str]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _exec(cur: Any, statement: str) -> None:
-    """Run a statement with no result set (ADBC wraps result queries in COPY, which SET/BEGIN cannot be)."""
-    cur.adbc_statement.set_sql_query(statement)
-    cur.adbc_statement.execute_update()
+class Session:
+    """One ADBC PostgreSQL connection through the driver manager's low-level API.
+
+    Why not ``adbc_driver_manager.dbapi``: it imports ``pyarrow.dataset`` (about 14 MB of resident memory in a
+    process that must stay under 200 MB) for nothing this export uses.
+    """
+
+    def __init__(self, conninfo: str) -> None:
+        import adbc_driver_manager
+        import adbc_driver_postgresql
+
+        self._statements: list[Any] = []
+        self._db = adbc_driver_postgresql.connect(conninfo)
+        try:
+            self._conn = adbc_driver_manager.AdbcConnection(self._db)  # autocommit: we send BEGIN ourselves
+        except BaseException:
+            self._db.close()
+            raise
+
+    def run(self, statement: str) -> None:
+        """A statement with no result set (result queries travel as COPY, which BEGIN/SET cannot be)."""
+        import adbc_driver_manager
+
+        with adbc_driver_manager.AdbcStatement(self._conn) as stmt:
+            stmt.set_sql_query(statement)
+            stmt.execute_update()
+
+    def query(self, statement: str, options: dict[str, str] | None = None) -> Any:
+        """A ``pyarrow.RecordBatchReader`` over the statement's rows (read from the binary COPY stream)."""
+        import adbc_driver_manager
+        import pyarrow as pa
+
+        stmt = adbc_driver_manager.AdbcStatement(self._conn)
+        self._statements.append(stmt)  # closing it would invalidate the reader: closed with the session
+        if options:
+            stmt.set_options(**options)
+        stmt.set_sql_query(statement)
+        handle, _ = stmt.execute_query()
+        return pa.RecordBatchReader._import_from_c(handle.address)
+
+    def close(self) -> None:
+        try:
+            for stmt in self._statements:
+                with contextlib.suppress(Exception):
+                    stmt.close()
+            self._conn.close()
+        finally:
+            self._db.close()
 
 
 @contextlib.contextmanager
-def snapshot_session(conn: psycopg.Connection[Any], snapshot: str) -> Iterator[Any]:
-    """An ADBC connection inside a read-only REPEATABLE READ transaction that imported ``snapshot``.
+def snapshot_session(conn: psycopg.Connection[Any], snapshot: str) -> Iterator[Session]:
+    """An ADBC session inside a read-only REPEATABLE READ transaction that imported ``snapshot``.
 
     ``conn`` must be inside :func:`export.snapshot`'s transaction (the exporter of ``snapshot``). The session
     settings match that transaction's (UTC, ISO dates, postgres intervals, exact floats, no synchronized scans),
     so text casts print exactly what the CSV path printed and a resumed upload reads rows in the same order.
     """
-    import adbc_driver_postgresql.dbapi as adbc
-
     if not snapshot.replace("-", "").isalnum():  # pg_export_snapshot() ids are hex and dashes
         raise PartitionError(f"unexpected snapshot id {snapshot!r}")
     with adbc_conninfo(conn) as conninfo:
-        aconn = adbc.connect(conninfo, autocommit=True)
+        session = Session(conninfo)
     try:
-        cur = aconn.cursor()
-        try:
-            _exec(cur, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            _exec(cur, f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-            for setting in ("TimeZone = 'UTC'", "DateStyle = 'ISO, YMD'", "IntervalStyle = 'postgres'",
-                            "extra_float_digits = 3", "synchronize_seqscans = off", "row_security = off"):
-                _exec(cur, f"SET LOCAL {setting}")
-            cur.execute("SELECT txid_current_snapshot()::text")
-            theirs = cur.fetchone()
-            ours = conn.execute("SELECT txid_current_snapshot()::text").fetchone()
-            if theirs is None or ours is None or theirs[0] != ours[0]:
-                raise PartitionError(f"the ADBC session sees snapshot {theirs} but the export's is {ours}",
-                                     fix="nothing was written; the next attempt starts over")
-            yield cur
-        finally:
-            with contextlib.suppress(Exception):
-                _exec(cur, "ROLLBACK")
-            cur.close()
+        session.run("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        session.run(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+        for setting in ("TimeZone = 'UTC'", "DateStyle = 'ISO, YMD'", "IntervalStyle = 'postgres'",
+                        "extra_float_digits = 3", "synchronize_seqscans = off", "row_security = off"):
+            session.run(f"SET LOCAL {setting}")
+        theirs = session.query("SELECT txid_current_snapshot()::text AS s").read_all().column(0).to_pylist()
+        ours = conn.execute("SELECT txid_current_snapshot()::text").fetchone()
+        if ours is None or theirs != [ours[0]]:
+            raise PartitionError(f"the ADBC session sees snapshot {theirs} but the export's is {ours}",
+                                 fix="nothing was written; the next attempt starts over")
+        yield session
     finally:
-        aconn.close()
+        with contextlib.suppress(Exception):
+            session.run("ROLLBACK")
+        session.close()
 
 
 def select_list(columns: list[Any]) -> sql.Composable:
@@ -194,7 +232,7 @@ def convert(batch: Any, target: Any, plan: list[str]) -> Any:
 _END = object()
 
 
-def stream_batches(cur: Any, table: QualifiedName, columns: list[Any], target: Any, *,
+def stream_batches(session: Session, table: QualifiedName, columns: list[Any], target: Any, *,
                    batch_bytes: int = 4 * MiB, queue_depth: int = 2) -> Generator[Any, None, None]:
     """Yield the table's rows as record batches of the archive schema, read on a background thread.
 
@@ -202,11 +240,13 @@ def stream_batches(cur: Any, table: QualifiedName, columns: list[Any], target: A
     nothing read yet). Closing the generator early stops the reader thread.
     """
     query = sql.SQL("SELECT {} FROM {}").format(select_list(columns), table.ident).as_string(None)
-    cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(batch_bytes)})
     log.debug("ADBC query (binary COPY): %s", query)
-    cur.execute(query)
-    reader = cur.fetch_record_batch()
-    plan = plan_casts(reader.schema, target)
+    reader = session.query(query, {"adbc.postgresql.batch_size_hint_bytes": str(batch_bytes)})
+    try:
+        plan = plan_casts(reader.schema, target)
+    except BaseException:
+        reader.close()
+        raise
     out: queue.Queue[Any] = queue.Queue(maxsize=queue_depth)
     stop = threading.Event()
 

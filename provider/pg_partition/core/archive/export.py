@@ -277,8 +277,8 @@ def _write_parquet_adbc(conn: psycopg.Connection[Any], table: QualifiedName, sin
     """Parquet from ADBC record batches (binary COPY in the export's snapshot). Raises
     :class:`arrow_copy.AdbcUnavailable` only before anything was written to ``sink``."""
     schema = arrow_schema(columns)
-    with arrow_copy.snapshot_session(conn, snapshot) as cur:
-        batches = arrow_copy.stream_batches(cur, table, columns, schema)
+    with arrow_copy.snapshot_session(conn, snapshot) as session:
+        batches = arrow_copy.stream_batches(session, table, columns, schema)
         try:
             first = next(batches, None)  # the result schema is checked here, before the writer's first byte
             log.info("Parquet export of %s reads binary COPY as Arrow record batches (ADBC) in snapshot %s",

@@ -157,8 +157,13 @@ def snapshot_session(conn: psycopg.Connection[Any], snapshot: str) -> Iterator[S
     """
     if not snapshot.replace("-", "").isalnum():  # pg_export_snapshot() ids are hex and dashes
         raise PartitionError(f"unexpected snapshot id {snapshot!r}")
+    import adbc_driver_manager
+
     with adbc_conninfo(conn) as conninfo:
-        session = Session(conninfo)
+        try:
+            session = Session(conninfo)
+        except adbc_driver_manager.Error as exc:  # psycopg reached this server with these parameters
+            raise AdbcUnavailable(f"the ADBC driver could not connect ({exc})") from exc
     try:
         session.run("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         session.run(f"SET TRANSACTION SNAPSHOT '{snapshot}'")

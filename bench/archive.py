@@ -226,7 +226,7 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
     figures.append(Figure(
         GROUP, "peak RSS of the Parquet export process", max(pq_rss), "MB", goal=f"< {RSS_GOAL_MB:.0f} MB",
         met=max(pq_rss) < RSS_GOAL_MB,
-        note="row groups of about 8 MB of Arrow data, ADBC batches of about 4 MB (2 queued); includes pyarrow, "
+        note="row groups of about 4 MB of Arrow data, ADBC batches of about 1 MB (1 queued); includes pyarrow, "
         "the ADBC driver and boto3"))
     sizes = [int(x) for x in os.environ.get("BENCH_ARCHIVE_SIZES", "").split(",") if x.strip()]
     if sizes:

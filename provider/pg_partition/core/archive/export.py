@@ -241,7 +241,7 @@ def _arrow_pool() -> Iterator[Any]:
 
 def write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
                   columns: list[ExportColumn], *, compression: str = "snappy", snapshot: str | None = None,
-                  block_size: int = MiB, group_bytes: int = 8 * MiB) -> int:
+                  block_size: int = MiB, group_bytes: int = 4 * MiB) -> int:
     """Stream the table as Parquet into ``sink``; returns rows written. Must run inside :func:`snapshot`'s
     transaction, whose exported id is ``snapshot``.
 

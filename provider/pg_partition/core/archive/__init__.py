@@ -3,12 +3,14 @@
 Why it is built this way:
 
 * **Streaming, bounded memory.** A partition can be hundreds of GB, and an Airflow worker has a few hundred MB.
-  ``pg_dump --format=custom`` (or ``COPY ... TO STDOUT`` for Parquet/CSV) is read from a pipe in small chunks and
+  ``pg_dump --format=custom`` (or binary ``COPY ... TO STDOUT`` decoded into Arrow record batches by ADBC for
+  Parquet, :mod:`arrow_copy`; text COPY for CSV) is read from a pipe in small chunks and
   pushed into an S3 multipart upload part by part; at most ``part_size * (max_inflight + 1)`` bytes are held,
   whatever the table size. The sha256 is computed on the same bytes while they stream, so there is never a local
   copy to hash afterwards (and never a local file an executor could lose).
 * **One snapshot.** The row count recorded in the manifest is taken in the exported snapshot that ``pg_dump
-  --snapshot`` (or our own ``COPY``) reads, so the manifest describes exactly the bytes in the object.
+  --snapshot`` (or our own ``COPY``, or the ADBC session that imports it) reads, so the manifest describes exactly
+  the bytes in the object.
 * **Verify, then drop.** An archive is only trusted after HEAD (size, ETag), a full streaming re-read (sha256),
   ``pg_restore --list`` (the dump is a readable archive with this table's data) and a row count (decoded from
   the object itself, compared with the manifest and with the live table). The DROP happens in its own short

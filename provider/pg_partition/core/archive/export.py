@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pg_partition.core.archive import arrow_copy
 from pg_partition.core.archive.policy import MiB
 from pg_partition.core.archive.s3 import MultipartUpload
 from pg_partition.core.archive.tools import (
@@ -238,24 +240,79 @@ def _arrow_pool() -> Iterator[Any]:
 
 
 def write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
-                  columns: list[ExportColumn], *, compression: str = "snappy",
-                  block_size: int = MiB, group_bytes: int = 8 * MiB) -> int:
-    """Stream the table as Parquet into ``sink``; returns rows written.
+                  columns: list[ExportColumn], *, compression: str = "snappy", snapshot: str | None = None,
+                  block_size: int = MiB, group_bytes: int = 4 * MiB) -> int:
+    """Stream the table as Parquet into ``sink``; returns rows written. Must run inside :func:`snapshot`'s
+    transaction, whose exported id is ``snapshot``.
 
-    ``COPY ... TO STDOUT (FORMAT csv)`` is cut into blocks of about ``block_size`` whole rows, each parsed by
-    Arrow's C++ CSV parser (no Python object per value), converted to the archive schema and written as row
-    groups of about ``group_bytes`` of Arrow data. Must run inside :func:`snapshot`'s transaction.
+    With ``snapshot`` and the ADBC PostgreSQL driver installed, rows come as Arrow record batches decoded from
+    the binary COPY stream by a second session that imports the snapshot (:mod:`arrow_copy`). Otherwise, or
+    when ADBC cannot deliver a column exactly (decided before any byte is written, and logged), ``COPY ... TO
+    STDOUT (FORMAT csv)`` is cut into blocks of about ``block_size`` whole rows, each parsed by Arrow's C++ CSV
+    parser. Either way rows are written as row groups of about ``group_bytes`` of Arrow data.
     """
     with _arrow_pool():
+        reason = "no exported snapshot id was given" if snapshot is None else arrow_copy.driver_missing()
+        if snapshot is not None and reason is None:
+            try:
+                return _write_parquet_adbc(conn, table, sink, columns, snapshot, compression=compression,
+                                           group_bytes=group_bytes)
+            except arrow_copy.AdbcUnavailable as exc:
+                reason = str(exc)
+        log.info("Parquet export of %s parses CSV COPY instead of ADBC's binary COPY: %s", table, reason)
         return _write_parquet(conn, table, sink, columns, compression=compression, block_size=block_size,
                               group_bytes=group_bytes)
+
+
+def _parquet_writer(sink: MultipartUpload, schema: Any, compression: str) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, compression=compression,
+                            write_statistics=True, use_dictionary=True, version="2.6")
+
+
+def _write_parquet_adbc(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
+                        columns: list[ExportColumn], snapshot: str, *, compression: str, group_bytes: int) -> int:
+    """Parquet from ADBC record batches (binary COPY in the export's snapshot). Raises
+    :class:`arrow_copy.AdbcUnavailable` only before anything was written to ``sink``."""
+    schema = arrow_schema(columns)
+    with arrow_copy.snapshot_session(conn, snapshot) as session:
+        batches = arrow_copy.stream_batches(session, table, columns, schema)
+        try:
+            first = next(batches, None)  # the result schema is checked here, before the writer's first byte
+            log.info("Parquet export of %s reads binary COPY as Arrow record batches (ADBC) in snapshot %s",
+                     table, snapshot)
+            total = 0
+            progress = Progress(f"parquet export of {table}", None, logger=log)
+            writer = _parquet_writer(sink, schema, compression)
+            try:
+                pending: list[Any] = []
+                pending_bytes = 0
+                for batch in itertools.chain([] if first is None else [first], batches):
+                    pending.append(batch)
+                    pending_bytes += batch.nbytes
+                    if pending_bytes >= group_bytes:
+                        written = _write_group(writer, pending)
+                        total += written
+                        progress.add(written)
+                        pending, pending_bytes = [], 0
+                if pending:
+                    written = _write_group(writer, pending)
+                    total += written
+                    progress.add(written)
+            finally:
+                writer.close()
+        finally:
+            batches.close()
+    progress.add(0, force=True)
+    return total
 
 
 def _write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
                    columns: list[ExportColumn], *, compression: str, block_size: int, group_bytes: int) -> int:
     import pyarrow as pa
     import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     schema = arrow_schema(columns)
     select, read_types = _csv_read_plan(columns)
@@ -267,8 +324,7 @@ def _write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: Mu
                                            quoted_strings_can_be_null=False)
     total = 0
     progress = Progress(f"parquet export of {table}", None, logger=log)
-    writer = pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, compression=compression,
-                              write_statistics=True, use_dictionary=True, version="2.6")
+    writer = _parquet_writer(sink, schema, compression)
     pending: list[Any] = []
     pending_bytes = 0
 

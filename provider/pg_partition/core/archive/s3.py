@@ -81,29 +81,32 @@ class UploadResult:
 
 
 class _Part:
-    """One part being filled: chunks in memory (small parts) or a temporary file (large parts)."""
+    """One part being filled: one buffer in memory (small parts) or a temporary file (large parts).
 
-    def __init__(self, spool: bool) -> None:
+    The in-memory buffer is allocated once at the part size and handed to the upload as is (botocore takes a
+    bytearray): no second copy of the part exists at any time.
+    """
+
+    def __init__(self, spool: bool, capacity: int = 0) -> None:
         self.size = 0
-        self.chunks: list[bytes] = []
+        self.buf = bytearray(0 if spool else capacity)
         # closed by close() once the part is uploaded (a part outlives any with-block here)
         self.file: IO[bytes] | None = tempfile.TemporaryFile(prefix="pgp-part-") if spool else None  # noqa: SIM115
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.file is not None:
             self.file.write(data)
         else:
-            self.chunks.append(data)
+            self.buf[self.size:self.size + len(data)] = data  # in place; past the capacity it extends
         self.size += len(data)
 
-    def body(self) -> bytes | IO[bytes]:
+    def body(self) -> bytearray | IO[bytes]:
         if self.file is not None:
             self.file.flush()
             self.file.seek(0)
             return self.file
-        body = b"".join(self.chunks)
-        self.chunks.clear()
-        return body
+        del self.buf[self.size:]  # shrinks in place (a last part is shorter than the capacity)
+        return self.buf
 
     def md5(self) -> str:
         """MD5 of the part (S3's ETag of a part uploaded without KMS encryption): only computed on resume."""
@@ -114,12 +117,11 @@ class _Part:
             while block := self.file.read(MiB):
                 digest.update(block)
         else:
-            for chunk in self.chunks:
-                digest.update(chunk)
+            digest.update(memoryview(self.buf)[:self.size])
         return digest.hexdigest()
 
     def close(self) -> None:
-        self.chunks.clear()
+        self.buf = bytearray()
         if self.file is not None:
             self.file.close()
 
@@ -226,8 +228,9 @@ class MultipartUpload:
         self.size += n
         # Parts need not be equal (only >= 5 MiB except the last), so a part ends at the first write that fills it.
         if self._part is None:
-            self._part = _Part(spool=self._part_size() > MEMORY_PART_LIMIT)
-        self._part.write(data if isinstance(data, bytes) else bytes(data))
+            size = self._part_size()
+            self._part = _Part(spool=size > MEMORY_PART_LIMIT, capacity=size)
+        self._part.write(data)
         if self._part.size >= self._part_size():
             self._submit(self._take())
         self.progress.add(n)

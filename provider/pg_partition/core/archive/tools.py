@@ -139,6 +139,17 @@ SECRET_PARAMS = ("password", "sslpassword")
 SERVICE = "pg_partition_child"
 
 
+def libpq_params(conn: psycopg.Connection[Any]) -> dict[str, str]:
+    """The connection's libpq parameters without its secrets (``password``, ``sslpassword``).
+
+    Only options every libpq since PG 12 knows: psycopg's bundled (newer) libpq reports options such as
+    sslcertmode that an older pg_dump's libpq rejects as "invalid connection option".
+    """
+    params = {k: v for k, v in conn.info.get_parameters().items() if k in _LIBPQ_PORTABLE and k not in SECRET_PARAMS}
+    params["application_name"] = "pg_partition_archive"
+    return params
+
+
 def libpq_target(conn: psycopg.Connection[Any]) -> tuple[str, dict[str, str]]:
     """A conninfo for client programs reaching the same database, and an environment carrying the secrets.
 
@@ -147,11 +158,8 @@ def libpq_target(conn: psycopg.Connection[Any]) -> tuple[str, dict[str, str]]:
     service file (mode 0600 in a private directory) named by ``PGSERVICEFILE``/``PGSERVICE``. Call
     :func:`release_target` with the environment once the child has connected or ended, to remove that file.
     """
-    # Only options every libpq since PG 12 knows: psycopg's bundled (newer) libpq reports options such as
-    # sslcertmode that an older pg_dump's libpq rejects as "invalid connection option".
     all_params = conn.info.get_parameters()
-    params = {k: v for k, v in all_params.items() if k in _LIBPQ_PORTABLE and k not in SECRET_PARAMS}
-    params["application_name"] = "pg_partition_archive"
+    params = libpq_params(conn)
     env = dict(os.environ)
     env.pop("PGSERVICEFILE", None)
     env.pop("PGSERVICE", None)

@@ -89,7 +89,7 @@ def archive_table(
     where = f"s3://{policy.bucket}/{key}"
     if ex.dry_run:
         what = {"pg_dump": f"{tool.path if tool else 'pg_dump'} --format=custom --table={dump_pattern(table)}",
-                "parquet": "COPY (SELECT ...) TO STDOUT (FORMAT csv) -> Arrow -> Parquet",
+                "parquet": "COPY (SELECT ...) TO STDOUT (FORMAT binary) -> ADBC Arrow batches -> Parquet",
                 "csv": "COPY (SELECT ...) TO STDOUT (FORMAT csv, HEADER) -> gzip",
                 "rds_csv": "aws_s3.query_export_to_s3 (server side)"}[policy.object_format]
         ex.logger.info("[dry run] would stream %s to %s (manifest %s)", what, where, mkey)
@@ -118,7 +118,8 @@ def archive_table(
             write_pg_dump(conn, table, sink, tool, snapshot=snap, compress=policy.compress,
                           lock_timeout=lock_timeout)
         elif policy.format == "parquet":
-            written = write_parquet(conn, table, sink, columns, compression=policy.parquet_compression)
+            written = write_parquet(conn, table, sink, columns, compression=policy.parquet_compression,
+                                    snapshot=snap)
             if written != rows:
                 raise VerificationError(f"Parquet export wrote {written} rows but the snapshot has {rows}",
                                         where=str(table))

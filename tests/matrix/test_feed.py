@@ -65,9 +65,9 @@ class App(threading.Thread):
     """The application: INSERT (recent rows), UPDATE (also of the partition column) and DELETE of any row it ever
     wrote, at about ``rate`` tx/s; ``paused`` holds it between two transactions."""
 
-    def __init__(self, dsn: str, *, rate: float, high: int) -> None:
+    def __init__(self, dsn: str, *, rate: float, high: int, table: str = "events") -> None:
         super().__init__(daemon=True)
-        self.dsn, self.rate, self.high = dsn, rate, high
+        self.dsn, self.rate, self.high, self.table = dsn, rate, high, table
         self.rng = random.Random(15)
         self.stop_event = threading.Event()
         self.running = threading.Event()
@@ -104,17 +104,17 @@ class App(threading.Thread):
         k = self.rng.randint(1, self.high)
         kind = self.rng.choice(("insert", "update", "update", "move", "delete"))
         if kind == "insert":
-            row = conn.execute("INSERT INTO events (created_at, v) VALUES (now() - %s * interval '1 hour', 'i') "
-                               "RETURNING id", (self.rng.randint(0, 48),)).fetchone()
+            row = conn.execute(f"INSERT INTO {self.table} (created_at, v) VALUES (now() - %s * interval '1 hour', "
+                               "'i') RETURNING id", (self.rng.randint(0, 48),)).fetchone()
             assert row is not None
             self.high = max(self.high, int(row[0]))
         elif kind == "update":
-            conn.execute("UPDATE events SET v = %s, n = n + 1 WHERE id = %s", (f"u{self.done}", k))
+            conn.execute(f"UPDATE {self.table} SET v = %s, n = n + 1 WHERE id = %s", (f"u{self.done}", k))
         elif kind == "move":  # a row moving between partitions: DELETE + INSERT at the partition level
-            conn.execute("UPDATE events SET created_at = now() - %s * interval '1 hour', n = n + 1 "
+            conn.execute(f"UPDATE {self.table} SET created_at = now() - %s * interval '1 hour', n = n + 1 "
                          "WHERE id = %s", (self.rng.randint(0, 48), k))
         else:
-            conn.execute("DELETE FROM events WHERE id = %s", (k,))
+            conn.execute(f"DELETE FROM {self.table} WHERE id = %s", (k,))
 
 
 def _rows(conn: psycopg.Connection[Any], query: str) -> list[tuple[Any, ...]]:
@@ -253,6 +253,99 @@ def test_the_feed_survives_convert_rotate_archive_restore_under_writes(
         app.join(30)
         try:
             sub.execute("DROP SUBSCRIPTION IF EXISTS feed_sub")
+        finally:
+            sub.close()
+            with subscriber.primary.connect(autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{sub_db}" WITH (FORCE)')
+    assert not app.errors, app.errors
+
+
+def _identities(conn: psycopg.Connection[Any], table: str) -> set[tuple[str, str, str | None]]:
+    """(relation, relreplident, identity index) of the table and every partition of it."""
+    return {(r[0], r[1], r[2]) for r in conn.execute(
+        """SELECT c.relname, c.relreplident::text,
+                  (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                   WHERE i.indrelid = c.oid AND i.indisreplident)
+           FROM pg_partition_tree(%s::regclass) t JOIN pg_class c ON c.oid = t.relid""", (table,))}
+
+
+def test_replica_identity_using_index_is_carried_to_the_parent_and_every_partition(
+        owner_db, owner_conn, subscriber) -> None:
+    """A table published with ``REPLICA IDENTITY USING INDEX`` on a unique (code, created_at) index, to a
+    subscriber keyed by those columns. Before the fix the partitions kept their default identity (their primary
+    key, id): UPDATEs and DELETEs reached the subscriber without code, which found no row and silently skipped
+    them. After the conversion and a rotation, the parent and every partition (premade ones too) use their index
+    on (code, created_at), and the subscriber's table equals the source."""
+    conn = owner_conn
+    conn.execute("CREATE TABLE orders (id bigserial PRIMARY KEY, created_at timestamptz NOT NULL, "
+                 "code text NOT NULL DEFAULT md5(random()::text), v text, n integer NOT NULL DEFAULT 0)")
+    conn.execute("CREATE UNIQUE INDEX orders_code_at ON orders (code, created_at)")
+    conn.execute("ALTER TABLE orders REPLICA IDENTITY USING INDEX orders_code_at")
+    conn.execute("INSERT INTO orders (created_at, code, v) SELECT now() - (g %% 90) * interval '1 day', "
+                 "'c' || g, 's' FROM generate_series(1, %s) g", (2000,))
+    conn.execute("CREATE PUBLICATION orders_feed FOR TABLE orders")
+    sub_db = f"subi_{owner_db.name}"
+    with subscriber.primary.connect(autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{sub_db}"')
+    sub = subscriber.primary.connect(sub_db, autocommit=True)
+    app = App(owner_db.dsn, rate=25, high=2000, table="orders")
+    cols = "id, created_at, code, v, n"
+
+    def same() -> None:
+        app.pause()
+        try:
+            want = conn.execute(f"SELECT {cols} FROM orders ORDER BY code, created_at").fetchall()
+            try:
+                _wait(lambda: sub.execute(f"SELECT {cols} FROM orders ORDER BY code, created_at").fetchall()
+                      == want, what="the subscriber to equal the source")
+            except AssertionError as exc:
+                have = set(sub.execute(f"SELECT {cols} FROM orders").fetchall())
+                raise AssertionError(f"{exc}: {len(have - set(want))} rows only on the subscriber, "
+                                     f"{len(set(want) - have)} only on the source") from None
+            assert _stats_errors(sub) == 0
+        finally:
+            app.resume()
+
+    try:
+        sub.execute("CREATE TABLE orders (id bigint NOT NULL, created_at timestamptz NOT NULL, code text NOT NULL, "
+                    "v text, n integer NOT NULL DEFAULT 0, PRIMARY KEY (code, created_at))")
+        port = owner_db.cluster.primary.port
+        sub.execute(f"CREATE SUBSCRIPTION orders_sub CONNECTION 'host=127.0.0.1 port={port} user=postgres "
+                    f"dbname={owner_db.name}' PUBLICATION orders_feed")
+        _wait(lambda: sub.execute("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'"
+                                  ).fetchone() == (0,), what="initial table sync")
+        app.start()
+        spec = ConvertSpec.create("orders", "created_at", period="month")
+        ex = Executor(conn)
+        convert.prep(ex, spec)
+        convert.add_partitions(ex, spec, cover_data=True, future=1)
+        assert convert.install_capture(ex, spec)["capture"]
+        for item in convert.plan_fill(ex, spec, batch_size=1000)["items"]:
+            convert.fill(ex, spec, item)
+        replay.replay(ex, spec.table, spec.intermediate, until_backlog_below=50)
+        convert.build_indexes(ex, spec)
+        convert.analyze(ex, spec)
+        assert verify.verify_conversion(ex, spec).ok
+        convert.finish_and_swap(ex, spec)
+        after = app.done
+        _wait(lambda: app.done >= after + 50 or bool(app.errors), what="writes after the swap")
+        same()
+        cfg = rotate.RotationSpec(conn_id=owner_db.conn_id, table=QualifiedName("public", "orders"), premake=3,
+                                  lock_timeout="2s", lock_retries=10)
+        assert rotate.premake(ex, cfg, datetime.now(timezone.utc).date()).created
+        after = app.done
+        _wait(lambda: app.done >= after + 25 or bool(app.errors), what="writes after the rotation")
+        same()
+        identities = _identities(conn, "orders")
+        parts = [name for name, _, _ in identities if name != "orders"]
+        assert len(parts) >= 5, identities
+        assert ("orders", "i", "orders_code_at") in identities, identities
+        assert all(ident == "i" and index is not None for _, ident, index in identities), identities
+    finally:
+        app.stop_event.set()
+        app.join(30)
+        try:
+            sub.execute("DROP SUBSCRIPTION IF EXISTS orders_sub")
         finally:
             sub.close()
             with subscriber.primary.connect(autocommit=True) as admin:

@@ -17,7 +17,7 @@ from pg_partition.core.archive.readers import Hashing, S3RangeReader, dump_copy_
 from pg_partition.core.archive.s3 import S3Client, segment
 from pg_partition.core.archive.tools import pg_restore_for
 from pg_partition.core.archive.verify import verify_archive
-from pg_partition.core.db import catalog, state
+from pg_partition.core.db import catalog, leaf, state
 from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import (
@@ -400,6 +400,7 @@ def _restore_attach(ex: Executor, s3: S3Client, plan: RestorePlan, preflight: st
     low, high = rng.literal(kind)
     check = sql.Identifier(check_constraint_name(child))
     marker = _marker(m)
+    settings = leaf.newest_leaf(conn, parent)  # storage options, replica identity: they live on leaves only
 
     if preflight == "new":
         def create() -> None:
@@ -441,6 +442,7 @@ def _restore_attach(ex: Executor, s3: S3Client, plan: RestorePlan, preflight: st
         ex.run(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
             parent.name.ident, child.ident, sql.Literal(low), sql.Literal(high)))
         ex.run(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(child.ident, check))
+        leaf.apply(ex, child, settings)
         ex.run(sql.SQL("COMMENT ON TABLE {} IS NULL").format(child.ident))
         if not ex.dry_run:
             conn.execute(sql.SQL(

@@ -26,6 +26,7 @@ import psycopg
 from psycopg import sql
 
 from pg_partition.core.convert.preflight import CAPTURE_TRIGGER_PREFIX
+from pg_partition.core.db import leaf
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.execute import Executor
 
@@ -42,6 +43,7 @@ class Extras:
     policies: list[dict[str, Any]] = field(default_factory=list)
     triggers: list[dict[str, Any]] = field(default_factory=list)
     views: list[dict[str, Any]] = field(default_factory=list)
+    identity_index: list[str] = field(default_factory=list)  # REPLICA IDENTITY USING INDEX: its key columns
 
 
 def _role(oid: int, name: str | None) -> sql.Composable:
@@ -62,7 +64,8 @@ def read(conn: psycopg.Connection[Any], oid: int) -> Extras:
         """SELECT tgname, pg_get_triggerdef(oid), tgenabled FROM pg_trigger
            WHERE tgrelid = %s AND NOT tgisinternal AND left(tgname, length(%s)) <> %s ORDER BY tgname""",
         (oid, CAPTURE_TRIGGER_PREFIX, CAPTURE_TRIGGER_PREFIX))]
-    return Extras(bool(rel[0]), bool(rel[1]), policies, triggers, dependent_views(conn, oid))
+    return Extras(bool(rel[0]), bool(rel[1]), policies, triggers, dependent_views(conn, oid),
+                  leaf.identity_columns(conn, oid))
 
 
 def dependent_views(conn: psycopg.Connection[Any], oid: int, kinds: str = "v") -> list[dict[str, Any]]:
@@ -183,6 +186,26 @@ def apply_extras(ex: Executor, extras: Extras, target: QualifiedName, target_oid
         if t["enabled"] in TRIGGER_STATES:
             ex.run(sql.SQL("ALTER TABLE {} {} {}").format(target.ident, sql.SQL(TRIGGER_STATES[t["enabled"]]),
                                                           sql.Identifier(t["name"])))
+    if extras.identity_index:
+        apply_identity_index(ex, target, extras.identity_index)
+
+
+def apply_identity_index(ex: Executor, target: QualifiedName, columns: list[str]) -> None:
+    """The source's ``REPLICA IDENTITY USING INDEX`` on the new partitioned table: on each leaf, its index with
+    the same key columns (the leaf's identity decides which old-row columns are WAL-logged); on the parent, its
+    partitioned index with those columns when it has one (with ``publish_via_partition_root`` the parent's
+    identity decides which columns subscribers are told form the key). Where either lacks such an index
+    (a unique index must include the partition column on a partitioned table), ``FULL``: a subscriber keyed by
+    those columns still finds every row (see :mod:`pg_partition.core.db.leaf`). Runs under the swap lock, after
+    the indexes took the source's names, so the parent's index exists and is valid."""
+    conn = ex.conn
+    leaves = [] if ex.dry_run else [QualifiedName(r[0], r[1]) for r in conn.execute(
+        """SELECT n.nspname, c.relname FROM pg_partition_tree(to_regclass(%s)) t
+           JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE t.isleaf AND c.relkind = 'r' ORDER BY 1, 2""", (target.ident.as_string(conn),))]
+    for part in leaves:
+        ex.run(leaf.identity_statement(conn, part, columns, ex.logger))
+    ex.run(leaf.identity_statement(conn, target, columns, ex.logger))
 
 
 def repoint_views(ex: Executor, views: list[dict[str, Any]]) -> None:

@@ -9,7 +9,8 @@ only pauses while the two sides are compared, so that the comparison is of a set
 What "equal" means at each stage (the warehouse keeps history, the source keeps a window):
 
 * after the conversion: the subscriber's table is the source table, row for row;
-* after rotation (new partitions premade, old ones detached) and after the archive (upload, verify, DROP of a
+* after rotation (new partitions premade, rows moved into them out of the DEFAULT partition, old ones
+  detached) and after the archive (upload, verify, DROP of a
   detached partition): the subscriber's table is the source table plus the rows the detached partitions held
   when they were detached. A DETACH or a DROP is not replicated (neither is a DELETE), so the warehouse keeps
   the archived rows; the application's UPDATEs and DELETEs no longer reach them at the source either;
@@ -65,9 +66,9 @@ class App(threading.Thread):
     """The application: INSERT (recent rows), UPDATE (also of the partition column) and DELETE of any row it ever
     wrote, at about ``rate`` tx/s; ``paused`` holds it between two transactions."""
 
-    def __init__(self, dsn: str, *, rate: float, high: int, table: str = "events") -> None:
+    def __init__(self, dsn: str, *, rate: float, high: int, table: str = "events", ahead_days: int = 0) -> None:
         super().__init__(daemon=True)
-        self.dsn, self.rate, self.high, self.table = dsn, rate, high, table
+        self.dsn, self.rate, self.high, self.table, self.ahead_days = dsn, rate, high, table, ahead_days
         self.rng = random.Random(15)
         self.stop_event = threading.Event()
         self.running = threading.Event()
@@ -104,8 +105,12 @@ class App(threading.Thread):
         k = self.rng.randint(1, self.high)
         kind = self.rng.choice(("insert", "update", "update", "move", "delete"))
         if kind == "insert":
-            row = conn.execute(f"INSERT INTO {self.table} (created_at, v) VALUES (now() - %s * interval '1 hour', "
-                               "'i') RETURNING id", (self.rng.randint(0, 48),)).fetchone()
+            # ahead_days: one insert in four is dated that many days (up to two weeks more) ahead, past the
+            # partitions that exist, into the DEFAULT partition until rotation premakes its month
+            hours = -self.rng.randint(0, 48) if not self.ahead_days or self.rng.random() < 0.75 else \
+                24 * self.ahead_days + self.rng.randint(0, 24 * 13)
+            row = conn.execute(f"INSERT INTO {self.table} (created_at, v) VALUES (now() + %s * interval '1 hour', "
+                               "'i') RETURNING id", (hours,)).fetchone()
             assert row is not None
             self.high = max(self.high, int(row[0]))
         elif kind == "update":
@@ -191,8 +196,8 @@ def test_the_feed_survives_convert_rotate_archive_restore_under_writes(
         app.start()
         _wait(lambda: app.done >= 10 or bool(app.errors), what="the application to write")
 
-        # 1. conversion (capture on), swap
-        spec = ConvertSpec.create("events", "created_at", period="month")
+        # 1. conversion (capture on) with a DEFAULT partition, swap
+        spec = ConvertSpec.create("events", "created_at", period="month", default_partition=True)
         ex = Executor(conn)
         convert.prep(ex, spec)
         convert.add_partitions(ex, spec, cover_data=True, future=1)
@@ -205,16 +210,22 @@ def test_the_feed_survives_convert_rotate_archive_restore_under_writes(
         assert verify.verify_conversion(ex, spec).ok
         convert.finish_and_swap(ex, spec)
         assert catalog.describe(conn, TABLE).is_partitioned
+        app.ahead_days = 62  # from now on some rows land in the DEFAULT partition (the conversion covered the rest)
+        _wait(lambda: conn.execute("SELECT count(*) >= 3 FROM events_default").fetchone() == (True,)
+              or bool(app.errors), what="rows in the DEFAULT partition")
         settled("the conversion", "SELECT * FROM events")
 
-        # 2. rotation: premake the coming months, detach those older than two months (queued for archive)
+        # 2. rotation: premake the coming months, moving the rows waiting in the DEFAULT partition into them (one
+        #    transaction: DELETE from the DEFAULT partition, ATTACH, INSERT through the parent, which subscribers
+        #    see as DELETE + INSERT of the root, applied together), detach those older than two months (plain
+        #    DETACH: a DEFAULT partition rules out CONCURRENTLY), queued for archive
         today = datetime.now(timezone.utc).date()
         cfg = rotate.RotationSpec(conn_id=owner_db.conn_id, table=TABLE, premake=3, retention=2,
                                   lock_timeout="2s", lock_retries=10, detach_timeout="60s",
                                   archive_policy={"bucket": bucket.name, "prefix": "feed", "format": "parquet",
                                                   "drop": True})
         made = rotate.premake(ex, cfg, today)
-        assert made.created, "rotation premade at least one partition"
+        assert made.created and made.moved_rows > 0, made
         detached = rotate.detach_expired(ex, cfg, today).detached
         assert len(detached) >= 2, detached
         gone = [QualifiedName(*d.split(".", 1)) for d in detached]

@@ -124,10 +124,13 @@ def identity_statement(conn: psycopg.Connection[Any], table: QualifiedName, colu
     index = identity_index(conn, table, columns)
     if index is not None:
         return sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(table.ident, sql.Identifier(index))
-    if logger is not None:
+    if logger is not None and columns:
         logger.info("%s has no unique index on (%s) for REPLICA IDENTITY USING INDEX (yet): using REPLICA "
                     "IDENTITY FULL so subscribers keyed by those columns still apply every change",
                     table, ", ".join(columns))
+    elif logger is not None:  # the new parent at prep: its indexes come later, the swap sets USING INDEX
+        logger.info("%s: REPLICA IDENTITY FULL until the swap sets USING INDEX on its copy of the source's index",
+                    table)
     return sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(table.ident)
 
 

@@ -17,7 +17,7 @@ from pg_partition.core.archive.readers import Hashing, S3RangeReader, dump_copy_
 from pg_partition.core.archive.s3 import S3Client, segment
 from pg_partition.core.archive.tools import pg_restore_for
 from pg_partition.core.archive.verify import verify_archive
-from pg_partition.core.db import catalog, state
+from pg_partition.core.db import catalog, leaf, state
 from pg_partition.core.db.capabilities import capabilities
 from pg_partition.core.db.catalog import QualifiedName, TableInfo
 from pg_partition.core.db.errors import (
@@ -383,6 +383,26 @@ def _attach_preflight(ex: Executor, plan: RestorePlan) -> str:
     return "new"
 
 
+def _decoded(conn: psycopg.Connection[Any]) -> bool:
+    """Whether this database has a logical-decoding consumer (a publication or a logical slot), for which the
+    restore must load its rows without WAL-logging them as changes of the standalone table.
+
+    Why: the rows are already in the subscriber's table (a DETACH and a DROP are not replicated), and once the
+    table is attached they are part of the published parent. Loaded as plain COPY, they are decoded as INSERTs of
+    the standalone table: with ``FOR ALL TABLES`` they are published under its name (the subscriber has no such
+    table, its apply worker fails), and on PostgreSQL 13 and 14 the walsender caches "not published" for that
+    table and keeps that after the ATTACH (its relcache callback does not reset the publication decision before
+    15): every later UPDATE and DELETE of a restored row is silently not sent, and a row moved out of it arrives
+    as a bare INSERT (duplicate key, the feed stops). Loaded into an UNLOGGED table and made LOGGED in the same
+    transaction, the rows reach WAL only through the table rewrite, which logical decoding skips; WAL volume is
+    the same (the rewrite logs each page once), the heap is written twice."""
+    row = conn.execute(
+        """SELECT EXISTS (SELECT 1 FROM pg_publication)
+                  OR EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_type = 'logical'
+                             AND database = current_database())""").fetchone()
+    return bool(row and row[0])
+
+
 def _restore_attach(ex: Executor, s3: S3Client, plan: RestorePlan, preflight: str, *, pg_restore: str | None,
                     lock_timeout: str, retries: int) -> None:
     conn, m = ex.conn, plan.manifest
@@ -394,6 +414,7 @@ def _restore_attach(ex: Executor, s3: S3Client, plan: RestorePlan, preflight: st
     low, high = rng.literal(kind)
     check = sql.Identifier(check_constraint_name(child))
     marker = _marker(m)
+    settings = leaf.newest_leaf(conn, parent)  # storage options, replica identity: they live on leaves only
 
     if preflight == "new":
         def create() -> None:
@@ -414,13 +435,18 @@ def _restore_attach(ex: Executor, s3: S3Client, plan: RestorePlan, preflight: st
         ex.with_lock_timeout(create, lock_timeout=lock_timeout, retries=retries, what=f"create {child}")
     if preflight in ("new", "resume-load"):
         allowed = {c.name for c in parent.columns if not c.generated}
+        hidden = _decoded(conn)
         with ex.transaction():
+            if hidden:  # see _decoded: nothing below is decoded as a change of child
+                ex.run(sql.SQL("ALTER TABLE {} SET UNLOGGED").format(child.ident))
             ex.run(sql.SQL("TRUNCATE {}").format(child.ident))
             if ex.dry_run:
                 ex.logger.info("[dry run] would COPY %s rows from s3://%s/%s into %s", m["rows"], m["bucket"],
                                m["key"], child)
             else:
                 _load(ex, s3, m, child, pg_restore=pg_restore, allowed=allowed)
+            if hidden:
+                ex.run(sql.SQL("ALTER TABLE {} SET LOGGED").format(child.ident))
             for stmt in _child_indexes(conn, parent, child):
                 ex.run(stmt)
             ex.run(sql.SQL("ANALYZE {}").format(child.ident))
@@ -430,6 +456,7 @@ def _restore_attach(ex: Executor, s3: S3Client, plan: RestorePlan, preflight: st
         ex.run(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
             parent.name.ident, child.ident, sql.Literal(low), sql.Literal(high)))
         ex.run(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(child.ident, check))
+        leaf.apply(ex, child, settings)
         ex.run(sql.SQL("COMMENT ON TABLE {} IS NULL").format(child.ident))
         if not ex.dry_run:
             conn.execute(sql.SQL(

@@ -289,8 +289,8 @@ def swap(
         if new_info is None:
             copy_grants(ex, src.grants, spec.table)
         else:  # schema parity (issue 15): privileges as a diff, RLS, policies, triggers, views re-pointed
-            for stmt in grants or []:
-                ex.run(stmt)
+            if grants is not None:
+                parity.run_privileges(ex, grants)
         if extras_needed:
             parity.apply_extras(ex, extras, spec.table, new_info.oid if new_info else None)
         parity.repoint_views(ex, extras.views)

@@ -5,6 +5,9 @@ CREATE SUBSCRIPTION to a publication ``FOR TABLE events`` on the test database, 
 ``PRIMARY KEY (id)`` as a warehouse's would be. The publisher's table takes UPDATE + DELETE + INSERT from a steady
 writer during the whole conversion (capture on, the default) and after the swap; afterwards the subscriber's
 table equals the publisher's row for row, and its apply worker never failed.
+
+This runs on the default version as ``postgres``; the whole lifecycle (conversion, rotation, archive, restore)
+through a real subscriber, on every version as the non-superuser owner, is tests/matrix/test_feed.py.
 """
 
 from __future__ import annotations

@@ -6,11 +6,15 @@ primary key + 4 indexes, monthly partitions covering the data + 3 future ones, b
 * **pgslice 0.7.2**, run by path (``BENCH_PGSLICE``, default ``../shared/peers/pgslice-0.7.2`` relative to the
   repository; never copied here): ``prep``, ``add_partitions --intermediate --past N --future 3``, ``fill
   --batch-size 10000``, ``analyze``, ``swap``, ``fill --swapped``;
-* **ours, the DAG**: ``airflow dags test pg_partition_convert`` in a fresh process against a throwaway SQLite
-  metadata DB. Its wall time is split into Airflow's start-up (process start, imports, DAG parse, run creation:
+* **ours, the DAG**: ``airflow dags test pg_partition_convert`` with the DAG's default params (``defer_indexes``
+  on, at most 4 fill tasks) in a fresh process against a throwaway SQLite metadata DB. Its wall time is split into Airflow's start-up (process start, imports, DAG parse, run creation:
   wall minus the span of its task instances) and the run itself (first task start to last task end);
-* **ours, the engine alone**: the same steps as the DAG, called in-process from ``pg_partition.core``, so the
-  Airflow overhead is visible as the difference.
+* **ours, the engine alone**: the same steps as the DAG, called in-process from ``pg_partition.core`` with the
+  same options (``defer_indexes``), so the Airflow overhead is visible as the difference.
+
+``dag indexes_during_fill`` and ``engine indexes_during_fill`` do the same with ``defer_indexes`` off (every index
+maintained during the copy, as pgslice does). ``BENCH_PEER_CONTESTANTS`` picks contestants by name (comma
+separated; default: all four and pgslice).
 
 Each twin is a ``CREATE DATABASE ... TEMPLATE`` clone of one seeded database, checkpointed and read once before
 its contestant starts, and dropped after it. Rounds alternate the order (round 1: DAG, engine, pgslice; round 2:
@@ -58,10 +62,8 @@ STEPS = ("prep", "add_partitions", "fill", "indexes+analyze", "swap", "after swa
 DAG_STEP = {
     "preflight": "prep", "prep": "prep", "install_capture": "prep",
     "add_partitions": "add_partitions",
-    "plan_fill": "fill", "lag_before_fill": "fill", "fill": "fill", "replay": "fill",
-    "lag_before_indexes": "indexes+analyze", "indexes": "indexes+analyze", "analyze": "indexes+analyze",
-    "verify": "swap", "lag_before_swap": "swap", "swap": "swap",
-    "verify_after_swap": "after swap", "catch_up": "after swap", "report": "after swap",
+    "plan_fill": "fill", "fill": "fill", "replay": "fill",
+    "indexes": "indexes+analyze", "verify": "swap", "swap": "swap", "after_swap": "after swap", "report": "after swap",
 }
 PGSLICE_STEP = {"prep": "prep", "add_partitions": "add_partitions", "fill": "fill", "analyze": "indexes+analyze",
                 "swap": "swap", "fill --swapped": "after swap"}
@@ -203,9 +205,12 @@ def task_instances(env: BenchEnv) -> list[dict[str, Any]]:
     return [{"task": r[0], "map_index": r[1], "state": r[2], "start": _ts(r[3]), "end": _ts(r[4])} for r in rows]
 
 
-def run_dag(env: BenchEnv, db: str, *, defer_indexes: bool = False) -> dict[str, Any]:
-    conf = {"conn_id": CONN_ID, "table": "public.activities", "column": "created_at", "period": "month",
-            "future": FUTURE, "cover_data": True, "batch_size": BATCH, "defer_indexes": defer_indexes}
+def run_dag(env: BenchEnv, db: str, *, defer_indexes: bool | None = None) -> dict[str, Any]:
+    """``defer_indexes=None``: the DAG's default."""
+    conf: dict[str, Any] = {"conn_id": CONN_ID, "table": "public.activities", "column": "created_at",
+                            "period": "month", "future": FUTURE, "cover_data": True, "batch_size": BATCH}
+    if defer_indexes is not None:
+        conf["defer_indexes"] = defer_indexes
     log = env.root / f"dags-test-{db}.log"
     t0 = time.monotonic()
     wall_start = time.time()
@@ -255,7 +260,7 @@ class TimedExecutor(Executor):
         return out
 
 
-def run_engine(env: BenchEnv, db: str, *, defer_indexes: bool = False) -> dict[str, Any]:
+def run_engine(env: BenchEnv, db: str, *, defer_indexes: bool = True) -> dict[str, Any]:
     """The DAG's steps called in-process (no Airflow), each timed; statements timed by kind for the profile."""
     spec = ConvertSpec.create("activities", "created_at", defer_indexes=defer_indexes)
     steps: dict[str, float] = defaultdict(float)
@@ -297,8 +302,8 @@ def run_size(env: BenchEnv, rows: int, rounds: int, skip_pgslice: str | None) ->
     print(f"  seeded {rows:,} rows in {time.monotonic() - t0:.1f}s", flush=True)
     contestants: dict[str, Callable[[BenchEnv, str], dict[str, Any]]] = {
         "dag": run_dag, "engine": run_engine,
-        "dag defer_indexes": lambda e, d: run_dag(e, d, defer_indexes=True),
-        "engine defer_indexes": lambda e, d: run_engine(e, d, defer_indexes=True),
+        "dag indexes_during_fill": lambda e, d: run_dag(e, d, defer_indexes=False),
+        "engine indexes_during_fill": lambda e, d: run_engine(e, d, defer_indexes=False),
     }
     wanted = os.environ.get("BENCH_PEER_CONTESTANTS")
     if wanted:
@@ -309,7 +314,7 @@ def run_size(env: BenchEnv, rows: int, rounds: int, skip_pgslice: str | None) ->
     for r in range(rounds):
         order = list(contestants) if r % 2 == 0 else list(reversed(contestants))
         for who in order:
-            db = clone(env, template, f"{who.replace(' defer_indexes', 'd')}{r}")
+            db = clone(env, template, f"{who.replace(' indexes_during_fill', 'i')}{r}")
             try:
                 out = contestants[who](env, db)
                 check_converted(env, db, rows, who)
@@ -338,7 +343,7 @@ def figures_for(rows: int, results: dict[str, list[dict[str, Any]]], skip: str |
     figs: list[Figure] = []
     for who in ours:
         label = ("DAG run (Airflow start-up excluded)" if who.startswith("dag") else "engine alone (no Airflow)")
-        variant = " + defer_indexes" if who.endswith("defer_indexes") else ", defaults"
+        variant = ", indexes during the fill" if who.endswith("indexes_during_fill") else ", defaults"
         figs.append(Figure(group, f"whole conversion, {label}{variant}", med[who], "s", baseline=peer,
                            baseline_name=base_name, goal=goal if peer else "",
                            met=(med[who] / peer <= goal_ratio) if peer else None,

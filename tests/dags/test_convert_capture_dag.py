@@ -190,11 +190,13 @@ def test_capture_auto_is_on_even_for_an_append_only_looking_table(db, conn, run_
     seed_activities(conn, TABLE, rows=5_000, months=4)
     conn.execute("SELECT pg_stat_force_next_flush()")
     before = row_hash(conn, "activities")
-    result = run_dag(DAG_ID, _conf(db))
+    result = run_dag(DAG_ID, _conf(db, verify_after_swap=True))
     assert result.state == "success", result.task_states
     states = result.task_states
     assert all(states[t] == "success" for t in CAPTURE_TASKS), states
-    assert states["after_swap"] == "success" and result.xcom("after_swap")["mode"] == "verify", states
+    after = result.xcom("after_swap")
+    assert states["after_swap"] == "success" and after["mode"] == "verify", states
+    assert after["verify"]["ok"] is True, after  # nothing wrote since the swap: retired == live
     assert result.xcom("add_partitions")["capture"]["capture"] is True
     assert result.xcom("preflight")["capture"]["capture"] is True
     assert row_hash(conn, "activities") == before == row_hash(conn, "activities_retired")
@@ -265,6 +267,8 @@ def test_unswap_after_a_captured_conversion_leaves_no_capture_and_needs_a_new_fi
     seed_activities(conn, TABLE, rows=4_000, months=3)
     result = run_dag(DAG_ID, _conf(db, capture_changes="on"))
     assert result.state == "success", result.task_states
+    # verify_after_swap is off by default: the gate was the verify before the swap
+    assert result.xcom("after_swap") == {"mode": "none", "verify_after_swap": False}
     out = ConvertUnswapOperator(task_id="unswap", **_common(db)).execute({})
     assert out["refill_needed"] is True
     assert not catalog.describe(conn, TABLE).is_partitioned and _capture_leftovers(conn) == []

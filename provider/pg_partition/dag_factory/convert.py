@@ -9,8 +9,9 @@ statistics that reset on failover or pg_stat_reset; off is append-only mode, an 
 add_partitions also installs triggers (before the fill plan) that record every changed key; replay applies them
 after the fill; verify compares every partition with its source range (the gate: a mismatch fails the run); the
 swap replays once more and applies the rest under its lock; after_swap compares the retired table with the live one
-(logged). Append-only: replay skips, verify (catch-up first) still gates the swap, and after_swap copies the rows
-written since (catch-up). Skipped tasks do not stop the run (the tasks after them use ``none_failed``).
+when ``verify_after_swap`` is on (logged). Append-only: replay skips, verify (catch-up first) still gates the swap,
+and after_swap copies the rows written since (catch-up). Skipped tasks do not stop the run (the tasks after them
+use ``none_failed``).
 Replication lag gates the fill, the index builds and the swap: each of those tasks measures it once when it
 starts and defers to the triggerer only when it is over the limit; the fill, replay and index builds also check
 it before every batch (or partition) themselves.
@@ -135,6 +136,10 @@ def _params(default_conn_id: str) -> dict[str, Param]:
                                  "each lock wait gives up after this and retries with backoff. "
                                  "PostgreSQL units: 500ms, 2s, 1min.", SAFETY, examples=["500ms", "2s", "5s"]),
         "lock_retries": required(5, "integer", "Attempts per locked step.", SAFETY, minimum=1),
+        "verify_after_swap": required(False, "boolean", "With change capture: after the swap, compare the retired "
+                                      "table with the live one partition by partition once more (logged, never "
+                                      "fails the run: rows changed since the swap differ legitimately; the verify "
+                                      "before the swap is the gate). Reads both tables again.", SAFETY),
         "capture_changes": required("auto", ["string", "boolean"], "Change capture: auto (= on, the safe "
                                     "default), on, or off (append-only mode, pgslice's way: fill + catch-up; "
                                     "UPDATE/DELETE after a row was copied and ids reserved with nextval before the "
@@ -226,10 +231,11 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
         swap = ConvertSwapOperator(task_id="swap", batch_size="{{ params.batch_size }}",
                                    replay_until_backlog_below="{{ params.replay_until_backlog_below }}",
                                    retries=3, **batch_lag, **common)  # all_success: verify is its gate
-        # append-only: catch-up of rows written since the fill; with capture: retired vs live, logged (rows the
-        # application changes after the swap differ legitimately; the pre-swap verify is the gate)
+        # append-only: catch-up of rows written since the fill; with capture and verify_after_swap: retired vs live,
+        # logged (rows the application changes after the swap differ legitimately; the pre-swap verify is the gate)
         after_swap = ConvertAfterSwapOperator(task_id="after_swap", batch_size="{{ params.batch_size }}",
-                                              retries=3, trigger_rule=skip_ok, **common)
+                                              verify_after_swap="{{ params.verify_after_swap }}", retries=3,
+                                              trigger_rule=skip_ok, **common)
         report = ConvertReportOperator(task_id="report", retries=1, trigger_rule=skip_ok, **common)
         (preflight >> prep >> add >> plan >> fill >> replay >> indexes >> verify >> swap >> after_swap >> report)
     return dag

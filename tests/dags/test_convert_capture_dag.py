@@ -10,7 +10,7 @@
 * dry run with capture on changes nothing (no triggers, no changelog, no state);
 * unprep removes capture; unswap leaves no capture behind and requires a new fill;
 * lag gating: a healthy standby does not hold the run; an unconsumed logical slot in watch_slots over
-  max_lag_bytes makes the sensor defer until a consumer catches up; a fill that pauses too long defers to the
+  max_lag_bytes makes the fill defer at its start until a consumer catches up; a fill that pauses too long defers to the
   trigger and resumes from its checkpoint.
 """
 
@@ -190,11 +190,13 @@ def test_capture_auto_is_on_even_for_an_append_only_looking_table(db, conn, run_
     seed_activities(conn, TABLE, rows=5_000, months=4)
     conn.execute("SELECT pg_stat_force_next_flush()")
     before = row_hash(conn, "activities")
-    result = run_dag(DAG_ID, _conf(db))
+    result = run_dag(DAG_ID, _conf(db, verify_after_swap=True))
     assert result.state == "success", result.task_states
     states = result.task_states
     assert all(states[t] == "success" for t in CAPTURE_TASKS), states
-    assert states["after_swap"] == "success" and result.xcom("after_swap")["mode"] == "verify", states
+    after = result.xcom("after_swap")
+    assert states["after_swap"] == "success" and after["mode"] == "verify", states
+    assert after["verify"]["ok"] is True, after  # nothing wrote since the swap: retired == live
     assert result.xcom("add_partitions")["capture"]["capture"] is True
     assert result.xcom("preflight")["capture"]["capture"] is True
     assert row_hash(conn, "activities") == before == row_hash(conn, "activities_retired")
@@ -265,6 +267,8 @@ def test_unswap_after_a_captured_conversion_leaves_no_capture_and_needs_a_new_fi
     seed_activities(conn, TABLE, rows=4_000, months=3)
     result = run_dag(DAG_ID, _conf(db, capture_changes="on"))
     assert result.state == "success", result.task_states
+    # verify_after_swap is off by default: the gate was the verify before the swap
+    assert result.xcom("after_swap") == {"mode": "none", "verify_after_swap": False}
     out = ConvertUnswapOperator(task_id="unswap", **_common(db)).execute({})
     assert out["refill_needed"] is True
     assert not catalog.describe(conn, TABLE).is_partitioned and _capture_leftovers(conn) == []
@@ -290,9 +294,12 @@ def test_lag_gated_run_with_a_healthy_standby_succeeds(db, conn, run_dag) -> Non
     result = run_dag(DAG_ID, _conf(db, max_lag_bytes=256 * MB, max_lag_seconds=120, watch_slots=None,
                                    max_pause_seconds=600))
     assert result.state == "success", result.task_states
-    for sensor in ("lag_before_fill", "lag_before_indexes", "lag_before_swap"):
-        out = result.xcom(sensor)
-        assert result.task_states[sensor] == "success" and out["ok"] is True and "gated" not in out, out
+    # no sensor tasks: the fill, the index builds and the swap each measured lag when they started
+    assert not [t for t in result.task_states if t.startswith("lag_")], result.task_states
+    for task, out in (("fill", result.xcom("fill", 0)), ("indexes", result.xcom("indexes")),
+                      ("swap", result.xcom("swap"))):
+        gate = out["lag_gate"]
+        assert gate["ok"] is True and "gated" not in gate and gate["measured_at"], (task, gate)
     assert row_hash(conn, "activities") == before == row_hash(conn, "activities_retired")
 
 
@@ -311,8 +318,8 @@ class SlotFeed(threading.Thread):
     """A warehouse feed that is down until the lag gate has measured the slot, then catches up and keeps up.
 
     It starts consuming only once a pg_partition session has *finished* a lag measurement (idle, its last
-    statement the slots query of ``core.lag``, the last one a measurement runs on a primary): the sensor's own
-    check, or the deferred trigger waiting between polls. So the sensor's first check always sees the slot
+    statement the slots query of ``core.lag``, the last one a measurement runs on a primary): the fill's own
+    check at its start, or the deferred trigger waiting between polls. So the first check always sees the slot
     unconsumed (over the limit), and the run can only get past it by waiting for this feed.
     """
 
@@ -361,7 +368,7 @@ def _try_number(dag_id: str, run_id: str, task_id: str) -> int:
         return int(ti.try_number)
 
 
-def test_unconsumed_slot_over_max_lag_bytes_makes_the_sensor_wait_for_the_feed(db, conn, run_dag) -> None:
+def test_unconsumed_slot_over_max_lag_bytes_makes_the_fill_wait_for_the_feed(db, conn, run_dag) -> None:
     limit = 2 * MB
     seed_activities(conn, TABLE, rows=8_000, months=3)
     conn.execute("SELECT pg_create_logical_replication_slot('feed', 'test_decoding')")
@@ -376,14 +383,14 @@ def test_unconsumed_slot_over_max_lag_bytes_makes_the_sensor_wait_for_the_feed(d
     finally:
         feed.stop()
     assert result.state == "success", result.task_states
-    # the sensor's first check saw the slot over the limit (nobody had read it), so it could only succeed on a
+    # the fill's first check saw the slot over the limit (nobody had read it), so it could only start after a
     # later measurement, taken after the feed caught up: it waited (deferred), it did not fail and retry
     assert feed.unconfirmed_at_first_check is not None and feed.unconfirmed_at_first_check > limit
-    out = result.xcom("lag_before_fill")
+    out = result.xcom("fill", 0)["lag_gate"]  # one fill task (8,000 rows); it deferred at its start
     assert out["ok"] is True and out["worst_bytes"] <= limit
     assert feed.first_consumed_at is not None
     assert datetime.fromisoformat(out["measured_at"]) > feed.first_consumed_at
-    assert _try_number(DAG_ID, result.run_id, "lag_before_fill") == 1
+    assert _try_number(DAG_ID, result.run_id, "fill") == 1
     assert row_hash(conn, "activities") == before == row_hash(conn, "activities_retired")
 
 

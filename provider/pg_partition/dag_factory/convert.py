@@ -1,23 +1,31 @@
 """The ``pg_partition_convert`` DAG: online conversion of one table to RANGE partitions, triggered with params.
 
-    preflight -> prep -> add_partitions (+ change capture) -> plan_fill -> lag_before_fill -> fill (mapped, one
-    task per partition, labelled by partition) -> replay -> lag_before_indexes -> indexes -> analyze -> verify
-    -> lag_before_swap -> swap -> after_swap -> report
+    preflight -> prep -> add_partitions (+ change capture) -> plan_fill -> fill (mapped: a few tasks, each
+    filling neighbouring partitions, labelled by the partitions it covers) -> replay -> indexes (+ analyze)
+    -> verify -> swap -> after_swap -> report
 
 Two modes, chosen by ``capture_changes`` (auto means on: whether a table takes UPDATE/DELETE cannot be told from
 statistics that reset on failover or pg_stat_reset; off is append-only mode, an explicit opt-in). With capture:
 add_partitions also installs triggers (before the fill plan) that record every changed key; replay applies them
 after the fill; verify compares every partition with its source range (the gate: a mismatch fails the run); the
 swap replays once more and applies the rest under its lock; after_swap compares the retired table with the live one
-(logged). Append-only: replay skips, verify (catch-up first) still gates the swap, and after_swap copies the rows
-written since (catch-up). Skipped tasks do not stop the run (the tasks after them use ``none_failed``).
-ReplicationLagSensor tasks gate the fill, the index builds and the swap, and the fill and replay check lag before
-every batch themselves.
+when ``verify_after_swap`` is on (logged). Append-only: replay skips, verify (catch-up first) still gates the swap,
+and after_swap copies the rows written since (catch-up). Skipped tasks do not stop the run (the tasks after them
+use ``none_failed``).
+Replication lag gates the fill, the index builds and the swap: each of those tasks measures it once when it
+starts and defers to the triggerer only when it is over the limit; the fill, replay and index builds also check
+it before every batch (or partition) themselves. Gentle mode (``throttle_p99_ratio`` / ``throttle_target_ms``):
+plan_fill records a canary query's latency before any row is copied, and the fill, replay, index builds, verify
+and the swap's pre-lock replay pause between batches while the canary is slower than the target.
 
-Why these 15 nodes and not more: every task is a process that parses the DAG file again, and a node that is
-skipped in every run of one mode is noise in the grid. Capture installation rides with add_partitions and the
-catch-up/verify-after pair is one task (pg_partition.operators.convert_flow); replay and verify stay separate
-because replay may defer for lag and verify is the gate before the swap.
+Why these 11 nodes and not more: every task is a process that parses the DAG file again (a fraction of a second
+under ``dags test``, seconds under a scheduler), so a node that has nothing to do in most runs is a cost users pay
+on every run. Capture installation rides with add_partitions and the catch-up/verify-after pair is one task
+(pg_partition.operators.convert_flow); the lag checks ride with the steps they gate (there are no sensor tasks);
+ANALYZE rides with the deferred index builds; the fill is packed into at most ``fill_tasks`` mapped tasks (one
+for a small table) instead of one per partition. Replay and verify stay separate because replay may defer for lag
+and verify is the gate before the swap. Indexes are deferred by default (``defer_indexes``): the fill copies into
+partitions that carry only the key, and the other indexes are built per partition afterwards, on 2 sessions.
 
 Every task is idempotent and resumes from the state recorded in the database, so a failed run is fixed by
 clearing the failed task (or triggering the DAG again with the same params). ``plan_fill`` is a task of its own
@@ -35,7 +43,6 @@ from airflow.sdk import DAG, Param
 from pg_partition.dag_factory.params import ADVANCED, CAPTURE, HOW_FAST, LAG, SAFETY, WHAT, optional, required
 from pg_partition.operators.capture import ReplayChangesOperator, VerifyConversionOperator
 from pg_partition.operators.convert import (
-    ConvertAnalyzeOperator,
     ConvertFillOperator,
     ConvertIndexesOperator,
     ConvertPlanFillOperator,
@@ -45,13 +52,13 @@ from pg_partition.operators.convert import (
     ConvertSwapOperator,
 )
 from pg_partition.operators.convert_flow import ConvertAfterSwapOperator, ConvertPartitionsAndCaptureOperator
-from pg_partition.sensors.lag import ReplicationLagSensor
 
-# The grid labels each mapped fill by its partition (the plan item's key) instead of 0..N. Passed to partial():
+# The grid labels each mapped fill by the partitions it covers (the work group's key, e.g. "public.t_p202401 ..
+# public.t_p202406 (6 partitions)") instead of 0..N. Passed to partial():
 # BaseOperator.__init__ resets a class-level map_index_template to None.
 FILL_LABEL = "{{ task.item['key'] if task.item is mapping else task.item }}"
 
-# How often a deferred lag wait (sensor or paused fill/replay) measures again, in the triggerer.
+# How often a deferred lag wait (a gated step's start, or a paused fill/replay) measures again, in the triggerer.
 LAG_POLL_SECONDS = 30.0
 
 DOC = """
@@ -64,7 +71,8 @@ writing it. pgslice's prep / add_partitions / fill / analyze / swap / fill --swa
   the column, leftovers of another conversion, ...) and a report (rows, size, rows per period, append-only,
   publications, replication slots);
 * a **fill** of batches that *replace* their key range (safe to repeat) with a checkpoint committed in the same
-  transaction, one mapped task per partition, resumable after a kill; it never misses a row committed late with a
+  transaction, in a few mapped tasks (one for a small table, up to `fill_tasks`), each filling neighbouring
+  partitions in sequence, resumable after a kill; it never misses a row committed late with a
   lower id (it waits for in-flight writers to fix a safe high-water mark);
 * a **swap** in one short transaction under `lock_timeout` (with retries) that restores index names, moves
   sequence ownership or restarts identity, keeps grants, carries publication membership
@@ -74,9 +82,12 @@ writing it. pgslice's prep / add_partitions / fill / analyze / swap / fill --swa
   its source range (count + content hash) and fails the run naming the partition and key ranges, and the swap
   applies the last changes under its lock. Without capture (append-only tables), **catch-up** copies rows
   written after the fill instead;
-* **replication-lag gating** (`max_lag_bytes`, `max_lag_seconds`, `watch_slots`): deferrable sensors before the
-  fill, the index builds and the swap; the fill and replay pause before a batch while lag is high and defer to
-  the triggerer when the pause exceeds `max_pause_seconds`;
+* **deferred indexes** (`defer_indexes`, on by default): the fill copies into partitions that carry only the
+  key; the other indexes are then built per partition on 2 sessions and attached, followed by ANALYZE;
+* **replication-lag gating** (`max_lag_bytes`, `max_lag_seconds`, `watch_slots`): the fill, the index builds and
+  the swap check lag when they start and defer to the triggerer (no worker waits) while it is over the limit;
+  the fill, replay and index builds pause before a batch while lag is high and defer when the pause exceeds
+  `max_pause_seconds`;
 * **report** of rows and sizes before/after and time per step.
 
 Set **dry_run** to rehearse: every statement is logged, nothing changes. Rollback: trigger
@@ -115,8 +126,13 @@ def _params(default_conn_id: str) -> dict[str, Param]:
                                "each); also the keys per replay and catch-up batch.", HOW_FAST, minimum=1),
         "sleep_seconds": required(0, "number", "Pause between fill batches, in seconds (e.g. 0.1).", HOW_FAST,
                                   minimum=0),
-        "defer_indexes": required(False, "boolean", "Create only the key before the fill and the other indexes "
-                                  "after it (faster fill).", HOW_FAST),
+        "defer_indexes": required(True, "boolean", "Create only the key before the fill and build the other "
+                                  "indexes per partition after it, 2 at a time (a much faster fill; off: every "
+                                  "index is maintained during the fill, as pgslice does).", HOW_FAST),
+        "fill_tasks": required(4, "integer", "At most this many fill tasks: the partitions are packed, "
+                               "neighbours together and balanced by rows, one task per 500,000 rows (a small "
+                               "table gets one; each task fills its partitions one after the other).", HOW_FAST,
+                               minimum=1, maximum=64),
         "throttle_p99_ratio": optional("number", "Gentle mode: keep a canary query's p99 latency (a primary-key "
                                        "lookup on the table, every 50 ms) under this multiple of its p99 before "
                                        "the conversion (measured once by plan_fill and kept in the conversion's "
@@ -131,6 +147,10 @@ def _params(default_conn_id: str) -> dict[str, Param]:
                                  "each lock wait gives up after this and retries with backoff. "
                                  "PostgreSQL units: 500ms, 2s, 1min.", SAFETY, examples=["500ms", "2s", "5s"]),
         "lock_retries": required(5, "integer", "Attempts per locked step.", SAFETY, minimum=1),
+        "verify_after_swap": required(False, "boolean", "With change capture: after the swap, compare the retired "
+                                      "table with the live one partition by partition once more (logged, never "
+                                      "fails the run: rows changed since the swap differ legitimately; the verify "
+                                      "before the swap is the gate). Reads both tables again.", SAFETY),
         "capture_changes": required("auto", ["string", "boolean"], "Change capture: auto (= on, the safe "
                                     "default), on, or off (append-only mode, pgslice's way: fill + catch-up; "
                                     "UPDATE/DELETE after a row was copied and ids reserved with nextval before the "
@@ -139,7 +159,8 @@ def _params(default_conn_id: str) -> dict[str, Param]:
         "replay_until_backlog_below": required(1000, "integer", "Replay captured changes until fewer than this "
                                                "many are waiting (after the fill, and again right before the "
                                                "swap).", CAPTURE, minimum=1),
-        "max_lag_bytes": optional("integer", "Hold the fill, index builds and swap (sensors) and pause "
+        "max_lag_bytes": optional("integer", "Hold the fill, index builds and swap (checked when each starts) "
+                                  "and pause "
                                   "fill/replay batches while a standby or watched replication slot lags more than "
                                   "this many bytes, e.g. 268435456 for 256 MB (empty: no gate).", LAG, minimum=0),
         "max_lag_seconds": optional("number", "The same gate on replay lag in seconds, e.g. 30 (empty: no gate).",
@@ -187,13 +208,6 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
     capture_mode = "{{ params.capture_changes }}"
     skip_ok = "none_failed"  # a skipped capture task (append-only) or catch-up (capture) must not stop the run
 
-    def lag_sensor(task_id: str, **kwargs: Any) -> ReplicationLagSensor:
-        # retries: Airflow 3.3.2 can fail a deferred task whose trigger fires within seconds (apache/airflow#67287)
-        return ReplicationLagSensor(
-            task_id=task_id, conn_id="{{ params.conn_id }}", poke_interval=LAG_POLL_SECONDS,
-            timeout=timedelta(hours=24).total_seconds(), retries=2, retry_delay=timedelta(seconds=5),
-            retry_exponential_backoff=False, **lag, **kwargs)
-
     with DAG(
         dag_id=dag_id,
         schedule=None,
@@ -211,8 +225,10 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
             task_id="add_partitions", past="{{ params.past }}", future="{{ params.future }}",
             cover_data="{{ params.cover_data }}", where=where, capture_changes=capture_mode, retries=3, **common)
         plan = ConvertPlanFillOperator(task_id="plan_fill", where=where, batch_size="{{ params.batch_size }}",
-                                       retries=2, trigger_rule=skip_ok, **pace, **common)
-        lag_before_fill = lag_sensor("lag_before_fill")
+                                       fill_tasks="{{ params.fill_tasks }}", retries=2, trigger_rule=skip_ok,
+                                       **pace, **common)
+        # retries: Airflow 3.3.2 can fail a deferred task whose trigger fires within seconds (apache/airflow#67287);
+        # the fill, indexes and swap defer when lag is over the limit, and a retry resumes from the checkpoints
         fill = ConvertFillOperator.partial(
             task_id="fill", map_index_template=FILL_LABEL, batch_size="{{ params.batch_size }}",
             sleep_seconds="{{ params.sleep_seconds }}", retries=5, max_active_tis_per_dag=4, **batch_lag, **pace,
@@ -222,21 +238,19 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
             task_id="replay", conn_id=common["conn_id"], table=common["table"], dry_run=common["dry_run"],
             batch_size="{{ params.batch_size }}", until_backlog_below="{{ params.replay_until_backlog_below }}",
             skip_without_capture=True, retries=3, trigger_rule=skip_ok, **batch_lag, **pace)
-        lag_before_indexes = lag_sensor("lag_before_indexes", trigger_rule=skip_ok)
-        indexes = ConvertIndexesOperator(task_id="indexes", retries=2, trigger_rule=skip_ok, **pace, **common)
-        analyze = ConvertAnalyzeOperator(task_id="analyze", retries=2, **common)
+        indexes = ConvertIndexesOperator(task_id="indexes", retries=2, trigger_rule=skip_ok, **batch_lag, **pace,
+                                         **common)
         verify = VerifyConversionOperator(
             task_id="verify", conn_id=common["conn_id"], table=common["table"], dry_run=common["dry_run"],
             against="intermediate", retries=1, trigger_rule=skip_ok, **batch_lag, **pace)  # gate in both modes
-        lag_before_swap = lag_sensor("lag_before_swap", trigger_rule=skip_ok)
         swap = ConvertSwapOperator(task_id="swap", batch_size="{{ params.batch_size }}",
                                    replay_until_backlog_below="{{ params.replay_until_backlog_below }}",
-                                   retries=3, **pace, **common)
-        # append-only: catch-up of rows written since the fill; with capture: retired vs live, logged (rows the
-        # application changes after the swap differ legitimately; the pre-swap verify is the gate)
+                                   retries=3, **batch_lag, **pace, **common)  # all_success: verify is its gate
+        # append-only: catch-up of rows written since the fill; with capture and verify_after_swap: retired vs live,
+        # logged (rows the application changes after the swap differ legitimately; the pre-swap verify is the gate)
         after_swap = ConvertAfterSwapOperator(task_id="after_swap", batch_size="{{ params.batch_size }}",
-                                              retries=3, trigger_rule=skip_ok, **common)
+                                              verify_after_swap="{{ params.verify_after_swap }}", retries=3,
+                                              trigger_rule=skip_ok, **common)
         report = ConvertReportOperator(task_id="report", retries=1, trigger_rule=skip_ok, **common)
-        (preflight >> prep >> add >> plan >> lag_before_fill >> fill >> replay >> lag_before_indexes >> indexes
-         >> analyze >> verify >> lag_before_swap >> swap >> after_swap >> report)
+        (preflight >> prep >> add >> plan >> fill >> replay >> indexes >> verify >> swap >> after_swap >> report)
     return dag

@@ -3,7 +3,10 @@
 Every argument a user fills is a templated field (DAG params arrive as strings: they are parsed here), every
 statement is logged by the engine's Executor, and ``dry_run`` makes every step log its SQL and change nothing.
 Each operator returns its step's result as a JSON-able dict for XCom; :class:`ConvertPlanFillOperator` returns
-the list of fill items that :class:`ConvertFillOperator` is mapped over (one task per partition).
+the work groups that :class:`ConvertFillOperator` is mapped over (a few tasks, each filling neighbouring
+partitions in sequence). The operators that write a lot of WAL (fill, indexes, swap) check replication lag once
+at their start (:meth:`~pg_partition.sensors.lag.LagGated.lag_gate`) and defer to the triggerer only when it is
+over the limit, instead of a sensor task in front of each that costs a task process in every run.
 """
 
 from __future__ import annotations
@@ -17,24 +20,17 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from pg_partition.core import convert
 from pg_partition.core.convert import capture
+from pg_partition.core.convert.fill import DEFAULT_FILL_TASKS, DEFAULT_ROWS_PER_TASK, pack_items
 from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.convert.throttle import chain
 from pg_partition.core.lag import LagPauseTooLong
-from pg_partition.core.params import parse_bool, parse_float, parse_int, parse_text
+from pg_partition.core.params import bounded_int, parse_bool, parse_float, parse_int, parse_text
 from pg_partition.operators import progress
 from pg_partition.operators.base import PartitionBaseOperator
 from pg_partition.operators.pacing import PACE_FIELDS, LatencyPaced
 from pg_partition.sensors.lag import LAG_FIELDS, LagGated
 
 SPEC_FIELDS = ("column", "period", "primary_key", "default_partition", "tablespace", "defer_indexes")
-
-
-
-
-
-
-
-
 
 
 class ConvertBaseOperator(PartitionBaseOperator):
@@ -162,14 +158,18 @@ class ConvertInstallCaptureOperator(ConvertBaseOperator):
 
 
 class ConvertPlanFillOperator(LatencyPaced, ConvertBaseOperator):
-    """Plan the fill (safe high-water mark, one item per partition) and return the items to map over. With
+    """Plan the fill (safe high-water mark, one item per partition) and return the work groups to map over:
+    at most ``fill_tasks`` groups of neighbouring partitions balanced by rows, one per ``rows_per_fill_task``
+    rows (a small table gets one task; :func:`pg_partition.core.convert.fill.pack_items`). With
     ``throttle_p99_ratio`` it also records the canary's baseline latency, before any row is copied."""
 
     template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "where", "batch_size", "start",
-                                      "stop", "replan", "wait_timeout", *PACE_FIELDS)
+                                      "stop", "replan", "wait_timeout", "fill_tasks", "rows_per_fill_task",
+                                      *PACE_FIELDS)
 
     def __init__(self, *, where: str | None = None, batch_size: int | str = 10_000, start: int | str | None = None,
                  stop: int | str | None = None, replan: bool | str = False, wait_timeout: float | str = 3600,
+                 fill_tasks: int | str = DEFAULT_FILL_TASKS, rows_per_fill_task: int | str = DEFAULT_ROWS_PER_TASK,
                  throttle_p99_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
@@ -179,27 +179,37 @@ class ConvertPlanFillOperator(LatencyPaced, ConvertBaseOperator):
         self.stop = stop
         self.replan = replan
         self.wait_timeout = wait_timeout
+        self.fill_tasks = fill_tasks
+        self.rows_per_fill_task = rows_per_fill_task
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
+        tasks = bounded_int(self.fill_tasks, what="fill_tasks", bounds=(1, 64), default=DEFAULT_FILL_TASKS)
+        per_task = bounded_int(self.rows_per_fill_task, what="rows_per_fill_task", bounds=(1, 10**12),
+                               default=DEFAULT_ROWS_PER_TASK)
         with self.run_step() as (ex, spec):
             plan = convert.plan_fill(
                 ex, spec, where=parse_text(self.where), batch_size=parse_int(self.batch_size, 10_000) or 10_000,
                 start=parse_int(self.start), stop=parse_int(self.stop), replan=parse_bool(self.replan, what="replan"),
                 wait_timeout=parse_float(self.wait_timeout, 3600.0))
             self.measure_pace_baseline(ex, spec)
-        self.log.info("fill plan: %s strategy, %d items, %s rows, %s outside every partition, high-water id %s",
-                      plan["strategy"], len(plan["items"]), f"{plan['rows']:,}", f"{plan['outside_rows']:,}",
-                      plan["high_water"])
-        return list(plan["items"])
+        groups = pack_items(list(plan["items"]), max_tasks=tasks, rows_per_task=per_task)
+        self.log.info("fill plan: %s strategy, %d items in %d fill task(s), %s rows, %s outside every partition, "
+                      "high-water id %s", plan["strategy"], len(plan["items"]), len(groups), f"{plan['rows']:,}",
+                      f"{plan['outside_rows']:,}", plan["high_water"])
+        for group in groups:
+            self.log.info("  fill task %s: %s rows", group["key"], f"{group['rows']:,}")
+        return groups
 
 
 class ConvertFillOperator(LatencyPaced, LagGated, ConvertBaseOperator):
-    """Fill one planned item (mapped: one task per partition), resuming from its checkpoint.
+    """Fill one work group of planned items (mapped: a few tasks per conversion), or one item, resuming from the
+    per-item checkpoints.
 
-    ``max_lag_bytes`` / ``max_lag_seconds`` (for the standbys and the ``watch_slots``, default every slot) make
-    the fill pause before a batch while replication lags (``pg_partition.core.lag.LagGate``); a pause longer
-    than ``max_pause_seconds`` defers the task to the replication-lag trigger (the worker slot is freed) and,
-    once lag is back within limits, ``resume_after_lag`` continues from the checkpoint.
+    ``max_lag_bytes`` / ``max_lag_seconds`` (for the standbys and the ``watch_slots``, default every slot) are
+    checked once at the start (over the limit: the task defers at once, no worker waits) and then make the fill
+    pause before a batch while replication lags (``pg_partition.core.lag.LagGate``); a pause longer than
+    ``max_pause_seconds`` defers the task to the replication-lag trigger (the worker slot is freed) and, once
+    lag is back within limits, ``resume_after_lag`` continues from the checkpoint.
     """
 
     template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "batch_size", "sleep_seconds",
@@ -218,29 +228,31 @@ class ConvertFillOperator(LatencyPaced, LagGated, ConvertBaseOperator):
                       max_pause_seconds=max_pause_seconds, lag_poll_seconds=lag_poll_seconds)
 
     def table_lock_mode(self) -> tuple[bool, str | None]:
-        """Mapped fill tasks of one run share the table's lock; each item is locked on its own."""
+        """Mapped fill tasks of one run share the table's lock; each item (or group) is locked on its own."""
         item = self.item if isinstance(self.item, dict) else {}
         return True, str(item.get("key") or self.item)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        return self._fill()
+        return self._fill(self.lag_gate())
 
     def resume_after_lag(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Called by Airflow when the trigger fired: lag is within limits again; continue from the checkpoint."""
         self.check_lag_event(event, str(self.conn_id))
         self.log.info("replication lag back within limits (%s); resuming the fill from its checkpoint",
                       (event or {}).get("summary"))
-        return self._fill()
+        return self._fill((event or {}).get("result"))
 
-    def _fill(self) -> dict[str, Any]:
-        with self.run_step() as (ex, spec), self.throttle() as gate, self.paced(ex, spec) as pace:
+    def _fill(self, gate: dict[str, Any] | None) -> dict[str, Any]:
+        with self.run_step() as (ex, spec), self.throttle() as throttle, self.paced(ex, spec) as pace:
             try:
                 result = convert.fill(ex, spec, self.item, batch_size=parse_int(self.batch_size),
-                                      sleep_seconds=parse_float(self.sleep_seconds), throttle=chain(gate, pace))
+                                      sleep_seconds=parse_float(self.sleep_seconds), throttle=chain(throttle, pace))
             except LagPauseTooLong as exc:
                 self.defer_for_lag(exc)
                 raise  # pragma: no cover - defer raises TaskDeferred
-            if not ex.dry_run:  # the whole conversion, not just this partition
+            if gate is not None:
+                result["lag_gate"] = gate
+            if not ex.dry_run:  # the whole conversion, not just this task's partitions
                 overall = progress.overall_fill(ex.conn, spec, parallel=self.max_active_tis_per_dag or 1)
                 if overall is not None:
                     self.log.info("%s", progress.overall_line(overall))
@@ -248,19 +260,46 @@ class ConvertFillOperator(LatencyPaced, LagGated, ConvertBaseOperator):
             return result
 
 
-class ConvertIndexesOperator(LatencyPaced, ConvertBaseOperator):
-    """Build deferred indexes per partition and attach them (no-op without ``defer_indexes``); paced between
-    partitions by the latency throttle when one is set."""
+class ConvertIndexesOperator(LatencyPaced, LagGated, ConvertBaseOperator):
+    """Build deferred indexes per partition and attach them (nothing to build without ``defer_indexes``), then
+    ANALYZE (``analyze``, default on): one task, because both are short, repeatable and run back to back.
 
-    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, *PACE_FIELDS)
+    Replication lag is checked once at the start (over the limit: defer at once) and before each partition's
+    index build, and paced between partitions by the latency throttle when one is set; a pause longer than
+    ``max_pause_seconds`` defers, and the retry attaches what was built and builds the rest (each CREATE INDEX is
+    all or nothing).
+    """
 
-    def __init__(self, *, throttle_p99_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
+    template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "analyze", *LAG_FIELDS, *PACE_FIELDS)
+
+    def __init__(self, *, analyze: bool | str = True, max_lag_bytes: Any = None, max_lag_seconds: Any = None,
+                 watch_slots: Any = None, max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0,
+                 throttle_p99_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
+        self.analyze = analyze
+        self.init_lag(max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds, watch_slots=watch_slots,
+                      max_pause_seconds=max_pause_seconds, lag_poll_seconds=lag_poll_seconds)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        with self.run_step() as (ex, spec), self.paced(ex, spec) as pace:
-            return convert.build_indexes(ex, spec, throttle=pace)
+        return self._build(self.lag_gate())
+
+    def resume_after_lag(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.check_lag_event(event, str(self.conn_id))
+        return self._build((event or {}).get("result"))
+
+    def _build(self, gate: dict[str, Any] | None) -> dict[str, Any]:
+        with self.run_step() as (ex, spec), self.throttle() as throttle, self.paced(ex, spec) as pace:
+            try:
+                result = convert.build_indexes(ex, spec, throttle=chain(throttle, pace))
+                if parse_bool(self.analyze, what="analyze"):
+                    result["analyze"] = convert.analyze(ex, spec)
+            except LagPauseTooLong as exc:
+                self.defer_for_lag(exc)
+                raise  # pragma: no cover - defer raises TaskDeferred
+        if gate is not None:
+            result["lag_gate"] = gate
+        return result
 
 
 class ConvertAnalyzeOperator(ConvertBaseOperator):
@@ -295,33 +334,49 @@ class ConvertCatchUpOperator(ConvertBaseOperator):
                                     wait_timeout=parse_float(self.wait_timeout, 3600.0))
 
 
-class ConvertSwapOperator(LatencyPaced, ConvertBaseOperator):
-    """Catch up (outside any lock), then swap in one short transaction under ``lock_timeout`` with retries."""
+class ConvertSwapOperator(LatencyPaced, LagGated, ConvertBaseOperator):
+    """Catch up (outside any lock), then swap in one short transaction under ``lock_timeout`` with retries.
+    Replication lag (``max_lag_bytes`` / ``max_lag_seconds``) is checked once first: over the limit, the task
+    defers to the triggerer and swaps once lag is back within limits."""
 
     template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "batch_size", "catch_up_first",
-                                      "replay_until_backlog_below", *PACE_FIELDS)
+                                      "replay_until_backlog_below", *LAG_FIELDS, *PACE_FIELDS)
 
     def __init__(self, *, batch_size: int | str = 10_000, catch_up_first: bool | str = True,
-                 replay_until_backlog_below: int | str = 1000, throttle_p99_ratio: Any = None,
-                 throttle_target_ms: Any = None, **kwargs: Any) -> None:
+                 replay_until_backlog_below: int | str = 1000, max_lag_bytes: Any = None,
+                 max_lag_seconds: Any = None, watch_slots: Any = None, max_pause_seconds: Any = 600,
+                 lag_poll_seconds: float = 30.0, throttle_p99_ratio: Any = None, throttle_target_ms: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
         self.batch_size = batch_size
         self.catch_up_first = catch_up_first
         self.replay_until_backlog_below = replay_until_backlog_below
+        self.init_lag(max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds, watch_slots=watch_slots,
+                      max_pause_seconds=max_pause_seconds, lag_poll_seconds=lag_poll_seconds)
 
     def execute(self, context: Context) -> dict[str, Any]:
         """With change capture: replay until the backlog is under ``replay_until_backlog_below`` (so the swap's
         locked apply is small), then swap, which applies the rest and removes capture under its lock; no
         catch-up (capture has every insert too). Without: catch-up outside any lock, then swap (its last
         anti-join under the lock)."""
+        return self._swap(self.lag_gate())
+
+    def resume_after_lag(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.check_lag_event(event, str(self.conn_id))
+        return self._swap((event or {}).get("result"))
+
+    def _swap(self, gate: dict[str, Any] | None) -> dict[str, Any]:
         with self.run_step() as (ex, spec), self.paced(ex, spec) as pace:
-            return convert.finish_and_swap(
+            result = convert.finish_and_swap(
                 ex, spec, batch_size=parse_int(self.batch_size, 10_000, what="batch_size") or 10_000,
                 replay_until_backlog_below=parse_int(self.replay_until_backlog_below, 1000,
                                                      what="replay_until_backlog_below") or 1,
                 catch_up_first=parse_bool(self.catch_up_first, what="catch_up_first"), throttle=pace,
                 **self.lock_kwargs())
+        if gate is not None:
+            result["lag_gate"] = gate
+        return result
 
 
 class ConvertUnswapOperator(ConvertBaseOperator):

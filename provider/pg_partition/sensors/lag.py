@@ -167,6 +167,28 @@ class LagGated:
         with self.connection() as gate_conn:
             yield gate.bind(gate_conn)
 
+    def lag_gate(self) -> dict[str, Any]:
+        """What a :class:`ReplicationLagSensor` in front of the step did, without a task of its own: one
+        measurement when the step starts. Within the limits (or no limit set: nothing measured) the step runs on
+        in the same process; over them, the task defers to the trigger at once (raises TaskDeferred) and
+        ``resume_after_lag`` runs the step once lag is back within limits. Returns the verdict for XCom."""
+        assert isinstance(self, PartitionBaseOperator)
+        if is_none(self.max_lag_bytes) and is_none(self.max_lag_seconds):
+            return {"ok": True, "gated": False}
+        gate = LagGate.from_params(max_lag_bytes=self.max_lag_bytes, max_lag_seconds=self.max_lag_seconds,
+                                   watch_slots=self.watch_slots, max_pause_seconds=0)
+        with self.hook().open(autocommit=True) as conn:
+            try:
+                gate.wait_until_ok(conn)
+            except LagPauseTooLong as exc:
+                self.defer_for_lag(exc)
+                raise  # pragma: no cover - defer raises TaskDeferred
+        if gate.last_verdict is None:  # thresholds parsed to "no limit"
+            return {"ok": True, "gated": False}
+        self.log.info("replication lag within limits at the start of %s: %s", self.task_id,
+                      gate.last_verdict.summary())
+        return ReplicationLagSensor._result(gate.last_verdict)
+
     def defer_for_lag(self, exc: LagPauseTooLong) -> None:
         """Hand the wait to the triggerer (raises TaskDeferred); ``resume_after_lag`` continues the loop."""
         assert isinstance(self, PartitionBaseOperator)

@@ -45,17 +45,28 @@ def test_operators_one_by_one(db, conn) -> None:
     added = ConvertAddPartitionsOperator(task_id="add", past="0", future="2", cover_data="True", where="",
                                          **c).execute({})
     assert len(added["created"]) >= 26
-    items = ConvertPlanFillOperator(task_id="plan", where="", batch_size="1000", start="None", stop="",
-                                    **c).execute({})
-    assert items and all({"key", "lo", "hi", "target"} <= set(i) for i in items)
-    for item in items:
-        done = ConvertFillOperator(task_id="fill", item=item, batch_size="None", sleep_seconds="0",
+    groups = ConvertPlanFillOperator(task_id="plan", where="", batch_size="1000", start="None", stop="",
+                                     fill_tasks="3", rows_per_fill_task="2000", **c).execute({})
+    # 8,000 rows at 2,000 per task, at most 3 tasks: 3 groups of neighbouring partitions, every partition once
+    assert len(groups) == 3
+    items = [it for g in groups for it in g["items"]]
+    assert len(items) == len({it["key"] for it in items}) >= 26
+    assert all({"key", "lo", "hi", "target"} <= set(i) for i in items)
+    assert sum(g["rows"] for g in groups) == 8_000
+    first = ConvertFillOperator(task_id="fill", item=items[0], batch_size="None", sleep_seconds="0",
+                                **c).execute({})  # one item alone, as before
+    assert first["key"] == items[0]["key"] and first["rows"] == items[0]["rows"]
+    for group in groups:
+        done = ConvertFillOperator(task_id="fill", item=group, batch_size="None", sleep_seconds="0",
                                    max_lag_bytes="None", max_lag_seconds="", **c).execute({})
-        assert done["key"] == item["key"]
-    again = ConvertFillOperator(task_id="fill", item=items[0], **c).execute({})
-    assert again["resumed"] is True and again["batches"] == 0
+        assert done["key"] == group["key"] and done["rows"] == group["rows"]
+        assert [r["key"] for r in done["items"]] == [it["key"] for it in group["items"]]
+    assert done["overall"]["done"] == done["overall"]["total"] == len(items)
+    again = ConvertFillOperator(task_id="fill", item=groups[0], **c).execute({})
+    assert again["resumed"] is True and again["batches"] == 0 and again["rows"] == groups[0]["rows"]
     built = ConvertIndexesOperator(task_id="indexes", **c).execute({})
-    assert len(built["indexes"]) == 4
+    assert len(built["indexes"]) == 4 and built["analyze"]["partitions"] >= 26
+    assert built["lag_gate"] == {"ok": True, "gated": False}
     assert ConvertAnalyzeOperator(task_id="analyze", **c).execute({})["partitions"] >= 26
     conn.execute("INSERT INTO activities (created_at, updated_at) SELECT now(), now() FROM generate_series(1, 3)")
     swapped = ConvertSwapOperator(task_id="swap", batch_size="500", **c).execute({})

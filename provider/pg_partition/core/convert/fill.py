@@ -18,9 +18,11 @@ committed before the swap is left behind. The one assumption (stated by prefligh
 from an uncached sequence at insert time, not handed out by the application ahead of time.
 
 **Parallel by partition.** The plan reads the source once (``width_bucket`` over the partitions' bounds) to find
-each partition's id range and row count; each Airflow mapped task then fills one partition, inserting directly
-into it (no tuple routing, no index contention between tasks). When ids do not follow time (a partition's id range
-would span most of the table) the plan falls back to id chunks inserted through the parent.
+each partition's id range and row count; a fill inserts directly into each partition (no tuple routing, no index
+contention between tasks). The DAG maps a few tasks over work groups of neighbouring partitions
+(:func:`pack_items`: one for a small table, up to 4 by rows), each filling its partitions in sequence. When ids
+do not follow time (a partition's id range would span most of the table) the plan falls back to id chunks
+inserted through the parent.
 """
 
 from __future__ import annotations
@@ -330,6 +332,49 @@ def plan_fill(
     return plan
 
 
+# --- work groups (fewer, fatter fill tasks) -------------------------------------------------------------------
+
+DEFAULT_FILL_TASKS = 4
+DEFAULT_ROWS_PER_TASK = 500_000
+
+
+def pack_items(items: list[dict[str, Any]], *, max_tasks: int = DEFAULT_FILL_TASKS,
+               rows_per_task: int = DEFAULT_ROWS_PER_TASK) -> list[dict[str, Any]]:
+    """Pack planned items into at most ``max_tasks`` work groups of neighbouring items, balanced by rows.
+
+    Why: every Airflow task is a process that starts and parses the DAG again (a fraction of a second in
+    ``dags test``, seconds under a scheduler), while one partition of a small table fills in milliseconds. A
+    table of ``rows_per_task`` rows or fewer gets one group, a larger one up to ``max_tasks``. The plan and the
+    per-partition checkpoints are unchanged: a group is filled item by item (:func:`fill`), each batch commits
+    its own checkpoint, so a killed group resumes at the batch it stopped in and skips the items it finished.
+
+    Deterministic (the same plan gives the same groups), so a retried ``plan_fill`` task maps the same tasks.
+    A group's ``key`` names the items it covers (the grid label): the item's own key for a one-item group,
+    else ``first .. last (n partitions)``.
+    """
+    max_tasks = max(1, int(max_tasks))
+    rows_per_task = max(1, int(rows_per_task))
+    if not items:
+        return []
+    total = sum(max(int(it.get("rows") or 0), 0) for it in items)
+    n = max(1, min(max_tasks, len(items), math.ceil(total / rows_per_task) if total else 1))
+    groups: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    before = 0
+    for it in items:  # an item goes to the group its row-midpoint falls in: neighbours stay together, balanced
+        rows = max(int(it.get("rows") or 0), 0)
+        mid = (before + rows / 2) / total if total else 0.0
+        groups[min(int(mid * n), n - 1)].append(it)
+        before += rows
+    out = []
+    for members in (g for g in groups if g):
+        unit = "partitions" if all(m.get("range") or m.get("outside_only") for m in members) else "items"
+        key = members[0]["key"] if len(members) == 1 else (
+            f"{members[0]['key']} .. {members[-1]['key']} ({len(members)} {unit})")
+        out.append({"key": key, "items": members, "rows": sum(int(m.get("rows") or 0) for m in members),
+                    "batches": sum(int(m.get("batches") or 0) for m in members)})
+    return out
+
+
 def recorded_plan(conn: psycopg.Connection[Any], spec: ConvertSpec) -> dict[str, Any]:
     plan = checkpoint(conn, spec, "plan")
     if plan is None:
@@ -396,7 +441,8 @@ def fill(
     progress_every: float = 10.0,
     plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fill one planned item (a partition or an id chunk), or every item when ``item`` is None.
+    """Fill one planned item (a partition or an id chunk), a work group of them (:func:`pack_items`, one after
+    the other), or every item when ``item`` is None.
 
     Resumes from the item's checkpoint. ``throttle`` is called before every batch, with no transaction open
     (replication-lag gating plugs in here: it may sleep as long as it needs, or raise to stop the item, which then
@@ -413,11 +459,19 @@ def fill(
             plan = checkpoint(conn, spec, "plan") or (plan_fill(ex, spec) if ex.dry_run else None)
     if plan is None:
         raise StateError(f"no fill plan is recorded for {spec.table}", fix="run plan_fill first")
-    if item is None:
+    if item is None or (isinstance(item, dict) and "items" in item):  # every item, or one work group's
+        group = plan["items"] if item is None else item["items"]
+        started = time.monotonic()
         results = [fill(ex, spec, it, batch_size=batch_size, sleep_seconds=sleep_seconds, throttle=throttle,
-                        progress_every=progress_every, plan=plan) for it in plan["items"]]
-        return {"items": results, "rows": sum(r["rows"] for r in results),
-                "batches": sum(r["batches"] for r in results), "outside_rows": plan["outside_rows"]}
+                        progress_every=progress_every, plan=plan) for it in group]
+        out = {"items": results, "rows": sum(r["rows"] for r in results),
+               "batches": sum(r["batches"] for r in results), "resumed": any(r["resumed"] for r in results),
+               "seconds": round(time.monotonic() - started, 3)}
+        if item is None:
+            return {**out, "outside_rows": plan["outside_rows"]}
+        ex.logger.info("fill %s: %d item(s), %s rows in %.1fs", item["key"], len(results), f"{out['rows']:,}",
+                       out["seconds"])
+        return {"key": item["key"], **out}
     wanted = item if isinstance(item, str) else item["key"]
     found = next((it for it in plan["items"] if it["key"] == wanted), None)
     if found is None:

@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@command -v uv >/dev/null 2>&1 || $(PY) -m pip install --quiet uv || { \
 	  echo "ERROR: could not install uv with pip. Check the network to the Python package index (PyPI) or install uv yourself."; exit 1; }
 	@[ -x $(VPY) ] || uv venv --quiet --python $(PY) $(VENV)
-	@uv pip install --quiet --python $(VPY) -e '.[dev]' || { \
+	@uv pip install --quiet --compile-bytecode --python $(VPY) -e '.[dev]' || { \
 	  echo "ERROR: installing the dependencies failed. Check the network to the Python package index (PyPI)."; exit 1; }
 	@touch $(STAMP)
 

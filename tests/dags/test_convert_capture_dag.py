@@ -109,7 +109,9 @@ def test_capture_on_with_a_concurrent_writer_end_to_end(db, conn, run_dag) -> No
     writer = RecordingWriter(db.dsn, TABLE, low=20, high=ROWS, seed=11)
     writer.start()
     _wait_for(lambda: sum(writer.ops.values()) >= 20)
-    result = run_dag(DAG_ID, _conf(db))  # capture_changes defaults to auto: on, the table has seen UPDATE/DELETE
+    # capture_changes defaults to auto: on, the table has seen UPDATE/DELETE; verify_after_swap (off by default)
+    # runs the logged retired-vs-live comparison too
+    result = run_dag(DAG_ID, _conf(db, verify_after_swap=True))
     assert result.state == "success", result.task_states
     _wait_for(lambda: sum(writer.post_swap_ops.values()) >= 60)
     writer.stop()

@@ -325,9 +325,9 @@ def swap(
 
 def _extras_differ(want: parity.Extras, have: parity.Extras) -> bool:
     """Whether :func:`parity.apply_extras` has anything to change on the new table (RLS flags, policies, user
-    triggers); when not, the swap skips its ALTER TABLE statements under the lock."""
-    return (want.rls, want.force_rls, want.policies, want.triggers) != (have.rls, have.force_rls, have.policies,
-                                                                         have.triggers)
+    triggers, REPLICA IDENTITY USING INDEX); when not, the swap skips its ALTER TABLE statements under the lock."""
+    return (want.rls, want.force_rls, want.policies, want.triggers, want.identity_index) != (
+        have.rls, have.force_rls, have.policies, have.triggers, have.identity_index)
 
 
 def _drain(ex: Executor, spec: ConvertSpec, drains: list[dict[str, Any]], below: int, rounds: int) -> None:

@@ -117,13 +117,14 @@ def _params(default_conn_id: str) -> dict[str, Param]:
                                   minimum=0),
         "defer_indexes": required(False, "boolean", "Create only the key before the fill and the other indexes "
                                   "after it (faster fill).", HOW_FAST),
-        "throttle_p99_ratio": optional("number", "Gentle mode: keep a canary query's p99 latency (a primary-key "
-                                       "lookup on the table, every 50 ms) under this multiple of its p99 before "
-                                       "the conversion (measured once by plan_fill and kept in the conversion's "
-                                       "state), by pausing fill, replay, index builds and verify between batches "
-                                       "(at most 4x the batch time, 5 s each). E.g. 1.5. Empty: no throttle.",
+        "throttle_p99_ratio": optional("number", "Gentle mode: keep a canary query's latency (its p90 over 5 s; a "
+                                       "primary-key lookup on the table, every 50 ms) under this multiple of its "
+                                       "p90 before the conversion (measured once over 10 s by plan_fill and kept "
+                                       "in the conversion's state; never under 3 ms), by pausing fill, replay, "
+                                       "index builds and verify between batches (at most 4x the batch time, 5 s "
+                                       "each). E.g. 1.5. Empty: no throttle.",
                                        HOW_FAST, minimum=1, examples=[1.5, 2]),
-        "throttle_target_ms": optional("number", "Gentle mode with an absolute target: keep the canary's p99 under "
+        "throttle_target_ms": optional("number", "Gentle mode with an absolute target: keep the canary's p90 under "
                                        "this many milliseconds (overrides throttle_p99_ratio). Empty: none.",
                                        HOW_FAST, minimum=0.1, examples=[20]),
         "dry_run": required(False, "boolean", "Log every statement, change nothing.", SAFETY),

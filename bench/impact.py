@@ -61,6 +61,7 @@ class Workload:
         self.script = workdir / "app.sql"
         self.script.write_text(SCRIPT)
         self.latencies_us: list[int] = []
+        self.ended: list[float] = []  # each transaction's end (unix seconds), to split latencies by phase
         self.transactions = 0
         self.seconds = 0.0
         self.failures = 0
@@ -82,6 +83,7 @@ class Workload:
                 parts = line.split()
                 if len(parts) >= 3:
                     self.latencies_us.append(int(parts[2]))
+                    self.ended.append(int(parts[4]) + int(parts[5]) / 1e6 if len(parts) >= 6 else 0.0)
                     self.transactions += 1
             path.unlink()
 
@@ -95,6 +97,16 @@ class Workload:
         ordered = sorted(self.latencies_us)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
 
+    def by_phase(self, phases: list[tuple[str, float]], end: float) -> dict[str, tuple[float, int]]:
+        """p99 (ms) and count of the transactions that ended during each phase ([(name, unix start)], in
+        order; the last ends at ``end``): which step of the conversion the application feels."""
+        out: dict[str, tuple[float, int]] = {}
+        bounds = [*(t for _, t in phases[1:]), end]
+        for (name, start), stop in zip(phases, bounds, strict=True):
+            lat = sorted(us for us, t in zip(self.latencies_us, self.ended, strict=True) if start <= t < stop)
+            out[name] = (lat[min(len(lat) - 1, int(0.99 * len(lat)))] / 1000.0 if lat else 0.0, len(lat))
+        return out
+
 
 def _convert(env: BenchEnv, db: str, batch_size: int, target_factor: float | None) -> dict[str, Any]:
     """The whole conversion with change capture, step by step as the DAG runs it (prep, partitions, capture,
@@ -102,7 +114,12 @@ def _convert(env: BenchEnv, db: str, batch_size: int, target_factor: float | Non
     operators: with ``target_factor`` the canary's baseline is measured once after planning (kept in the state
     schema) and fill, index builds, replay and verify are paced to keep the canary's p90 under that multiple."""
     spec = ConvertSpec.create("activities", "created_at", defer_indexes=True)
-    out: dict[str, Any] = {"paused_s": 0.0, "canary_before": None, "target_ms": None, "over": 0, "batches": 0}
+    out: dict[str, Any] = {"paused_s": 0.0, "canary_before": None, "target_ms": None, "over": 0, "batches": 0,
+                           "phases": []}
+    phases: list[tuple[str, float]] = out["phases"]
+
+    def phase(name: str) -> None:
+        phases.append((name, time.time()))
     with env.connect(db) as conn:
         conn.autocommit = True
         ex = Executor(conn, logger=logging.getLogger("pg_partition.bench"))
@@ -110,25 +127,35 @@ def _convert(env: BenchEnv, db: str, batch_size: int, target_factor: float | Non
         def connect() -> Any:
             return env.connect(db)
 
+        phase("prep, partitions, capture, plan")
         convert.prep(ex, spec)
         convert.add_partitions(ex, spec, cover_data=True, future=3)
         capture.install(ex, spec.table, spec.intermediate)
         convert.plan_fill(ex, spec, batch_size=batch_size)
         if target_factor is not None:
+            phase("canary baseline")
+            t0 = time.monotonic()
             out["canary_before"] = throttle.measure_baseline(ex, spec, connect)
+            out["baseline_s"] = time.monotonic() - t0
         pacing = throttle.latency_throttle(ex, spec, connect, ratio=target_factor) if target_factor is not None \
             else contextlib.nullcontext(None)
         with pacing as thr:
             out["target_ms"] = thr.target_ms if thr else None
+            phase("fill")
             convert.fill(ex, spec, progress_every=3600, throttle=thr)
+            phase("index builds")
             convert.build_indexes(ex, spec, throttle=thr)
+            phase("analyze")
             convert.analyze(ex, spec)
+            phase("replay, verify")
             replay.replay(ex, spec.table, spec.intermediate, until_backlog_below=500, throttle=thr)
             report = verify.verify_conversion(ex, spec, throttle=thr)
             out["verify_ok"] = report.ok
             if thr is not None:
                 out.update(paused_s=thr.paused, over=thr.control.over, batches=thr.calls)
+        phase("swap")
         out.update(convert.swap(ex, spec, lock_timeout=f"{LOCK_TIMEOUT_MS}ms"))
+    phase("after")
     return out
 
 
@@ -180,7 +207,9 @@ def _point(m: dict[str, Any]) -> dict[str, Any]:
     if m["batch_size"] != 10_000:
         name += f", batch {m['batch_size']:,}"
     canary = r.get("canary_before") or {}
-    return {"throttle": name, "batch_size": m["batch_size"],
+    phases = r.get("phases") or []
+    return {"throttle": name, "batch_size": m["batch_size"], "baseline_s": r.get("baseline_s", 0.0),
+            "phase_p99": d.by_phase(phases[:-1], phases[-1][1]) if len(phases) > 1 else {},
             "factor": m["factor"], "conversion_s": m["conversion_s"],
             "p99_before": b.percentile(0.99), "p99_during": d.percentile(0.99),
             "p99_ratio": d.percentile(0.99) / max(b.percentile(0.99), 1e-9),
@@ -272,8 +301,17 @@ def write_curve(points: list[dict[str, Any]], rows: int, clients: int, stem: Pat
             f"{p['drained']:,} / {p['locked_keys']} | {'ok' if p['verify_ok'] else p['verify_ok']} |")
     md = stem.with_suffix(".md")
     png = stem.with_suffix(".png")
+    names = max((list(p["phase_p99"]) for p in points), key=len)  # the steps in order (a throttled run has most)
+    phase_lines = ["| throttle | p99 before | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for p in points:
+        cells = [f"{p['phase_p99'][n][0]:.1f} ({p['phase_p99'][n][1]})" if n in p["phase_p99"] else ""
+                 for n in names]
+        phase_lines.append(f"| {p['throttle']} | {p['p99_before']:.1f} | " + " | ".join(cells) + " |")
     md.write_text(f"# Application impact vs conversion time ({rows:,} rows, {clients} pgbench clients)\n\n"
-                  + "\n".join(lines) + f"\n\n![curve]({png.name})\n")
+                  + "\n".join(lines) + "\n\nConversion time includes the canary baseline where the throttle is on ("
+                  + ", ".join(f"{p['throttle']}: {p['baseline_s']:.1f} s" for p in points if p["baseline_s"])
+                  + ").\n\nApplication p99 (ms) by the conversion step during which the transaction ended "
+                  "(transactions):\n\n" + "\n".join(phase_lines) + f"\n\n![curve]({png.name})\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [p["conversion_s"] for p in points]
     ys = [p["p99_ratio"] for p in points]

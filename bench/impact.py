@@ -11,9 +11,12 @@ application statement saw; goal <= lock_timeout + the p99 before), and the swap'
 grant to the end of the COMMIT; goal <= 100 ms). Per-transaction latencies come from pgbench's own log (``-l``).
 
 The trade-off curve: the same measurement with the throttle off and at each canary target of
-BENCH_THROTTLE_TARGETS (default "3,2,1.5": multiples of the canary's p99 before the conversion), each on a fresh
-copy of the table with its own "before" baseline in the same run; ``main()`` writes the curve's table and chart
-(conversion time vs application p99) next to the other results (BENCH_IMPACT_OUT names them).
+BENCH_THROTTLE_TARGETS (default "3,2,1.5": multiples of the canary's p90 before the conversion, see
+pg_partition.core.convert.throttle), each on a fresh copy of the table with its own "before" baseline in the same
+run; ``main()`` writes the curve's table and chart (conversion time vs application p99) next to the other results
+(BENCH_IMPACT_OUT names them). BENCH_IMPACT_BATCHES (e.g. "2500") adds throttle-off points with other fill batch
+sizes (default 10,000), to see whether the batch size itself is what hurts the application. BENCH_IMPACT_REVERSE=1
+measures the points in reverse order (throttled first), so two runs alternate the order.
 
 Run alone: ``.venv/bin/python -m bench.impact`` (BENCH_ROWS).
 """
@@ -58,6 +61,7 @@ class Workload:
         self.script = workdir / "app.sql"
         self.script.write_text(SCRIPT)
         self.latencies_us: list[int] = []
+        self.ended: list[float] = []  # each transaction's end (unix seconds), to split latencies by phase
         self.transactions = 0
         self.seconds = 0.0
         self.failures = 0
@@ -79,6 +83,7 @@ class Workload:
                 parts = line.split()
                 if len(parts) >= 3:
                     self.latencies_us.append(int(parts[2]))
+                    self.ended.append(int(parts[4]) + int(parts[5]) / 1e6 if len(parts) >= 6 else 0.0)
                     self.transactions += 1
             path.unlink()
 
@@ -86,20 +91,38 @@ class Workload:
     def tps(self) -> float:
         return self.transactions / self.seconds if self.seconds else 0.0
 
-    def percentile(self, q: float) -> float:
-        if not self.latencies_us:
+    def percentile(self, q: float, exclude: tuple[float, float] | None = None) -> float:
+        """The ``q`` quantile (ms), leaving out the transactions that ended within ``exclude`` (unix start, stop)."""
+        lat = self.latencies_us if exclude is None else [
+            us for us, t in zip(self.latencies_us, self.ended, strict=True) if not exclude[0] <= t < exclude[1]]
+        if not lat:
             return 0.0
-        ordered = sorted(self.latencies_us)
+        ordered = sorted(lat)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
+
+    def by_phase(self, phases: list[tuple[str, float]], end: float) -> dict[str, tuple[float, int]]:
+        """p99 (ms) and count of the transactions that ended during each phase ([(name, unix start)], in
+        order; the last ends at ``end``): which step of the conversion the application feels."""
+        out: dict[str, tuple[float, int]] = {}
+        bounds = [*(t for _, t in phases[1:]), end]
+        for (name, start), stop in zip(phases, bounds, strict=True):
+            lat = sorted(us for us, t in zip(self.latencies_us, self.ended, strict=True) if start <= t < stop)
+            out[name] = (lat[min(len(lat) - 1, int(0.99 * len(lat)))] / 1000.0 if lat else 0.0, len(lat))
+        return out
 
 
 def _convert(env: BenchEnv, db: str, batch_size: int, target_factor: float | None) -> dict[str, Any]:
     """The whole conversion with change capture, step by step as the DAG runs it (prep, partitions, capture,
     plan, fill, deferred indexes, analyze, replay, verify, swap), through the same throttle wiring as the
     operators: with ``target_factor`` the canary's baseline is measured once after planning (kept in the state
-    schema) and fill, index builds, replay and verify are paced to keep the canary's p99 under that multiple."""
+    schema) and fill, index builds, replay and verify are paced to keep the canary's p90 under that multiple."""
     spec = ConvertSpec.create("activities", "created_at", defer_indexes=True)
-    out: dict[str, Any] = {"paused_s": 0.0, "canary_p99_before": None, "target_ms": None}
+    out: dict[str, Any] = {"paused_s": 0.0, "canary_before": None, "target_ms": None, "over": 0, "batches": 0,
+                           "phases": []}
+    phases: list[tuple[str, float]] = out["phases"]
+
+    def phase(name: str) -> None:
+        phases.append((name, time.time()))
     with env.connect(db) as conn:
         conn.autocommit = True
         ex = Executor(conn, logger=logging.getLogger("pg_partition.bench"))
@@ -107,28 +130,40 @@ def _convert(env: BenchEnv, db: str, batch_size: int, target_factor: float | Non
         def connect() -> Any:
             return env.connect(db)
 
+        phase("prep, partitions, capture, plan")
         convert.prep(ex, spec)
         convert.add_partitions(ex, spec, cover_data=True, future=3)
         capture.install(ex, spec.table, spec.intermediate)
         convert.plan_fill(ex, spec, batch_size=batch_size)
         if target_factor is not None:
-            out["canary_p99_before"] = throttle.measure_baseline(ex, spec, connect)["p99_ms"]
+            phase("canary baseline")
+            t0 = time.monotonic()
+            out["canary_before"] = throttle.measure_baseline(ex, spec, connect)
+            out["baseline_s"] = time.monotonic() - t0
         pacing = throttle.latency_throttle(ex, spec, connect, ratio=target_factor) if target_factor is not None \
             else contextlib.nullcontext(None)
         with pacing as thr:
             out["target_ms"] = thr.target_ms if thr else None
+            phase("fill")
             convert.fill(ex, spec, progress_every=3600, throttle=thr)
+            phase("index builds")
             convert.build_indexes(ex, spec, throttle=thr)
+            phase("analyze")
             convert.analyze(ex, spec)
+            phase("replay, verify")
             replay.replay(ex, spec.table, spec.intermediate, until_backlog_below=500, throttle=thr)
             report = verify.verify_conversion(ex, spec, throttle=thr)
             out["verify_ok"] = report.ok
-            out["paused_s"] = thr.paused if thr else 0.0
+            if thr is not None:
+                out.update(paused_s=thr.paused, over=thr.control.over, batches=thr.calls)
+        phase("swap")
         out.update(convert.swap(ex, spec, lock_timeout=f"{LOCK_TIMEOUT_MS}ms"))
+    phase("after")
     return out
 
 
-def measure(env: BenchEnv, rows: int, seconds: int, clients: int, target_factor: float | None) -> dict[str, Any]:
+def measure(env: BenchEnv, rows: int, seconds: int, clients: int, target_factor: float | None,
+            batch_size: int = 10_000) -> dict[str, Any]:
     """One database, the workload alone, then the workload during a whole conversion."""
     db = env.new_database()
     with env.connect(db) as conn:
@@ -145,7 +180,7 @@ def measure(env: BenchEnv, rows: int, seconds: int, clients: int, target_factor:
 
         def conversion() -> None:
             try:
-                result.update(_convert(env, db, 10_000, target_factor))
+                result.update(_convert(env, db, batch_size, target_factor))
             except BaseException as exc:
                 errors.append(exc)
             finally:
@@ -164,20 +199,32 @@ def measure(env: BenchEnv, rows: int, seconds: int, clients: int, target_factor:
     with env.connect("postgres") as conn:
         conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
     return {"before": before, "during": during, "result": result, "conversion_s": conversion_s,
-            "factor": target_factor}
+            "factor": target_factor, "batch_size": batch_size}
 
 
 def _point(m: dict[str, Any]) -> dict[str, Any]:
     """One point of the trade-off curve."""
     b, d, r = m["before"], m["during"], m["result"]
     drain = r.get("drain_before_lock") or {}
-    return {"throttle": "off" if m["factor"] is None else f"canary p99 <= {m['factor']:g}x",
+    name = "off" if m["factor"] is None else f"canary p90 <= {m['factor']:g}x"
+    if m["batch_size"] != 10_000:
+        name += f", batch {m['batch_size']:,}"
+    canary = r.get("canary_before") or {}
+    phases = r.get("phases") or []
+    # the canary's baseline (10 s of the application running beside a sleeping conversion) is not "during": it
+    # would dilute the throttled runs' p99 with quiet seconds the throttle-off run does not have
+    skip = next(((t, phases[i + 1][1]) for i, (n, t) in enumerate(phases) if n == "canary baseline"), None)
+    p99_during, p50_during = d.percentile(0.99, skip), d.percentile(0.5, skip)
+    return {"throttle": name, "batch_size": m["batch_size"], "baseline_s": r.get("baseline_s", 0.0),
+            "phase_p99": d.by_phase(phases[:-1], phases[-1][1]) if len(phases) > 1 else {},
             "factor": m["factor"], "conversion_s": m["conversion_s"],
-            "p99_before": b.percentile(0.99), "p99_during": d.percentile(0.99),
-            "p99_ratio": d.percentile(0.99) / max(b.percentile(0.99), 1e-9),
-            "p50_ratio": d.percentile(0.5) / max(b.percentile(0.5), 1e-9),
+            "p99_before": b.percentile(0.99), "p99_during": p99_during,
+            "p99_ratio": p99_during / max(b.percentile(0.99), 1e-9),
+            "p50_ratio": p50_during / max(b.percentile(0.5), 1e-9),
             "tps_ratio": d.tps / max(b.tps, 1e-9), "slowest_ms": max(d.latencies_us or [0]) / 1000.0,
-            "paused_s": r.get("paused_s", 0.0), "canary_p99_before": r.get("canary_p99_before"),
+            "paused_s": r.get("paused_s", 0.0), "canary_p90_before": canary.get("p90_ms"),
+            "canary_p99_before": canary.get("p99_ms"), "canary_p50_before": canary.get("p50_ms"),
+            "over": r.get("over", 0), "batches": r.get("batches", 0),
             "target_ms": r.get("target_ms"), "lock_ms": float(r["lock_ms"]),
             "locked_keys": r.get("locked_keys", 0), "drained": drain.get("entries", 0),
             "failures": b.failures + d.failures, "verify_ok": r.get("verify_ok")}
@@ -187,7 +234,14 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
     seconds = int(os.environ.get("BENCH_IMPACT_SECONDS", str(max(3, min(20, rows // 50_000)))))
     clients = int(os.environ.get("BENCH_IMPACT_CLIENTS", "4"))
     factors = [float(x) for x in os.environ.get("BENCH_THROTTLE_TARGETS", "3,2,1.5").split(",") if x.strip()]
-    runs = [measure(env, rows, seconds, clients, f) for f in [None, *factors]]
+    batches = [int(x) for x in os.environ.get("BENCH_IMPACT_BATCHES", "").split(",") if x.strip()]
+    plan: list[tuple[float | None, int]] = [(None, 10_000), *((f, 10_000) for f in factors),
+                                            *((None, b) for b in batches)]
+    order = list(range(len(plan)))
+    if os.environ.get("BENCH_IMPACT_REVERSE") == "1":
+        order.reverse()
+    measured = {i: measure(env, rows, seconds, clients, *plan[i]) for i in order}
+    runs = [measured[i] for i in range(len(plan))]  # reported in plan order (throttle off first) either way
     points = [_point(m) for m in runs]
     CURVE[:] = points  # for main()'s curve report
     plain = runs[0]
@@ -218,8 +272,10 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
             Figure(GROUP, f"application p99 during conversion, throttle {p['throttle']}", p["p99_during"], "ms",
                    baseline=p["p99_before"], baseline_name="p99 before", goal="<= 1.5x",
                    met=p["p99_ratio"] <= 1.5,
-                   note=f"canary p99 before {p['canary_p99_before'] or 0:.2f} ms, target {p['target_ms'] or 0:.2f} "
-                   f"ms; paused {p['paused_s']:.1f}s in total; tps {p['tps_ratio']:.2f}x of before"),
+                   note=f"canary before p50/p90/p99 {p['canary_p50_before'] or 0:.2f}/{p['canary_p90_before'] or 0:.2f}"
+                   f"/{p['canary_p99_before'] or 0:.2f} ms, target p90 {p['target_ms'] or 0:.2f} ms; over target "
+                   f"{p['over']} of {p['batches']} batches; paused {p['paused_s']:.1f}s in total; tps "
+                   f"{p['tps_ratio']:.2f}x of before"),
             Figure(GROUP, f"conversion time, throttle {p['throttle']} (the cost)", p["conversion_s"], "s",
                    baseline=off["conversion_s"], baseline_name="throttle off"),
             Figure(GROUP, f"swap: exclusive lock held, throttle {p['throttle']}", p["lock_ms"], "ms",
@@ -239,19 +295,31 @@ def write_curve(points: list[dict[str, Any]], rows: int, clients: int, stem: Pat
 
     off = points[0]
     lines = ["| throttle | conversion s | x of off | app p99 before ms | during ms | p99 ratio | p50 ratio | tps "
-             "ratio | slowest ms | paused s | canary base / target ms | swap lock ms | drained before lock / keys "
-             "under lock | verify |", "|" + "---|" * 14]
+             "ratio | slowest ms | paused s (batches over target) | canary p90 / p99 before, target ms | swap lock ms "
+             "| drained before lock / keys under lock | verify |", "|" + "---|" * 14]
     for p in points:
-        canary = f"{p['canary_p99_before']:.2f} / {p['target_ms']:.2f}" if p["target_ms"] else ""
+        canary = (f"{p['canary_p90_before']:.2f} / {p['canary_p99_before']:.2f}, {p['target_ms']:.2f}"
+                  if p["target_ms"] else "")
+        paused = f"{p['paused_s']:.1f} ({p['over']}/{p['batches']})" if p["target_ms"] else f"{p['paused_s']:.1f}"
         lines.append(
             f"| {p['throttle']} | {p['conversion_s']:.1f} | {p['conversion_s'] / off['conversion_s']:.2f}x | "
             f"{p['p99_before']:.1f} | {p['p99_during']:.1f} | {p['p99_ratio']:.2f}x | {p['p50_ratio']:.2f}x | "
-            f"{p['tps_ratio']:.2f}x | {p['slowest_ms']:.0f} | {p['paused_s']:.1f} | {canary} | {p['lock_ms']:.1f} | "
+            f"{p['tps_ratio']:.2f}x | {p['slowest_ms']:.0f} | {paused} | {canary} | {p['lock_ms']:.1f} | "
             f"{p['drained']:,} / {p['locked_keys']} | {'ok' if p['verify_ok'] else p['verify_ok']} |")
     md = stem.with_suffix(".md")
     png = stem.with_suffix(".png")
+    names = max((list(p["phase_p99"]) for p in points), key=len)  # the steps in order (a throttled run has most)
+    phase_lines = ["| throttle | p99 before | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for p in points:
+        cells = [f"{p['phase_p99'][n][0]:.1f} ({p['phase_p99'][n][1]})" if n in p["phase_p99"] else ""
+                 for n in names]
+        phase_lines.append(f"| {p['throttle']} | {p['p99_before']:.1f} | " + " | ".join(cells) + " |")
     md.write_text(f"# Application impact vs conversion time ({rows:,} rows, {clients} pgbench clients)\n\n"
-                  + "\n".join(lines) + f"\n\n![curve]({png.name})\n")
+                  + "\n".join(lines) + "\n\nConversion time includes the canary baseline where the throttle is "
+                  "on; the p99 and p50 during it do not ("
+                  + ", ".join(f"{p['throttle']}: {p['baseline_s']:.1f} s" for p in points if p["baseline_s"])
+                  + ").\n\nApplication p99 (ms) by the conversion step during which the transaction ended "
+                  "(transactions):\n\n" + "\n".join(phase_lines) + f"\n\n![curve]({png.name})\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [p["conversion_s"] for p in points]
     ys = [p["p99_ratio"] for p in points]

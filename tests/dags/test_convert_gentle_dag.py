@@ -1,4 +1,4 @@
-"""pg_partition_convert in gentle mode through dag.test(): ``throttle_p99_ratio`` set, capture on, an application
+"""pg_partition_convert in gentle mode through dag.test(): ``throttle_ratio`` set, capture on, an application
 writing (mirrored into a truth table) during the whole run.
 
 The run succeeds; plan_fill recorded the canary's baseline once in the conversion's state (so the mapped fills,
@@ -34,7 +34,7 @@ def test_gentle_mode_records_one_baseline_paces_every_step_and_loses_nothing(db,
     writer = MirroredWriter(db.dsn, rate=30, high=ROWS)
     writer.start()
     try:
-        result = run_dag(DAG_ID, _conf(db, capture_changes="on", throttle_p99_ratio=1.5))
+        result = run_dag(DAG_ID, _conf(db, capture_changes="on", throttle_ratio=1.5))
     finally:
         writer.stop_event.set()
         writer.join(30)

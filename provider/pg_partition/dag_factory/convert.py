@@ -14,7 +14,7 @@ and after_swap copies the rows written since (catch-up). Skipped tasks do not st
 use ``none_failed``).
 Replication lag gates the fill, the index builds and the swap: each of those tasks measures it once when it
 starts and defers to the triggerer only when it is over the limit; the fill, replay and index builds also check
-it before every batch (or partition) themselves. Gentle mode (``throttle_p99_ratio`` / ``throttle_target_ms``):
+it before every batch (or partition) themselves. Gentle mode (``throttle_ratio`` / ``throttle_target_ms``):
 plan_fill records a canary query's latency before any row is copied, and the fill, replay, index builds, verify
 and the swap's pre-lock replay pause between batches while the canary is slower than the target.
 
@@ -133,14 +133,15 @@ def _params(default_conn_id: str) -> dict[str, Param]:
                                "neighbours together and balanced by rows, one task per 500,000 rows (a small "
                                "table gets one; each task fills its partitions one after the other).", HOW_FAST,
                                minimum=1, maximum=64),
-        "throttle_p99_ratio": optional("number", "Gentle mode: keep a canary query's p99 latency (a primary-key "
-                                       "lookup on the table, every 50 ms) under this multiple of its p99 before "
-                                       "the conversion (measured once by plan_fill and kept in the conversion's "
-                                       "state), by pausing fill, replay, index builds and verify between batches "
-                                       "(at most 4x the batch time, 5 s each). E.g. 1.5. Empty: no throttle.",
+        "throttle_ratio": optional("number", "Gentle mode: keep a canary query's latency (its p90 over 5 s; a "
+                                       "primary-key lookup on the table, every 50 ms) under this multiple of its "
+                                       "p90 before the conversion (measured once over 10 s by plan_fill and kept "
+                                       "in the conversion's state; never under 3 ms), by pausing fill, replay, "
+                                       "index builds and verify between batches (at most 4x the batch time, 5 s "
+                                       "each). E.g. 1.5. Empty: no throttle.",
                                        HOW_FAST, minimum=1, examples=[1.5, 2]),
-        "throttle_target_ms": optional("number", "Gentle mode with an absolute target: keep the canary's p99 under "
-                                       "this many milliseconds (overrides throttle_p99_ratio). Empty: none.",
+        "throttle_target_ms": optional("number", "Gentle mode with an absolute target: keep the canary's p90 under "
+                                       "this many milliseconds (overrides throttle_ratio). Empty: none.",
                                        HOW_FAST, minimum=0.1, examples=[20]),
         "dry_run": required(False, "boolean", "Log every statement, change nothing.", SAFETY),
         "lock_timeout": required("2s", "string", "lock_timeout of every DDL on a live table (swap, attach); "
@@ -203,7 +204,7 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
     }
     batch_lag: dict[str, Any] = {**lag, "max_pause_seconds": "{{ params.max_pause_seconds }}",
                                  "lag_poll_seconds": LAG_POLL_SECONDS}
-    pace: dict[str, Any] = {"throttle_p99_ratio": "{{ params.throttle_p99_ratio }}",
+    pace: dict[str, Any] = {"throttle_ratio": "{{ params.throttle_ratio }}",
                             "throttle_target_ms": "{{ params.throttle_target_ms }}"}
     capture_mode = "{{ params.capture_changes }}"
     skip_ok = "none_failed"  # a skipped capture task (append-only) or catch-up (capture) must not stop the run

@@ -41,7 +41,7 @@ class ReplayChangesOperator(LatencyPaced, LagGated, PartitionBaseOperator):
     ``sleep_seconds`` pauses between batches to leave room for the application; ``max_lag_bytes`` /
     ``max_lag_seconds`` (and ``watch_slots``) gate every batch on replication lag, and a pause longer than
     ``max_pause_seconds`` defers to the replication-lag trigger, then replays on (the changelog is the
-    checkpoint: entries are removed only with the batch that applied them). ``throttle_p99_ratio`` /
+    checkpoint: entries are removed only with the batch that applied them). ``throttle_ratio`` /
     ``throttle_target_ms`` pace the batches by the application's latency (a canary query).
     """
 
@@ -52,10 +52,10 @@ class ReplayChangesOperator(LatencyPaced, LagGated, PartitionBaseOperator):
     def __init__(self, *, batch_size: int | str = 5000, until_backlog_below: int | str = 1000,
                  sleep_seconds: float | str = 0.0, skip_without_capture: bool = False, max_lag_bytes: Any = None,
                  max_lag_seconds: Any = None, watch_slots: Any = None, max_pause_seconds: Any = 600,
-                 lag_poll_seconds: float = 30.0, throttle_p99_ratio: Any = None, throttle_target_ms: Any = None,
+                 lag_poll_seconds: float = 30.0, throttle_ratio: Any = None, throttle_target_ms: Any = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
+        self.init_pace(throttle_ratio=throttle_ratio, throttle_target_ms=throttle_target_ms)
         self.batch_size = batch_size
         self.until_backlog_below = until_backlog_below
         self.sleep_seconds = sleep_seconds
@@ -111,12 +111,12 @@ class VerifyConversionOperator(LatencyPaced, LagGated, PartitionBaseOperator):
     def __init__(self, *, against: str = "intermediate", exclude_keys: Sequence[Any] | None = None,
                  max_ranges: int = 20, fail_on_mismatch: bool | str = True, skip_without_capture: bool = False,
                  max_lag_bytes: Any = None, max_lag_seconds: Any = None, watch_slots: Any = None,
-                 max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0, throttle_p99_ratio: Any = None,
+                 max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0, throttle_ratio: Any = None,
                  throttle_target_ms: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.init_lag(max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds, watch_slots=watch_slots,
                       max_pause_seconds=max_pause_seconds, lag_poll_seconds=lag_poll_seconds)
-        self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
+        self.init_pace(throttle_ratio=throttle_ratio, throttle_target_ms=throttle_target_ms)
         self.against = against
         self.exclude_keys = exclude_keys
         self.max_ranges = max_ranges

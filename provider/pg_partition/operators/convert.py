@@ -161,7 +161,7 @@ class ConvertPlanFillOperator(LatencyPaced, ConvertBaseOperator):
     """Plan the fill (safe high-water mark, one item per partition) and return the work groups to map over:
     at most ``fill_tasks`` groups of neighbouring partitions balanced by rows, one per ``rows_per_fill_task``
     rows (a small table gets one task; :func:`pg_partition.core.convert.fill.pack_items`). With
-    ``throttle_p99_ratio`` it also records the canary's baseline latency, before any row is copied."""
+    ``throttle_ratio`` it also records the canary's baseline latency, before any row is copied."""
 
     template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "where", "batch_size", "start",
                                       "stop", "replan", "wait_timeout", "fill_tasks", "rows_per_fill_task",
@@ -170,9 +170,9 @@ class ConvertPlanFillOperator(LatencyPaced, ConvertBaseOperator):
     def __init__(self, *, where: str | None = None, batch_size: int | str = 10_000, start: int | str | None = None,
                  stop: int | str | None = None, replan: bool | str = False, wait_timeout: float | str = 3600,
                  fill_tasks: int | str = DEFAULT_FILL_TASKS, rows_per_fill_task: int | str = DEFAULT_ROWS_PER_TASK,
-                 throttle_p99_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
+                 throttle_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
+        self.init_pace(throttle_ratio=throttle_ratio, throttle_target_ms=throttle_target_ms)
         self.where = where
         self.batch_size = batch_size
         self.start = start
@@ -218,9 +218,9 @@ class ConvertFillOperator(LatencyPaced, LagGated, ConvertBaseOperator):
     def __init__(self, *, item: dict[str, Any] | str | None = None, batch_size: int | str | None = None,
                  sleep_seconds: float | str = 0, max_lag_bytes: Any = None, max_lag_seconds: Any = None,
                  watch_slots: Any = None, max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0,
-                 throttle_p99_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
+                 throttle_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
+        self.init_pace(throttle_ratio=throttle_ratio, throttle_target_ms=throttle_target_ms)
         self.item = item
         self.batch_size = batch_size
         self.sleep_seconds = sleep_seconds
@@ -274,9 +274,9 @@ class ConvertIndexesOperator(LatencyPaced, LagGated, ConvertBaseOperator):
 
     def __init__(self, *, analyze: bool | str = True, max_lag_bytes: Any = None, max_lag_seconds: Any = None,
                  watch_slots: Any = None, max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0,
-                 throttle_p99_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
+                 throttle_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
+        self.init_pace(throttle_ratio=throttle_ratio, throttle_target_ms=throttle_target_ms)
         self.analyze = analyze
         self.init_lag(max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds, watch_slots=watch_slots,
                       max_pause_seconds=max_pause_seconds, lag_poll_seconds=lag_poll_seconds)
@@ -345,10 +345,10 @@ class ConvertSwapOperator(LatencyPaced, LagGated, ConvertBaseOperator):
     def __init__(self, *, batch_size: int | str = 10_000, catch_up_first: bool | str = True,
                  replay_until_backlog_below: int | str = 1000, max_lag_bytes: Any = None,
                  max_lag_seconds: Any = None, watch_slots: Any = None, max_pause_seconds: Any = 600,
-                 lag_poll_seconds: float = 30.0, throttle_p99_ratio: Any = None, throttle_target_ms: Any = None,
+                 lag_poll_seconds: float = 30.0, throttle_ratio: Any = None, throttle_target_ms: Any = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.init_pace(throttle_p99_ratio=throttle_p99_ratio, throttle_target_ms=throttle_target_ms)
+        self.init_pace(throttle_ratio=throttle_ratio, throttle_target_ms=throttle_target_ms)
         self.batch_size = batch_size
         self.catch_up_first = catch_up_first
         self.replay_until_backlog_below = replay_until_backlog_below

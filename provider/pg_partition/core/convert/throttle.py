@@ -1,12 +1,33 @@
 """Pacing by the application's latency: a canary query sampled in the background, and a throttle that slows
-the fill, the replay and the index builds down while the canary's p99 is above the user's target.
+the fill, the replay, the index builds and verify down while the canary says the application is suffering.
 
 Why a canary and not only replication lag: the application feels CPU, I/O and lock contention on the primary
-long before a standby falls behind. A canary run every ``interval`` seconds on its own connection measures
-what an application statement costs right now; the throttle compares the p99 of the last ``window`` samples
-with the target and sets a pause after each batch proportional to the batch's own duration (a duty cycle):
-doubled (plus a step) while the p99 is over the target, shrunk while it is well under it. The conversion
-therefore runs at full speed on an idle server and yields as much as the application needs on a busy one.
+long before a standby falls behind. A canary run every ``interval`` seconds on its own connection measures what
+an application statement costs right now.
+
+Why not its p99: the canary is a sub-millisecond key lookup, and the p99 of ~100 samples is its single slowest
+one, which on a shared server is whatever the scheduler did that second (the bench read 6, 150 and 40 ms for the
+same baseline while the p50 stayed 0.3-0.6 ms). So the throttle judges a robust *level* instead:
+
+- the **p90** of the window (the 10th slowest of 100 samples: one scheduling hiccup does not move it, a real
+  slowdown of a tenth of the statements does), or a probe still waiting longer than that (a lock queue is seen
+  while it lasts);
+- against a **baseline** measured once per conversion over BASELINE_SECONDS at twice the rate (hundreds of
+  samples), with a **floor**: the target is never under TARGET_FLOOR_MS nor closer than MIN_HEADROOM_MS to the
+  baseline, so a sub-millisecond baseline does not turn noise into violations;
+- with **hysteresis**: over the target the throttle backs off, under RELEASE (80%) of it it speeds up, in
+  between it holds;
+- and **AIMD** on the pause between batches (the pause is ``ratio`` times the last batch's duration, a duty
+  cycle): over the target the ratio doubles plus a step (the conversion's rate drops multiplicatively, fast,
+  like TCP on a loss); under the release mark it falls by one step (the rate comes back additively, slowly), so
+  the pace settles just under the target instead of stop/go oscillation. ``max_ratio`` bounds the cost: a
+  target the server cannot meet (load the conversion does not cause) slows the conversion at most
+  ``1 + max_ratio`` times instead of stalling it.
+
+The control rule is :class:`PauseController`, a pure function of the level series (unit-tested without a
+database or a clock). What a throttle cannot pace: the capture triggers run inside each application write and
+ANALYZE is one statement per partition; and a pause only spaces batches out, it does not shorten one (see
+bench/results/2026-11-29c-throttle.md for why the batch size is not shrunk here).
 
 The canary is read-only SQL the user chooses (``SELECT 1`` by default, or a typical application lookup); it runs
 in a READ ONLY transaction with a statement_timeout so it can neither change data nor hang. Dry runs never start
@@ -23,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -38,12 +59,36 @@ log = logging.getLogger("pg_partition")
 DEFAULT_CANARY = "SELECT 1"
 
 
-def p99(samples: list[float]) -> float:
-    """The 99th percentile (nearest rank) of ``samples``; 0 for none."""
+LEVEL_QUANTILE = 0.9  # the statistic the throttle judges (see the module docstring)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank, 0 < q < 1) of ``samples``; 0 for none."""
     if not samples:
         return 0.0
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def p99(samples: list[float]) -> float:
+    """The 99th percentile (nearest rank) of ``samples``; 0 for none."""
+    return percentile(samples, 0.99)
+
+
+def level(samples: list[float], in_flight_ms: float = 0.0) -> float:
+    """The throttle's statistic: the p90 of the completed samples, or the wait of a probe still running if that
+    is longer (a stalled application shows at once, not only once its probe returns)."""
+    return max(percentile(samples, LEVEL_QUANTILE), in_flight_ms)
+
+
+class LatencySource(Protocol):
+    """What the throttle reads: a :class:`Canary`, or a synthetic series in the unit tests."""
+
+    errors: int
+
+    def level(self) -> float: ...
+
+    def p99(self) -> float: ...
 
 
 class Canary:
@@ -106,65 +151,99 @@ class Canary:
                         self.samples.append(float(self.timeout_ms))
                     log.warning("canary query failed (%s); counted as %d ms", exc, self.timeout_ms)
 
+    def _snapshot(self) -> tuple[list[float], float | None]:
+        """The completed samples and how long the running probe has waited (None if none runs)."""
+        with self._lock:
+            waited = (time.perf_counter() - self._in_flight) * 1000.0 if self._in_flight is not None else None
+            return list(self.samples), waited
+
     def recent(self) -> list[float]:
         """The window's latencies; a probe still running counts with the time it has waited so far, so a stall
         (a lock queue, an I/O storm) is seen while it lasts, not only once the probe returns."""
-        with self._lock:
-            out = list(self.samples)
-            if self._in_flight is not None:
-                out.append((time.perf_counter() - self._in_flight) * 1000.0)
-            return out
+        done, waited = self._snapshot()
+        return done if waited is None else [*done, waited]
 
     def p99(self) -> float:
         return p99(self.recent())
 
+    def level(self) -> float:
+        """The throttle's statistic over the window (:func:`level`)."""
+        done, waited = self._snapshot()
+        return level(done, waited or 0.0)
 
-class LatencyThrottle:
-    """Call it between batches: it sleeps as long as the canary's p99 says the application needs.
 
-    ``target_ms``: the p99 to keep the canary under. ``max_pause``: the longest pause after one batch. The pause
-    is ``ratio * duration of the last batch`` (measured between calls); ``ratio`` doubles (+0.25) while the p99 is
-    over the target and shrinks by a third while it is under 80% of it, from 0 up to ``max_ratio`` (default 4: a
-    target the server cannot meet, e.g. because of load the conversion does not cause, slows the conversion at
-    most 5x instead of stalling it; the bench measured 24x with a cap of 20 on an overloaded machine).
-    """
+class PauseController:
+    """The control rule, pure: fed one latency level per batch, it returns the pause ratio (pause = ratio x the
+    batch's duration). Over ``target_ms``: ratio = min(max_ratio, 2 x ratio + step) (multiplicative back-off).
+    Under ``release`` x target: ratio = max(0, ratio - step) (additive recovery). In between: unchanged
+    (hysteresis: a level hovering at the target does not flip the pace every batch)."""
 
-    def __init__(self, canary: Canary, target_ms: float, *, max_ratio: float = 4.0, max_pause: float = 5.0,
-                 sleep: Callable[[float], None] = time.sleep, logger: logging.Logger | None = None) -> None:
+    def __init__(self, target_ms: float, *, max_ratio: float = 4.0, step: float = 0.25,
+                 release: float = 0.8) -> None:
         if target_ms <= 0:
             raise InvalidInputError(f"throttle target must be positive, got {target_ms} ms",
-                                    fix="e.g. 1.5x the p99 of the canary before the conversion")
-        self.canary, self.target_ms, self.max_ratio, self.max_pause = canary, target_ms, max_ratio, max_pause
-        self.sleep, self.logger = sleep, logger or log
-        self.max_paused = 0.0  # the longest single pause (bounded by max_pause)
+                                    fix="e.g. 1.5x the canary's level before the conversion")
+        if not 0 < release < 1 or step <= 0 or max_ratio <= 0:
+            raise InvalidInputError(f"throttle release must be in (0, 1), step and max_ratio > 0; got {release}, "
+                                    f"{step}, {max_ratio}", fix="e.g. release=0.8, step=0.25, max_ratio=4")
+        self.target_ms, self.max_ratio, self.step, self.release = target_ms, max_ratio, step, release
         self.ratio = 0.0
+        self.over = 0  # how many levels were over the target (for the summary)
+
+    def update(self, level_ms: float) -> float:
+        if level_ms > self.target_ms:
+            self.over += 1
+            self.ratio = min(self.max_ratio, self.ratio * 2 + self.step)
+        elif level_ms < self.release * self.target_ms:
+            self.ratio = max(0.0, self.ratio - self.step)
+        return self.ratio
+
+
+class LatencyThrottle:
+    """Call it between batches: it sleeps as long as the canary's level says the application needs.
+
+    ``target_ms``: the canary level (p90, see :func:`level`) to stay under. The pause after a batch is
+    ``ratio * duration of the last batch`` (measured between calls), at most ``max_pause`` seconds; ``ratio``
+    follows :class:`PauseController` (AIMD with hysteresis, at most ``max_ratio``: the conversion is slowed at
+    most ``1 + max_ratio`` times; the bench measured 24x with a cap of 20 on an overloaded machine).
+    """
+
+    def __init__(self, canary: LatencySource, target_ms: float, *, max_ratio: float = 4.0, max_pause: float = 5.0,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger | None = None) -> None:
+        self.control = PauseController(target_ms, max_ratio=max_ratio)
+        self.canary, self.target_ms, self.max_ratio, self.max_pause = canary, target_ms, max_ratio, max_pause
+        self.sleep, self.clock, self.logger = sleep, clock, logger or log
+        self.max_paused = 0.0  # the longest single pause (bounded by max_pause)
         self.paused = 0.0
         self.calls = 0
         self._last: float | None = None
 
+    @property
+    def ratio(self) -> float:
+        return self.control.ratio
+
     def __call__(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         busy = now - self._last if self._last is not None else 0.0
         self.calls += 1
-        current = self.canary.p99()
-        if current > self.target_ms:
-            self.ratio = min(self.max_ratio, self.ratio * 2 + 0.25)
-        elif current < 0.8 * self.target_ms:
-            self.ratio = self.ratio * 2 / 3 if self.ratio > 0.05 else 0.0
-        pause = min(self.max_pause, self.ratio * busy)
+        current = self.canary.level()
+        ratio = self.control.update(current)
+        pause = min(self.max_pause, ratio * busy)
         if pause > 0:
             if self.calls % 50 == 1:
-                self.logger.info("throttle: canary p99 %.1f ms (target %.1f ms), pausing %.0f ms per batch",
+                self.logger.info("throttle: canary p90 %.1f ms (target %.1f ms), pausing %.0f ms per batch",
                                  current, self.target_ms, pause * 1000)
             self.sleep(pause)
             self.paused += pause
             self.max_paused = max(self.max_paused, pause)
-        self._last = time.monotonic()
+        self._last = self.clock()
 
     def summary(self) -> str:
-        return (f"throttle: {self.calls} batches, paused {self.paused:.1f}s in total (longest pause "
-                f"{self.max_paused * 1000:.0f} ms), target canary p99 {self.target_ms:.1f} ms, last p99 "
-                f"{self.canary.p99():.1f} ms, canary errors {self.canary.errors}")
+        return (f"throttle: {self.calls} batches ({self.control.over} over target), paused {self.paused:.1f}s in "
+                f"total (longest pause {self.max_paused * 1000:.0f} ms), target canary p90 {self.target_ms:.1f} ms, "
+                f"last p90 {self.canary.level():.1f} ms, p99 {self.canary.p99():.1f} ms, canary errors "
+                f"{self.canary.errors}")
 
 
 def baseline_p99(canary: Canary, seconds: float = 2.0) -> float:
@@ -173,13 +252,20 @@ def baseline_p99(canary: Canary, seconds: float = 2.0) -> float:
     return canary.p99() or statistics.fmean(canary.recent() or [0.0])
 
 
+def baseline_level(canary: Canary, seconds: float = 2.0) -> float:
+    """The canary's level (p90) over ``seconds``: what :func:`target_from` multiplies."""
+    time.sleep(seconds)
+    return canary.level()
+
+
 # --- wiring: a baseline recorded once per conversion, a throttle per task ------------------------------------
 
 BASELINE_STEP = "throttle_baseline"
-BASELINE_SECONDS = 5.0
+BASELINE_SECONDS = 10.0  # at 40 lookups/s: ~400 samples, so the baseline's p90 is the 40th slowest, not noise
 OPERATOR_INTERVAL = 0.05  # each throttled task runs its own canary: 20 lookups/s, a 5 s window of 100 samples
 OPERATOR_WINDOW = 100
 MIN_HEADROOM_MS = 1.0  # a target never closer than this to the baseline: scheduler jitter alone is ~1 ms
+TARGET_FLOOR_MS = 3.0  # and never under this: a 0.4 ms lookup at 1.5x would make any hiccup a violation
 
 
 def canary_query(conn: psycopg.Connection[Any], table: catalog.QualifiedName) -> str:
@@ -211,30 +297,37 @@ def measure_baseline(ex: Executor, spec: ConvertSpec, connect: Callable[[], psyc
     with Canary(connect, query=query, interval=OPERATOR_INTERVAL / 2, window=max(10, int(seconds / 0.025))) as c:
         time.sleep(seconds)
         samples = c.recent()
-    value = {"p99_ms": round(p99(samples), 3), "p50_ms": round(statistics.median(samples or [0.0]), 3),
+    value = {"p90_ms": round(percentile(samples, LEVEL_QUANTILE), 3), "p99_ms": round(p99(samples), 3),
+             "p50_ms": round(statistics.median(samples or [0.0]), 3),
              "samples": len(samples), "seconds": seconds, "query": query,
              "measured_at": datetime.now(UTC).isoformat(timespec="seconds")}
     if not ex.dry_run:
         with ex.conn.transaction():
             put(ex, spec, BASELINE_STEP, value)
-    ex.logger.info("throttle baseline for %s: canary p99 %.2f ms, p50 %.2f ms over %d samples in %.0fs (`%s`)",
-                   spec.table, value["p99_ms"], value["p50_ms"], len(samples), seconds, query)
+    ex.logger.info("throttle baseline for %s: canary p90 %.2f ms (p50 %.2f, p99 %.2f) over %d samples in %.0fs "
+                   "(`%s`)", spec.table, value["p90_ms"], value["p50_ms"], value["p99_ms"], len(samples), seconds,
+                   query)
     return value
 
 
 def target_from(baseline: dict[str, Any] | None, *, ratio: float | None, target_ms: float | None) -> float:
-    """The canary p99 to keep under: ``target_ms`` when given, else ``ratio`` times the baseline p99 (at least
-    the baseline plus MIN_HEADROOM_MS: a sub-millisecond baseline times 1.5 is within noise)."""
+    """The canary level (p90) to keep under: ``target_ms`` when given, else ``ratio`` times the baseline's p90,
+    at least the baseline plus MIN_HEADROOM_MS and at least TARGET_FLOOR_MS (a sub-millisecond baseline times 1.5
+    is within noise). A baseline recorded before p90 was (only ``p99_ms``) is read as its p99."""
     if target_ms is not None:
         return target_ms
     if ratio is None or baseline is None:
-        raise InvalidInputError("a throttle needs throttle_target_ms or throttle_p99_ratio with a baseline",
-                                fix="set throttle_p99_ratio (e.g. 1.5) or throttle_target_ms (e.g. 20)")
+        raise InvalidInputError("a throttle needs throttle_target_ms or throttle_ratio with a baseline",
+                                fix="set throttle_ratio (e.g. 1.5) or throttle_target_ms (e.g. 20)")
     if ratio < 1:
-        raise InvalidInputError(f"throttle_p99_ratio must be at least 1, got {ratio}",
+        raise InvalidInputError(f"throttle_ratio must be at least 1, got {ratio}",
                                 fix="e.g. 1.5: keep the canary's p99 under 1.5x what it was before the conversion")
-    base = float(baseline["p99_ms"])
-    return max(ratio * base, base + MIN_HEADROOM_MS)
+    return target_for(float(baseline["p90_ms"] if "p90_ms" in baseline else baseline["p99_ms"]), ratio)
+
+
+def target_for(base_ms: float, ratio: float) -> float:
+    """``ratio`` x the baseline level, with the headroom and the floor of :func:`target_from`."""
+    return max(ratio * base_ms, base_ms + MIN_HEADROOM_MS, TARGET_FLOOR_MS)
 
 
 @contextmanager
@@ -252,10 +345,11 @@ def latency_throttle(ex: Executor, spec: ConvertSpec, connect: Callable[[], psyc
     query = (baseline or {}).get("query") or canary_query(ex.conn, spec.table)
     with Canary(connect, query=query, interval=OPERATOR_INTERVAL, window=OPERATOR_WINDOW) as canary:
         thr = LatencyThrottle(canary, target, max_ratio=max_ratio, max_pause=max_pause, logger=ex.logger)
-        ex.logger.info("throttle on: keeping the canary's p99 under %.1f ms (%s; baseline p99 %s ms); pauses of at "
+        ex.logger.info("throttle on: keeping the canary's p90 under %.1f ms (%s; baseline p90 %s ms); pauses of at "
                        "most %.1fs and %.0fx the batch time", target,
                        f"ratio {ratio}" if target_ms is None else "target_ms",
-                       (baseline or {}).get("p99_ms", "not measured"), max_pause, max_ratio)
+                       (baseline or {}).get("p90_ms", (baseline or {}).get("p99_ms", "not measured")), max_pause,
+                       max_ratio)
         try:
             yield thr
         finally:

@@ -134,12 +134,12 @@ def _params(default_conn_id: str) -> dict[str, Param]:
                                "table gets one; each task fills its partitions one after the other).", HOW_FAST,
                                minimum=1, maximum=64),
         "throttle_ratio": optional("number", "Gentle mode: keep a canary query's latency (its p90 over 5 s; a "
-                                       "primary-key lookup on the table, every 50 ms) under this multiple of its "
-                                       "p90 before the conversion (measured once over 10 s by plan_fill and kept "
-                                       "in the conversion's state; never under 3 ms), by pausing fill, replay, "
-                                       "index builds and verify between batches (at most 4x the batch time, 5 s "
-                                       "each). E.g. 1.5. Empty: no throttle.",
-                                       HOW_FAST, minimum=1, examples=[1.5, 2]),
+                                   "primary-key lookup on the table, every 50 ms) under this multiple of its "
+                                   "p90 before the conversion (measured once over 10 s by plan_fill and kept "
+                                   "in the conversion's state; never under 3 ms), by pausing fill, replay, "
+                                   "index builds and verify between batches (at most 4x the batch time, 5 s "
+                                   "each). E.g. 1.5. Empty: no throttle.",
+                                   HOW_FAST, minimum=1, examples=[1.5, 2]),
         "throttle_target_ms": optional("number", "Gentle mode with an absolute target: keep the canary's p90 under "
                                        "this many milliseconds (overrides throttle_ratio). Empty: none.",
                                        HOW_FAST, minimum=0.1, examples=[20]),

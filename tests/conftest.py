@@ -37,6 +37,7 @@ os.environ.update({
     "PG_PARTITION_CONFIG": str(REPO / "dags" / "pg_partition.yaml"),
 })
 
+from tests.support.feed import subscriber  # noqa: E402,F401  (the subscriber cluster fixture of the feed tests)
 from tools.stack import PgCluster, S3Server, free_port, postgres_conn_json  # noqa: E402
 
 

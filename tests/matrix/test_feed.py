@@ -25,101 +25,23 @@ subscriber's server log must hold no ERROR from a logical replication worker (ev
 
 from __future__ import annotations
 
-import random
-import tempfile
-import threading
-import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
-from pg_partition.core import archive, convert, rotate
-from pg_partition.core.convert import replay, verify
+from pg_partition.core import archive, rotate
 from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.execute import Executor
-from tools.stack import PgCluster
+from tests.support.convert import convert_all
+from tests.support.feed import App, wait_for
 
 TABLE = QualifiedName("public", "events")
 SEED_ROWS = 3000
 COLUMNS = "id, created_at, v, n"
-
-
-@pytest.fixture(scope="module")
-def subscriber() -> Iterator[PgCluster]:
-    """The warehouse: its own cluster of the version under test (PG_MAJOR), no standby."""
-    root = Path(tempfile.mkdtemp(prefix="pgp-sub-"))
-    root.chmod(0o755)
-    cluster = PgCluster.create(root / "pg", standby=False)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-class App(threading.Thread):
-    """The application: INSERT (recent rows), UPDATE (also of the partition column) and DELETE of any row it ever
-    wrote, at about ``rate`` tx/s; ``paused`` holds it between two transactions."""
-
-    def __init__(self, dsn: str, *, rate: float, high: int, table: str = "events", ahead_days: int = 0) -> None:
-        super().__init__(daemon=True)
-        self.dsn, self.rate, self.high, self.table, self.ahead_days = dsn, rate, high, table, ahead_days
-        self.rng = random.Random(15)
-        self.stop_event = threading.Event()
-        self.running = threading.Event()
-        self.running.set()
-        self.idle = threading.Event()
-        self.done = 0
-        self.errors: list[BaseException] = []
-
-    def pause(self) -> None:
-        self.running.clear()
-        self.idle.clear()
-        assert self.idle.wait(120), "the application did not reach a pause"
-
-    def resume(self) -> None:
-        self.running.set()
-
-    def run(self) -> None:
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                while not self.stop_event.is_set():
-                    if not self.running.is_set():
-                        self.idle.set()
-                        self.running.wait(0.1)
-                        continue
-                    self._one(conn)
-                    self.done += 1
-                    time.sleep(1.0 / self.rate)
-        except BaseException as exc:  # surfaced by the test
-            self.errors.append(exc)
-        finally:
-            self.idle.set()
-
-    def _one(self, conn: psycopg.Connection[Any]) -> None:
-        k = self.rng.randint(1, self.high)
-        kind = self.rng.choice(("insert", "update", "update", "move", "delete"))
-        if kind == "insert":
-            # ahead_days: one insert in four is dated that many days (up to two weeks more) ahead, past the
-            # partitions that exist, into the DEFAULT partition until rotation premakes its month
-            hours = -self.rng.randint(0, 48) if not self.ahead_days or self.rng.random() < 0.75 else \
-                24 * self.ahead_days + self.rng.randint(0, 24 * 13)
-            row = conn.execute(f"INSERT INTO {self.table} (created_at, v) VALUES (now() + %s * interval '1 hour', "
-                               "'i') RETURNING id", (hours,)).fetchone()
-            assert row is not None
-            self.high = max(self.high, int(row[0]))
-        elif kind == "update":
-            conn.execute(f"UPDATE {self.table} SET v = %s, n = n + 1 WHERE id = %s", (f"u{self.done}", k))
-        elif kind == "move":  # a row moving between partitions: DELETE + INSERT at the partition level
-            conn.execute(f"UPDATE {self.table} SET created_at = now() - %s * interval '1 hour', n = n + 1 "
-                         "WHERE id = %s", (self.rng.randint(0, 48), k))
-        else:
-            conn.execute(f"DELETE FROM {self.table} WHERE id = %s", (k,))
 
 
 def _rows(conn: psycopg.Connection[Any], query: str) -> list[tuple[Any, ...]]:
@@ -137,14 +59,6 @@ def _stats_errors(sub: psycopg.Connection[Any]) -> int:
 def _log_errors(log: Path, offset: int) -> list[str]:
     text = log.read_text(errors="replace")[offset:]
     return [line for line in text.splitlines() if "ERROR:" in line]
-
-
-def _wait(predicate: Any, *, what: str, timeout: float = 90, poll: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll)
 
 
 def test_the_feed_survives_convert_rotate_archive_restore_under_writes(
@@ -172,7 +86,7 @@ def test_the_feed_survives_convert_rotate_archive_restore_under_writes(
             assert not app.errors, app.errors
             want = _rows(conn, expected_query)
             try:
-                _wait(lambda: _rows(sub, "SELECT * FROM events") == want or _stats_errors(sub) > 0
+                wait_for(lambda: _rows(sub, "SELECT * FROM events") == want or _stats_errors(sub) > 0
                       or bool(_log_errors(log, log_offset)), what=f"the subscriber to catch up after {stage}")
             except AssertionError as exc:
                 have = set(_rows(sub, "SELECT * FROM events"))
@@ -191,27 +105,18 @@ def test_the_feed_survives_convert_rotate_archive_restore_under_writes(
         port = owner_db.cluster.primary.port
         sub.execute(f"CREATE SUBSCRIPTION feed_sub CONNECTION 'host=127.0.0.1 port={port} user=postgres "
                     f"dbname={owner_db.name}' PUBLICATION feed")
-        _wait(lambda: sub.execute("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'"
+        wait_for(lambda: sub.execute("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'"
                                   ).fetchone() == (0,), what="initial table sync")
         app.start()
-        _wait(lambda: app.done >= 10 or bool(app.errors), what="the application to write")
+        wait_for(lambda: app.done >= 10 or bool(app.errors), what="the application to write")
 
         # 1. conversion (capture on) with a DEFAULT partition, swap
         spec = ConvertSpec.create("events", "created_at", period="month", default_partition=True)
+        convert_all(conn, spec, capture=True, future=1, batch_size=1000)  # as the DAG: replay, verify gate, swap
         ex = Executor(conn)
-        convert.prep(ex, spec)
-        convert.add_partitions(ex, spec, cover_data=True, future=1)
-        assert convert.install_capture(ex, spec)["capture"]
-        for item in convert.plan_fill(ex, spec, batch_size=1000)["items"]:
-            convert.fill(ex, spec, item)
-        replay.replay(ex, spec.table, spec.intermediate, until_backlog_below=50)
-        convert.build_indexes(ex, spec)
-        convert.analyze(ex, spec)
-        assert verify.verify_conversion(ex, spec).ok
-        convert.finish_and_swap(ex, spec)
         assert catalog.describe(conn, TABLE).is_partitioned
         app.ahead_days = 62  # from now on some rows land in the DEFAULT partition (the conversion covered the rest)
-        _wait(lambda: conn.execute("SELECT count(*) >= 3 FROM events_default").fetchone() == (True,)
+        wait_for(lambda: conn.execute("SELECT count(*) >= 3 FROM events_default").fetchone() == (True,)
               or bool(app.errors), what="rows in the DEFAULT partition")
         settled("the conversion", "SELECT * FROM events")
 
@@ -257,7 +162,7 @@ def test_the_feed_survives_convert_rotate_archive_restore_under_writes(
         conn.execute("UPDATE events SET created_at = now(), v = 'moved' WHERE id = %s", (b,))
         conn.execute("DELETE FROM events WHERE id = %s", (c,))
         after = app.done
-        _wait(lambda: app.done >= after + 75 or bool(app.errors), what="writes after the restore")
+        wait_for(lambda: app.done >= after + 75 or bool(app.errors), what="writes after the restore")
         settled("writes after the restore", "SELECT * FROM events")
     finally:
         app.stop_event.set()
@@ -307,7 +212,7 @@ def test_replica_identity_using_index_is_carried_to_the_parent_and_every_partiti
         try:
             want = conn.execute(f"SELECT {cols} FROM orders ORDER BY code, created_at").fetchall()
             try:
-                _wait(lambda: sub.execute(f"SELECT {cols} FROM orders ORDER BY code, created_at").fetchall()
+                wait_for(lambda: sub.execute(f"SELECT {cols} FROM orders ORDER BY code, created_at").fetchall()
                       == want, what="the subscriber to equal the source")
             except AssertionError as exc:
                 have = set(sub.execute(f"SELECT {cols} FROM orders").fetchall())
@@ -323,29 +228,20 @@ def test_replica_identity_using_index_is_carried_to_the_parent_and_every_partiti
         port = owner_db.cluster.primary.port
         sub.execute(f"CREATE SUBSCRIPTION orders_sub CONNECTION 'host=127.0.0.1 port={port} user=postgres "
                     f"dbname={owner_db.name}' PUBLICATION orders_feed")
-        _wait(lambda: sub.execute("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'"
+        wait_for(lambda: sub.execute("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'"
                                   ).fetchone() == (0,), what="initial table sync")
         app.start()
         spec = ConvertSpec.create("orders", "created_at", period="month")
+        convert_all(conn, spec, capture=True, future=1, batch_size=1000)  # as the DAG: replay, verify gate, swap
         ex = Executor(conn)
-        convert.prep(ex, spec)
-        convert.add_partitions(ex, spec, cover_data=True, future=1)
-        assert convert.install_capture(ex, spec)["capture"]
-        for item in convert.plan_fill(ex, spec, batch_size=1000)["items"]:
-            convert.fill(ex, spec, item)
-        replay.replay(ex, spec.table, spec.intermediate, until_backlog_below=50)
-        convert.build_indexes(ex, spec)
-        convert.analyze(ex, spec)
-        assert verify.verify_conversion(ex, spec).ok
-        convert.finish_and_swap(ex, spec)
         after = app.done
-        _wait(lambda: app.done >= after + 50 or bool(app.errors), what="writes after the swap")
+        wait_for(lambda: app.done >= after + 50 or bool(app.errors), what="writes after the swap")
         same()
         cfg = rotate.RotationSpec(conn_id=owner_db.conn_id, table=QualifiedName("public", "orders"), premake=3,
                                   lock_timeout="2s", lock_retries=10)
         assert rotate.premake(ex, cfg, datetime.now(timezone.utc).date()).created
         after = app.done
-        _wait(lambda: app.done >= after + 25 or bool(app.errors), what="writes after the rotation")
+        wait_for(lambda: app.done >= after + 25 or bool(app.errors), what="writes after the rotation")
         same()
         identities = _identities(conn, "orders")
         parts = [name for name, _, _ in identities if name != "orders"]

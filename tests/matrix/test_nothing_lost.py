@@ -22,7 +22,6 @@ import pytest
 from psycopg import sql
 
 from pg_partition.core import convert
-from pg_partition.core.convert import replay, verify
 from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName
@@ -128,18 +127,7 @@ def test_every_key_shape_converts_under_a_writer_and_loses_nothing(owner_db, own
     writer = _start(owner_db, conn, KEY_SHAPES[shape], 1500)
     try:
         spec = ConvertSpec.create("shapes", "created_at", period="month")
-        ex = Executor(conn)
-        convert.preflight(conn, spec)
-        convert.prep(ex, spec)
-        convert.add_partitions(ex, spec, cover_data=True, future=1)
-        assert convert.install_capture(ex, spec)["capture"]
-        for item in convert.plan_fill(ex, spec, batch_size=500)["items"]:
-            convert.fill(ex, spec, item)
-        replay.replay(ex, spec.table, spec.intermediate, until_backlog_below=50)
-        convert.build_indexes(ex, spec)
-        convert.analyze(ex, spec)
-        assert verify.verify_conversion(ex, spec).ok
-        convert.finish_and_swap(ex, spec)
+        convert_all(conn, spec, capture=True, future=1, batch_size=500)  # as the DAG: replay, verify gate, swap
         after = writer.done
         while writer.done < after + 15 and not writer.errors:
             time.sleep(0.05)

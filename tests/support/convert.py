@@ -9,6 +9,7 @@ import psycopg
 from psycopg import sql
 
 from pg_partition.core import convert
+from pg_partition.core.convert import replay, verify
 from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.execute import Executor
@@ -61,7 +62,8 @@ def convert_all(
     capture: bool = False,
 ) -> dict[str, Any]:
     """Every step of a conversion in order, as the DAG runs them; returns each step's result. ``capture``: with
-    change capture (replay, then the swap applies the rest under its lock) instead of append-only catch-up."""
+    change capture (replay after the fill, verify as the gate, then the swap replays again and applies the rest
+    under its lock) instead of append-only catch-up."""
     ex = Executor(conn)
     out: dict[str, Any] = {"preflight": convert.preflight(conn, spec, where=where)}
     out["prep"] = convert.prep(ex, spec)
@@ -71,9 +73,14 @@ def convert_all(
         out["capture"] = convert.install_capture(ex, spec, "on", where=where)
     out["plan"] = convert.plan_fill(ex, spec, where=where, batch_size=batch_size)
     out["fill"] = [convert.fill(ex, spec, item) for item in out["plan"]["items"]]
+    if capture:  # as the DAG: replay what the application changed during the fill
+        out["replay"] = replay.replay(ex, spec.table, spec.intermediate, batch_size=batch_size,
+                                      until_backlog_below=50).as_dict()
     out["indexes"] = convert.build_indexes(ex, spec)
     out["analyze"] = convert.analyze(ex, spec)
     if capture:
+        out["verify"] = verify.verify_conversion(ex, spec)  # the DAG's gate before the swap
+        out["verify"].raise_if_mismatch()
         if swap:
             out["swap"] = convert.finish_and_swap(ex, spec, batch_size=batch_size)
     else:

@@ -90,10 +90,17 @@ def _lock(conn: psycopg.Connection[Any], table: QualifiedName, key: str, what: s
     try:
         yield
     finally:
-        if not conn.closed:
-            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-                conn.rollback()
-            conn.execute(f"SELECT pg_advisory_unlock{suffix}(hashtextextended(%s, 0))", (key,))
+        _unlock(conn, f"pg_advisory_unlock{suffix}", key)
+
+
+def _unlock(conn: psycopg.Connection[Any], function: str, key: str) -> None:
+    """Release a session advisory lock taken on ``hashtextextended(key, 0)``; a failed transaction is rolled back
+    first (the unlock cannot run inside it), and a closed connection has released it already."""
+    if conn.closed:
+        return
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+        conn.rollback()
+    conn.execute(f"SELECT {function}(hashtextextended(%s, 0))", (key,))
 
 
 def holds(conn: psycopg.Connection[Any], table: QualifiedName) -> bool:
@@ -246,10 +253,7 @@ def heavy_slot(conn: psycopg.Connection[Any], *, what: str, wait_seconds: float 
     try:
         yield
     finally:
-        if not conn.closed:
-            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-                conn.rollback()
-            conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (taken,))
+        _unlock(conn, "pg_advisory_unlock", taken)
 
 
 def heavy_step(func: Callable[P, R]) -> Callable[P, R]:

@@ -12,16 +12,9 @@ through a real subscriber, on every version as the non-superuser owner, is tests
 
 from __future__ import annotations
 
-import random
-import tempfile
-import threading
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
 from pg_partition.core import convert
 from pg_partition.core.convert import replay, verify
@@ -29,52 +22,11 @@ from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.execute import Executor
-from tools.stack import PgCluster
+from tests.support.feed import App, wait_for
 
 TABLE = QualifiedName("public", "events")
 CREATE = ("CREATE TABLE events (id bigserial PRIMARY KEY, created_at timestamptz NOT NULL, v text, "
           "n integer NOT NULL DEFAULT 0)")
-
-
-@pytest.fixture(scope="module")
-def subscriber() -> Iterator[PgCluster]:
-    root = Path(tempfile.mkdtemp(prefix="pgp-sub-"))
-    root.chmod(0o755)
-    cluster = PgCluster.create(root / "pg", standby=False)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-class Feeder(threading.Thread):
-    """The application: INSERT, UPDATE (also of the partition column) and DELETE at about ``rate`` tx/s."""
-
-    def __init__(self, dsn: str, *, rate: float, high: int) -> None:
-        super().__init__(daemon=True)
-        self.dsn, self.rate, self.high = dsn, rate, high
-        self.rng = random.Random(5)
-        self.stop_event = threading.Event()
-        self.done = 0
-        self.errors: list[BaseException] = []
-
-    def run(self) -> None:
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                while not self.stop_event.is_set():
-                    k = self.rng.randint(1, self.high)
-                    kind = self.rng.choice(("insert", "update", "update", "delete"))
-                    if kind == "insert":
-                        conn.execute("INSERT INTO events (created_at, v) VALUES (now() - %s * interval '1 day', 'i')",
-                                     (self.rng.randint(0, 80),))
-                    elif kind == "update":
-                        conn.execute("UPDATE events SET v = %s, n = n + 1 WHERE id = %s", (f"u{self.done}", k))
-                    else:
-                        conn.execute("DELETE FROM events WHERE id = %s", (k,))
-                    self.done += 1
-                    time.sleep(1.0 / self.rate)
-        except BaseException as exc:  # surfaced by the test
-            self.errors.append(exc)
 
 
 def _rows(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
@@ -96,14 +48,14 @@ def test_subscriber_keeps_applying_through_a_conversion_under_writes(db, conn, s
     with subscriber.primary.connect(autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{sub_db}"')
     sub = subscriber.primary.connect(sub_db, autocommit=True)
-    writer = Feeder(db.dsn, rate=20, high=3000)
+    writer = App(db.dsn, rate=20, high=3000)
     try:
         sub.execute("CREATE TABLE events (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, v text, "
                     "n integer NOT NULL DEFAULT 0)")
         port = db.cluster.primary.port
         sub.execute(f"CREATE SUBSCRIPTION feed_sub CONNECTION 'host=127.0.0.1 port={port} user=postgres "
                     f"dbname={db.name}' PUBLICATION feed")
-        _wait(lambda: sub.execute("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'"
+        wait_for(lambda: sub.execute("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'"
                                   ).fetchone() == (0,), what="initial table sync")
         writer.start()
 
@@ -124,14 +76,14 @@ def test_subscriber_keeps_applying_through_a_conversion_under_writes(db, conn, s
         convert.finish_and_swap(ex, spec)
         assert catalog.describe(conn, TABLE).is_partitioned
         after_swap = writer.done
-        _wait(lambda: writer.done >= after_swap + 40, what="writes after the swap")
+        wait_for(lambda: writer.done >= after_swap + 40, what="writes after the swap")
     finally:
         writer.stop_event.set()
         writer.join(30)
     try:
         assert not writer.errors, writer.errors
         # every change, before and after the swap, reaches the subscriber and applies there
-        _wait(lambda: _rows(sub) == _rows(conn) or _apply_errors(sub) > 0, what="the subscriber to catch up",
+        wait_for(lambda: _rows(sub) == _rows(conn) or _apply_errors(sub) > 0, what="the subscriber to catch up",
               timeout=90)
         assert _apply_errors(sub) == 0
         assert _rows(sub) == _rows(conn)
@@ -141,11 +93,3 @@ def test_subscriber_keeps_applying_through_a_conversion_under_writes(db, conn, s
         sub.close()
         with subscriber.primary.connect(autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{sub_db}" WITH (FORCE)')
-
-
-def _wait(predicate: Any, *, what: str, timeout: float = 60, poll: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll)

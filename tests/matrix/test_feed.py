@@ -37,7 +37,7 @@ from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.execute import Executor
 from tests.support.convert import convert_all
-from tests.support.feed import App, wait_for
+from tests.support.feed import App, subscribe, wait_for
 
 TABLE = QualifiedName("public", "events")
 SEED_ROWS = 3000
@@ -100,13 +100,9 @@ def test_the_feed_survives_convert_rotate_archive_restore_under_writes(
             app.resume()
 
     try:
-        sub.execute("CREATE TABLE events (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, v text, "
-                    "n integer NOT NULL DEFAULT 0)")
-        port = owner_db.cluster.primary.port
-        sub.execute(f"CREATE SUBSCRIPTION feed_sub CONNECTION 'host=127.0.0.1 port={port} user=postgres "
-                    f"dbname={owner_db.name}' PUBLICATION feed")
-        wait_for(lambda: sub.execute("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'"
-                                  ).fetchone() == (0,), what="initial table sync")
+        subscribe(sub, source=owner_db, publication="feed", name="feed_sub",
+                  create_table="CREATE TABLE events (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, "
+                               "v text, n integer NOT NULL DEFAULT 0)")
         app.start()
         wait_for(lambda: app.done >= 10 or bool(app.errors), what="the application to write")
 
@@ -223,13 +219,10 @@ def test_replica_identity_using_index_is_carried_to_the_parent_and_every_partiti
             app.resume()
 
     try:
-        sub.execute("CREATE TABLE orders (id bigint NOT NULL, created_at timestamptz NOT NULL, code text NOT NULL, "
-                    "v text, n integer NOT NULL DEFAULT 0, PRIMARY KEY (code, created_at))")
-        port = owner_db.cluster.primary.port
-        sub.execute(f"CREATE SUBSCRIPTION orders_sub CONNECTION 'host=127.0.0.1 port={port} user=postgres "
-                    f"dbname={owner_db.name}' PUBLICATION orders_feed")
-        wait_for(lambda: sub.execute("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'"
-                                  ).fetchone() == (0,), what="initial table sync")
+        subscribe(sub, source=owner_db, publication="orders_feed", name="orders_sub",
+                  create_table="CREATE TABLE orders (id bigint NOT NULL, created_at timestamptz NOT NULL, "
+                               "code text NOT NULL, v text, n integer NOT NULL DEFAULT 0, "
+                               "PRIMARY KEY (code, created_at))")
         app.start()
         spec = ConvertSpec.create("orders", "created_at", period="month")
         convert_all(conn, spec, capture=True, future=1, batch_size=1000)  # as the DAG: replay, verify gate, swap

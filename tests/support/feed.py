@@ -96,3 +96,15 @@ def wait_for(predicate: Any, *, what: str, timeout: float = 90, poll: float = 0.
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(poll)
+
+
+def subscribe(sub: psycopg.Connection[Any], *, create_table: str, source: Any, publication: str,
+              name: str) -> None:
+    """Create the subscriber's table, subscribe to ``publication`` of ``source`` (a test database: ``.cluster``
+    and ``.name``) and wait until the initial table sync is done."""
+    sub.execute(create_table)
+    port = source.cluster.primary.port
+    sub.execute(f"CREATE SUBSCRIPTION {name} CONNECTION 'host=127.0.0.1 port={port} user=postgres "
+                f"dbname={source.name}' PUBLICATION {publication}")
+    wait_for(lambda: sub.execute("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'").fetchone()
+             == (0,), what="initial table sync")

@@ -22,7 +22,7 @@ from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.db import catalog
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.execute import Executor
-from tests.support.feed import App, wait_for
+from tests.support.feed import App, subscribe, wait_for
 
 TABLE = QualifiedName("public", "events")
 CREATE = ("CREATE TABLE events (id bigserial PRIMARY KEY, created_at timestamptz NOT NULL, v text, "
@@ -50,13 +50,9 @@ def test_subscriber_keeps_applying_through_a_conversion_under_writes(db, conn, s
     sub = subscriber.primary.connect(sub_db, autocommit=True)
     writer = App(db.dsn, rate=20, high=3000)
     try:
-        sub.execute("CREATE TABLE events (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, v text, "
-                    "n integer NOT NULL DEFAULT 0)")
-        port = db.cluster.primary.port
-        sub.execute(f"CREATE SUBSCRIPTION feed_sub CONNECTION 'host=127.0.0.1 port={port} user=postgres "
-                    f"dbname={db.name}' PUBLICATION feed")
-        wait_for(lambda: sub.execute("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'"
-                                  ).fetchone() == (0,), what="initial table sync")
+        subscribe(sub, source=db, publication="feed", name="feed_sub",
+                  create_table="CREATE TABLE events (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, "
+                               "v text, n integer NOT NULL DEFAULT 0)")
         writer.start()
 
         spec = ConvertSpec.create("events", "created_at", period="month")

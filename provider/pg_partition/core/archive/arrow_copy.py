@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
-import shutil
-import tempfile
 import threading
 from collections.abc import Generator, Iterator
 from typing import Any
@@ -39,7 +36,7 @@ import psycopg
 from psycopg import sql
 
 from pg_partition.core.archive.policy import MiB
-from pg_partition.core.archive.tools import libpq_params
+from pg_partition.core.archive.tools import libpq_params, private_file, remove_private_file
 from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import PartitionError
 
@@ -80,22 +77,16 @@ def adbc_conninfo(conn: psycopg.Connection[Any]) -> Iterator[str]:
     if secrets.get("sslpassword"):
         raise AdbcUnavailable("the connection uses sslpassword, which only pg_dump's environment can carry")
     params = libpq_params(conn)
-    folder = None
+    path = None
     password = conn.info.password
     if password:
         if "\n" in password or "\r" in password:
             raise AdbcUnavailable("the password contains a line break (a passfile cannot hold it)")
-        folder = tempfile.mkdtemp(prefix="pg_partition_")  # mode 0700
-        path = os.path.join(folder, "pgpass")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(_passfile_line(password))
-        params["passfile"] = path
+        path = params["passfile"] = private_file("pgpass", _passfile_line(password))
     try:
         yield psycopg.conninfo.make_conninfo(**params)
     finally:
-        if folder:
-            shutil.rmtree(folder, ignore_errors=True)
+        remove_private_file(path)
 
 
 class Session:

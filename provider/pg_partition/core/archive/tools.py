@@ -150,6 +150,24 @@ def libpq_params(conn: psycopg.Connection[Any]) -> dict[str, str]:
     return params
 
 
+def private_file(name: str, content: str) -> str:
+    """Write a secret for a libpq client (a passfile, a service file) to a new file only this user can read (0600
+    in a fresh 0700 folder), so it never goes through argv, the environment of other processes or a log; returns
+    its path. The caller removes the folder (:func:`remove_private_file`) once the client has read it."""
+    folder = tempfile.mkdtemp(prefix="pg_partition_")  # mode 0700
+    path = os.path.join(folder, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(content)
+    return path
+
+
+def remove_private_file(path: str | None) -> None:
+    """Remove a :func:`private_file` and its folder (nothing when ``path`` is None or already gone)."""
+    if path:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
 def libpq_target(conn: psycopg.Connection[Any]) -> tuple[str, dict[str, str]]:
     """A conninfo for client programs reaching the same database, and an environment carrying the secrets.
 
@@ -169,12 +187,7 @@ def libpq_target(conn: psycopg.Connection[Any]) -> tuple[str, dict[str, str]]:
     if ssl_password:
         if "\n" in ssl_password or "\r" in ssl_password:
             raise ValueError("sslpassword contains a line break; it cannot be passed to pg_dump safely")
-        folder = tempfile.mkdtemp(prefix="pg_partition_")  # mode 0700
-        path = os.path.join(folder, "pg_service.conf")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(f"[{SERVICE}]\nsslpassword={ssl_password}\n")
-        env["PGSERVICEFILE"] = path
+        env["PGSERVICEFILE"] = private_file("pg_service.conf", f"[{SERVICE}]\nsslpassword={ssl_password}\n")
         params["service"] = SERVICE
     return psycopg.conninfo.make_conninfo(**params), env
 
@@ -183,7 +196,7 @@ def release_target(env: dict[str, str]) -> None:
     """Remove the private service file :func:`libpq_target` may have written (idempotent)."""
     path = env.get("PGSERVICEFILE")
     if path and os.path.basename(os.path.dirname(path)).startswith("pg_partition_"):
-        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        remove_private_file(path)
 
 
 def dump_pattern(table: QualifiedName) -> str:

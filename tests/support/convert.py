@@ -72,18 +72,21 @@ def convert_all(
     if capture:
         out["capture"] = convert.install_capture(ex, spec, "on", where=where)
     out["plan"] = convert.plan_fill(ex, spec, where=where, batch_size=batch_size)
-    out["fill"] = [convert.fill(ex, spec, item) for item in out["plan"]["items"]]
+    # one work group on two sessions, as a DAG fill task copies its partitions
+    group = {"key": "all", "items": out["plan"]["items"]}
+    out["fill"] = convert.fill(ex, spec, group, sessions=2)["items"]
     if capture:  # as the DAG: replay what the application changed during the fill
         out["replay"] = replay.replay(ex, spec.table, spec.intermediate, batch_size=batch_size,
                                       until_backlog_below=50).as_dict()
     out["indexes"] = convert.build_indexes(ex, spec)
-    out["analyze"] = convert.analyze(ex, spec)
-    if capture:
-        out["verify"] = verify.verify_conversion(ex, spec)  # the DAG's gate before the swap
+    if capture:  # the DAG's gate before the swap, with ANALYZE alongside on a second session
+        out["verify"] = verify.verify_conversion(ex, spec, analyze=True)
+        out["analyze"] = out["verify"].analyzed
         out["verify"].raise_if_mismatch()
         if swap:
             out["swap"] = convert.finish_and_swap(ex, spec, batch_size=batch_size)
     else:
+        out["analyze"] = convert.analyze(ex, spec)
         out["catch_up_before"] = convert.catch_up(ex, spec)
         if swap:
             out["swap"] = convert.swap(ex, spec)

@@ -1,8 +1,8 @@
 """The ``pg_partition_convert`` DAG: online conversion of one table to RANGE partitions, triggered with params.
 
     preflight -> prep -> add_partitions (+ change capture) -> plan_fill -> fill (mapped: a few tasks, each
-    filling neighbouring partitions, labelled by the partitions it covers) -> replay -> indexes (+ analyze)
-    -> verify -> swap -> after_swap -> report
+    filling neighbouring partitions on 2 sessions, labelled by the partitions it covers) -> replay -> indexes
+    -> verify (+ ANALYZE alongside) -> swap -> after_swap -> report
 
 Two modes, chosen by ``capture_changes`` (auto means on: whether a table takes UPDATE/DELETE cannot be told from
 statistics that reset on failover or pg_stat_reset; off is append-only mode, an explicit opt-in). With capture:
@@ -22,8 +22,10 @@ Why these 11 nodes and not more: every task is a process that parses the DAG fil
 under ``dags test``, seconds under a scheduler), so a node that has nothing to do in most runs is a cost users pay
 on every run. Capture installation rides with add_partitions and the catch-up/verify-after pair is one task
 (pg_partition.operators.convert_flow); the lag checks ride with the steps they gate (there are no sensor tasks);
-ANALYZE rides with the deferred index builds; the fill is packed into at most ``fill_tasks`` mapped tasks (one
-for a small table) instead of one per partition. Replay and verify stay separate because replay may defer for lag
+ANALYZE runs alongside verify, on a second session (both read the copy, one core each); the fill is packed
+into at most ``fill_tasks`` mapped tasks (one for a small table) instead of one per partition, each copying its
+partitions on ``fill_sessions`` sessions (so ``dags test``, which runs tasks one at a time, and a scheduler both
+keep two cores busy). Replay and verify stay separate because replay may defer for lag
 and verify is the gate before the swap. Indexes are deferred by default (``defer_indexes``): the fill copies into
 partitions that carry only the key, and the other indexes are built per partition afterwards, on 2 sessions.
 
@@ -72,7 +74,7 @@ writing it. pgslice's prep / add_partitions / fill / analyze / swap / fill --swa
   publications, replication slots);
 * a **fill** of batches that *replace* their key range (safe to repeat) with a checkpoint committed in the same
   transaction, in a few mapped tasks (one for a small table, up to `fill_tasks`), each filling neighbouring
-  partitions in sequence, resumable after a kill; it never misses a row committed late with a
+  partitions on `fill_sessions` sessions, resumable after a kill; it never misses a row committed late with a
   lower id (it waits for in-flight writers to fix a safe high-water mark);
 * a **swap** in one short transaction under `lock_timeout` (with retries) that restores index names, moves
   sequence ownership or restarts identity, keeps grants, carries publication membership
@@ -83,7 +85,7 @@ writing it. pgslice's prep / add_partitions / fill / analyze / swap / fill --swa
   applies the last changes under its lock. Without capture (append-only tables), **catch-up** copies rows
   written after the fill instead;
 * **deferred indexes** (`defer_indexes`, on by default): the fill copies into partitions that carry only the
-  key; the other indexes are then built per partition on 2 sessions and attached, followed by ANALYZE;
+  key; the other indexes are then built per partition on 2 sessions and attached; ANALYZE runs alongside verify;
 * **replication-lag gating** (`max_lag_bytes`, `max_lag_seconds`, `watch_slots`): the fill, the index builds and
   the swap check lag when they start and defer to the triggerer (no worker waits) while it is over the limit;
   the fill, replay and index builds pause before a batch while lag is high and defer when the pause exceeds
@@ -129,10 +131,13 @@ def _params(default_conn_id: str) -> dict[str, Param]:
         "defer_indexes": required(True, "boolean", "Create only the key before the fill and build the other "
                                   "indexes per partition after it, 2 at a time (a much faster fill; off: every "
                                   "index is maintained during the fill, as pgslice does).", HOW_FAST),
-        "fill_tasks": required(4, "integer", "At most this many fill tasks: the partitions are packed, "
-                               "neighbours together and balanced by rows, one task per 500,000 rows (a small "
-                               "table gets one; each task fills its partitions one after the other).", HOW_FAST,
+        "fill_tasks": required(2, "integer", "At most this many fill tasks: the partitions are packed, "
+                               "neighbours together and balanced by rows, one task per 1,000,000 rows (a small "
+                               "table gets one). Under a scheduler the tasks run side by side.", HOW_FAST,
                                minimum=1, maximum=64),
+        "fill_sessions": required(2, "integer", "Database sessions per fill task, each copying one partition at a "
+                                  "time (so at most fill_tasks x fill_sessions copy at once; 1 for the gentlest "
+                                  "fill).", HOW_FAST, minimum=1, maximum=16),
         "throttle_ratio": optional("number", "Gentle mode: keep a canary query's latency (its p90 over 5 s; a "
                                    "primary-key lookup on the table, every 50 ms) under this multiple of its "
                                    "p90 before the conversion (measured once over 10 s by plan_fill and kept "
@@ -232,18 +237,18 @@ def build_convert_dag(dag_id: str = "pg_partition_convert", default_conn_id: str
         # the fill, indexes and swap defer when lag is over the limit, and a retry resumes from the checkpoints
         fill = ConvertFillOperator.partial(
             task_id="fill", map_index_template=FILL_LABEL, batch_size="{{ params.batch_size }}",
-            sleep_seconds="{{ params.sleep_seconds }}", retries=5, max_active_tis_per_dag=4, **batch_lag, **pace,
-            **common,
+            sleep_seconds="{{ params.sleep_seconds }}", sessions="{{ params.fill_sessions }}", retries=5,
+            max_active_tis_per_dag=4, **batch_lag, **pace, **common,
         ).expand(item=plan.output)
         replay = ReplayChangesOperator(
             task_id="replay", conn_id=common["conn_id"], table=common["table"], dry_run=common["dry_run"],
             batch_size="{{ params.batch_size }}", until_backlog_below="{{ params.replay_until_backlog_below }}",
             skip_without_capture=True, retries=3, trigger_rule=skip_ok, **batch_lag, **pace)
-        indexes = ConvertIndexesOperator(task_id="indexes", retries=2, trigger_rule=skip_ok, **batch_lag, **pace,
-                                         **common)
-        verify = VerifyConversionOperator(
+        indexes = ConvertIndexesOperator(task_id="indexes", analyze=False, retries=2, trigger_rule=skip_ok,
+                                         **batch_lag, **pace, **common)
+        verify = VerifyConversionOperator(  # the gate in both modes; ANALYZE runs alongside on a second session
             task_id="verify", conn_id=common["conn_id"], table=common["table"], dry_run=common["dry_run"],
-            against="intermediate", retries=1, trigger_rule=skip_ok, **batch_lag, **pace)  # gate in both modes
+            against="intermediate", analyze=True, retries=1, trigger_rule=skip_ok, **batch_lag, **pace)
         swap = ConvertSwapOperator(task_id="swap", batch_size="{{ params.batch_size }}",
                                    replay_until_backlog_below="{{ params.replay_until_backlog_below }}",
                                    retries=3, **batch_lag, **pace, **common)  # all_success: verify is its gate

@@ -101,15 +101,18 @@ class VerifyConversionOperator(LatencyPaced, LagGated, PartitionBaseOperator):
     captured changes excluded. ``against="retired"`` (after): ``<table>_retired`` vs ``<table>``; pass
     ``exclude_keys`` for keys the application changed since the swap. The replay (or catch-up) that verify runs
     first is gated like the replay task: replication lag (``max_lag_*``; a long pause defers to the trigger and
-    verify starts over) and the application-latency throttle.
+    verify starts over) and the application-latency throttle. ``analyze`` (before the swap only): ANALYZE the
+    intermediate on a second session while verify reads (the convert DAG's statistics step; see
+    ``verify_conversion``).
     """
 
     template_fields: Sequence[str] = (*PartitionBaseOperator.template_fields, "against", "exclude_keys",
-                                      "fail_on_mismatch", *LAG_FIELDS, *PACE_FIELDS)
+                                      "fail_on_mismatch", "analyze", *LAG_FIELDS, *PACE_FIELDS)
     ui_color = "#d5f0e3"
 
     def __init__(self, *, against: str = "intermediate", exclude_keys: Sequence[Any] | None = None,
                  max_ranges: int = 20, fail_on_mismatch: bool | str = True, skip_without_capture: bool = False,
+                 analyze: bool | str = False,
                  max_lag_bytes: Any = None, max_lag_seconds: Any = None, watch_slots: Any = None,
                  max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0, throttle_ratio: Any = None,
                  throttle_target_ms: Any = None, **kwargs: Any) -> None:
@@ -122,6 +125,7 @@ class VerifyConversionOperator(LatencyPaced, LagGated, PartitionBaseOperator):
         self.max_ranges = max_ranges
         self.fail_on_mismatch = fail_on_mismatch
         self.skip_without_capture = skip_without_capture
+        self.analyze = analyze
 
     def pair(self) -> tuple[QualifiedName, QualifiedName]:
         table = self.qualified_table
@@ -133,11 +137,14 @@ class VerifyConversionOperator(LatencyPaced, LagGated, PartitionBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         source, dest = self.pair()
+        analyze = parse_bool(self.analyze, what="analyze") and self.against == "intermediate"
         with self.connection() as conn:
             if self.skip_without_capture and not convert.capture_on(conn, self.qualified_table):
                 # append-only mode: the live table keeps taking rows the copy only gets from catch-up, so a
                 # whole-table comparison would report those as differences
                 raise AirflowSkipException(f"the conversion of {self.table} runs without change capture")
+            if self.is_dry_run and analyze:  # rehearse the statistics statements too
+                convert.analyze(self.sql_executor(conn), ConvertSpec(self.qualified_table, "-"))
             if self.is_dry_run and not (catalog.exists(conn, source) and catalog.exists(conn, dest)):
                 self.log.info("[dry run] would verify %s against %s", dest, source)
                 return {"dry_run": True, "source": str(source), "dest": str(dest)}
@@ -147,7 +154,7 @@ class VerifyConversionOperator(LatencyPaced, LagGated, PartitionBaseOperator):
                 with self.throttle() as gate, self.paced(ex, spec) as pace:
                     try:
                         report = verify.verify_conversion(ex, spec, max_ranges=self.max_ranges,
-                                                          throttle=chain(gate, pace))
+                                                          throttle=chain(gate, pace), analyze=analyze)
                     except LagPauseTooLong as exc:
                         self.defer_for_lag(exc)
                         raise  # pragma: no cover - defer raises TaskDeferred

@@ -20,7 +20,13 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from pg_partition.core import convert
 from pg_partition.core.convert import capture
-from pg_partition.core.convert.fill import DEFAULT_FILL_TASKS, DEFAULT_ROWS_PER_TASK, pack_items
+from pg_partition.core.convert.fill import (
+    DEFAULT_FILL_SESSIONS,
+    DEFAULT_FILL_TASKS,
+    DEFAULT_ROWS_PER_TASK,
+    FILL_SESSIONS,
+    pack_items,
+)
 from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.convert.throttle import chain
 from pg_partition.core.lag import LagPauseTooLong
@@ -213,10 +219,11 @@ class ConvertFillOperator(LatencyPaced, LagGated, ConvertBaseOperator):
     """
 
     template_fields: Sequence[str] = (*ConvertBaseOperator.template_fields, "batch_size", "sleep_seconds",
-                                      *LAG_FIELDS, *PACE_FIELDS)
+                                      "sessions", *LAG_FIELDS, *PACE_FIELDS)
 
     def __init__(self, *, item: dict[str, Any] | str | None = None, batch_size: int | str | None = None,
-                 sleep_seconds: float | str = 0, max_lag_bytes: Any = None, max_lag_seconds: Any = None,
+                 sleep_seconds: float | str = 0, sessions: int | str = DEFAULT_FILL_SESSIONS,
+                 max_lag_bytes: Any = None, max_lag_seconds: Any = None,
                  watch_slots: Any = None, max_pause_seconds: Any = 600, lag_poll_seconds: float = 30.0,
                  throttle_ratio: Any = None, throttle_target_ms: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -224,6 +231,7 @@ class ConvertFillOperator(LatencyPaced, LagGated, ConvertBaseOperator):
         self.item = item
         self.batch_size = batch_size
         self.sleep_seconds = sleep_seconds
+        self.sessions = sessions
         self.init_lag(max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds, watch_slots=watch_slots,
                       max_pause_seconds=max_pause_seconds, lag_poll_seconds=lag_poll_seconds)
 
@@ -243,10 +251,12 @@ class ConvertFillOperator(LatencyPaced, LagGated, ConvertBaseOperator):
         return self._fill((event or {}).get("result"))
 
     def _fill(self, gate: dict[str, Any] | None) -> dict[str, Any]:
+        sessions = bounded_int(self.sessions, what="fill_sessions", bounds=FILL_SESSIONS, default=DEFAULT_FILL_SESSIONS)
         with self.run_step() as (ex, spec), self.throttle() as throttle, self.paced(ex, spec) as pace:
             try:
                 result = convert.fill(ex, spec, self.item, batch_size=parse_int(self.batch_size),
-                                      sleep_seconds=parse_float(self.sleep_seconds), throttle=chain(throttle, pace))
+                                      sleep_seconds=parse_float(self.sleep_seconds), throttle=chain(throttle, pace),
+                                      sessions=sessions)
             except LagPauseTooLong as exc:
                 self.defer_for_lag(exc)
                 raise  # pragma: no cover - defer raises TaskDeferred
@@ -262,7 +272,7 @@ class ConvertFillOperator(LatencyPaced, LagGated, ConvertBaseOperator):
 
 class ConvertIndexesOperator(LatencyPaced, LagGated, ConvertBaseOperator):
     """Build deferred indexes per partition and attach them (nothing to build without ``defer_indexes``), then
-    ANALYZE (``analyze``, default on): one task, because both are short, repeatable and run back to back.
+    ANALYZE (``analyze``, default on; the convert DAG turns it off here and runs ANALYZE alongside verify).
 
     Replication lag is checked once at the start (over the limit: defer at once) and before each partition's
     index build, and paced between partitions by the latency throttle when one is set; a pause longer than

@@ -36,6 +36,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pg_partition.core.convert.parallel import map_sessions, serialized
 from pg_partition.core.convert.preflight import read_only, validate_where
 from pg_partition.core.convert.spec import ConvertSpec, checkpoint, forget, put
 from pg_partition.core.db import catalog, state
@@ -334,8 +335,10 @@ def plan_fill(
 
 # --- work groups (fewer, fatter fill tasks) -------------------------------------------------------------------
 
-DEFAULT_FILL_TASKS = 4
-DEFAULT_ROWS_PER_TASK = 500_000
+DEFAULT_FILL_TASKS = 2
+DEFAULT_ROWS_PER_TASK = 1_000_000
+DEFAULT_FILL_SESSIONS = 2  # sessions per fill task (fill(sessions=...)); tasks x sessions copy at once
+FILL_SESSIONS = (1, 16)
 
 
 def pack_items(items: list[dict[str, Any]], *, max_tasks: int = DEFAULT_FILL_TASKS,
@@ -440,13 +443,21 @@ def fill(
     throttle: Throttle | None = None,
     progress_every: float = 10.0,
     plan: dict[str, Any] | None = None,
+    sessions: int = 1,
+    connect: Callable[[], psycopg.Connection[Any]] | None = None,
 ) -> dict[str, Any]:
-    """Fill one planned item (a partition or an id chunk), a work group of them (:func:`pack_items`, one after
-    the other), or every item when ``item`` is None.
+    """Fill one planned item (a partition or an id chunk), a work group of them (:func:`pack_items`), or every
+    item when ``item`` is None.
 
     Resumes from the item's checkpoint. ``throttle`` is called before every batch, with no transaction open
     (replication-lag gating plugs in here: it may sleep as long as it needs, or raise to stop the item, which then
     resumes from its checkpoint); ``sleep_seconds`` is a fixed pause between batches.
+
+    ``sessions``: a group's items are filled on up to this many sessions at once (``connect`` opens them;
+    default: the same parameters as ``ex.conn``). Partitions are independent (each has its own key range,
+    checkpoint and table), so two sessions copy in about half the time while the server has a second core
+    idle; this session keeps the table's lock and the heavy-step slot for all of them, and the throttle is
+    called by one session at a time (a pause holds them all).
     """
     if batch_size is not None:
         batch_size = bounded_int(batch_size, what="batch_size", bounds=BATCH_SIZE, fix="pass e.g. batch_size=10000")
@@ -462,8 +473,12 @@ def fill(
     if item is None or (isinstance(item, dict) and "items" in item):  # every item, or one work group's
         group = plan["items"] if item is None else item["items"]
         started = time.monotonic()
-        results = [fill(ex, spec, it, batch_size=batch_size, sleep_seconds=sleep_seconds, throttle=throttle,
-                        progress_every=progress_every, plan=plan) for it in group]
+        pace = serialized(throttle) if sessions > 1 else throttle
+        results = map_sessions(
+            ex, list(group), lambda wex, it: _fill_one(wex, spec, plan, it, batch_size=batch_size,
+                                                        sleep_seconds=sleep_seconds, throttle=pace,
+                                                        progress_every=progress_every),
+            workers=max(1, int(sessions)), connect=connect)
         out = {"items": results, "rows": sum(r["rows"] for r in results),
                "batches": sum(r["batches"] for r in results), "resumed": any(r["resumed"] for r in results),
                "seconds": round(time.monotonic() - started, 3)}
@@ -472,6 +487,15 @@ def fill(
         ex.logger.info("fill %s: %d item(s), %s rows in %.1fs", item["key"], len(results), f"{out['rows']:,}",
                        out["seconds"])
         return {"key": item["key"], **out}
+    return _fill_one(ex, spec, plan, item, batch_size=batch_size, sleep_seconds=sleep_seconds, throttle=throttle,
+                     progress_every=progress_every)
+
+
+def _fill_one(ex: Executor, spec: ConvertSpec, plan: dict[str, Any], item: dict[str, Any] | str, *,
+              batch_size: int | None, sleep_seconds: float, throttle: Throttle | None,
+              progress_every: float) -> dict[str, Any]:
+    """Fill one planned item from its checkpoint, batch by batch (the caller holds the locks)."""
+    conn = ex.conn
     wanted = item if isinstance(item, str) else item["key"]
     found = next((it for it in plan["items"] if it["key"] == wanted), None)
     if found is None:

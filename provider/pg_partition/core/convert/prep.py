@@ -428,7 +428,16 @@ def analyze(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WORKERS,
     """Statistics for every partition and for the parent (the inheritance statistics the planner uses for the
     whole table). Before PostgreSQL 18, ``ANALYZE parent`` already processes every partition, so one statement
     does both (analyzing partitions first would sample everything twice); from 18 (``ANALYZE ONLY`` arrived
-    there, not in 17), the partitions on up to ``workers`` sessions at once and then ``ANALYZE ONLY parent``."""
+    there, not in 17), the partitions on up to ``workers`` sessions at once and then ``ANALYZE ONLY parent``.
+    The DAG runs it alongside the pre-swap verify (:func:`analyze_unlocked` on a second session)."""
+    return analyze_unlocked(ex, spec, workers=workers, connect=connect, throttle=throttle)
+
+
+def analyze_unlocked(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WORKERS,
+                     connect: Callable[[], psycopg.Connection[Any]] | None = None,
+                     throttle: Callable[[], None] | None = None) -> dict[str, Any]:
+    """:func:`analyze` without taking the table's lock or a heavy-step slot: for a step that holds both on
+    another session of the same run (verify runs it in the background, see ``verify_conversion``)."""
     conn = ex.conn
     with timed(ex, spec, "analyze") as info:
         parent_name = _live_parent(conn, spec)

@@ -37,7 +37,8 @@ def _copied(conn: psycopg.Connection[Any]) -> int:
     return sum(int(v.get("rows", 0)) for v in state.checkpoints(conn, SPEC.job_id, "fill").values())
 
 
-def test_sigkill_mid_fill_then_resume_loses_and_duplicates_nothing(db, conn) -> None:
+@pytest.mark.parametrize("sessions", [1, 2])
+def test_sigkill_mid_fill_then_resume_loses_and_duplicates_nothing(db, conn, sessions) -> None:
     ex = _ready(conn, 40_000)
     plan = convert.plan_fill(ex, SPEC, batch_size=500)
     code = (
@@ -47,7 +48,7 @@ def test_sigkill_mid_fill_then_resume_loses_and_duplicates_nothing(db, conn) -> 
         "from pg_partition.core.db.execute import Executor\n"
         f"conn = psycopg.connect({db.dsn!r}, autocommit=True)\n"
         "spec = ConvertSpec.create('activities', 'created_at', period='month')\n"
-        "convert.fill(Executor(conn), spec, sleep_seconds=0.05)\n"
+        f"convert.fill(Executor(conn), spec, sleep_seconds=0.05, sessions={sessions})\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT)
     try:
@@ -72,8 +73,35 @@ def test_sigkill_mid_fill_then_resume_loses_and_duplicates_nothing(db, conn) -> 
     pending = convert.fill_status(conn, SPEC)["pending"]
     assert pending and len(pending) < len(plan["items"])
 
-    result = convert.fill(ex, SPEC)
+    result = convert.fill(ex, SPEC, sessions=sessions)
     assert any(r["resumed"] for r in result["items"])
+    assert row_hash(conn, "activities_intermediate") == row_hash(conn, "activities")
+    assert convert.fill_status(conn, SPEC)["pending"] == []
+
+
+def test_a_failing_session_stops_the_group_and_a_retry_completes_it(conn) -> None:
+    """Two sessions copy a work group; an error in one (here the throttle, as a lag pause that gives up would)
+    stops both, is raised to the caller, and leaves checkpoints that agree with the data; the retry finishes."""
+    ex = _ready(conn, 30_000)
+    plan = convert.plan_fill(ex, SPEC, batch_size=500)
+    group = {"key": "all", "items": plan["items"]}
+    calls = []
+    sessions_seen = set()
+
+    def lagging() -> None:  # from the 12th batch on, every batch finds lag over the limit
+        calls.append(1)
+        sessions_seen.add(threading.current_thread().name)
+        if len(calls) >= 12:
+            raise RuntimeError("replication lag pause gave up")
+
+    with pytest.raises(RuntimeError, match="pause gave up"):
+        convert.fill(ex, SPEC, group, sessions=2, throttle=lagging)
+    assert len(sessions_seen) == 2  # both sessions were copying
+    copied_rows = conn.execute("SELECT count(*) FROM activities_intermediate").fetchone()[0]
+    assert 0 < copied_rows < 30_000 and copied_rows == _copied(conn)
+    assert convert.fill_status(conn, SPEC)["pending"]  # the other session stopped too, items are left
+    result = convert.fill(ex, SPEC, group, sessions=2)
+    assert result["rows"] == 30_000 and any(r["resumed"] for r in result["items"])
     assert row_hash(conn, "activities_intermediate") == row_hash(conn, "activities")
     assert convert.fill_status(conn, SPEC)["pending"] == []
 

@@ -121,3 +121,33 @@ def test_refusals(conn, filled) -> None:
         verify.verify(conn, filled, SRC)
     with conn.transaction(), pytest.raises(InvalidInputError, match="outside a transaction"):
         verify.verify(conn, SRC, filled)
+
+
+@pytest.mark.parametrize("extra", ["", ", doc json, spot point"])
+def test_row_hash_form_and_its_fallback_both_catch_a_changed_value(conn, extra) -> None:
+    """Rows are hashed by value (hash_record_extended, PostgreSQL 14+) when every column type has an extended
+    hash function, else by their text; a type without one (json, point) is found by PostgreSQL itself, even when
+    the table is empty, and both forms find a changed value in any column."""
+    conn.execute(f"CREATE TABLE ev (id bigint PRIMARY KEY, amount numeric(12,2), tags text[], at timestamptz NOT "
+                 f"NULL{extra})")
+    conn.execute(f"CREATE TABLE ev_copy (id bigint NOT NULL, amount numeric(12,2), tags text[], at timestamptz NOT "
+                 f"NULL{extra}) PARTITION BY RANGE (at)")
+    conn.execute("CREATE TABLE ev_copy_2024 PARTITION OF ev_copy FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
+    conn.execute("ALTER TABLE ev_copy_2024 ADD PRIMARY KEY (id)")
+    src, dest = QualifiedName("public", "ev"), QualifiedName("public", "ev_copy")
+    binary = conn.info.server_version >= 140000 and not extra
+    form = verify.row_hash(conn, src, ["id", "amount", "tags", "at"] + (["doc", "spot"] if extra else []))
+    assert form.as_string(conn).startswith("hash_record_extended(" if binary else "hashtextextended(")
+    values = ", '{\"a\": 1}', point(1, 2)" if extra else ""
+    conn.execute(f"INSERT INTO ev SELECT g, g * 1.5, ARRAY['a', g::text], '2024-03-01'::timestamptz + g * "
+                 f"interval '1 hour'{values} FROM generate_series(1, 500) g")
+    conn.execute("INSERT INTO ev_copy SELECT * FROM ev")
+    assert verify.verify(conn, src, dest).ok
+    changes = ["UPDATE ev_copy SET tags = ARRAY['a', 'b'] WHERE id = 7"]
+    if extra:
+        changes.append("UPDATE ev_copy SET doc = '{\"a\": 2}' WHERE id = 9")
+    for change in changes:
+        conn.execute(change)
+    report = verify.verify(conn, src, dest)
+    assert not report.ok
+    assert sorted(d.low for p in report.mismatches for d in p.diffs) == ([7, 9] if extra else [7])

@@ -41,6 +41,7 @@ from pg_partition.core.db.catalog import QualifiedName
 from pg_partition.core.db.errors import InvalidInputError, StateError, VerificationError
 from pg_partition.core.db.execute import Executor, log
 from pg_partition.core.db.locks import heavy_step, locks_table
+from pg_partition.core.db.names import ColumnKind
 
 INTEGER_TYPES = {"smallint", "integer", "bigint"}
 FANOUT = 16
@@ -282,10 +283,13 @@ class _Checker:
             elif part.range_from is not None and part.range_to is not None:
                 whens.append(sql.SQL("WHEN {} THEN {}").format(self._range(part.range_from, part.range_to),
                                                                 sql.Literal(i)))
+        targets: dict[int, int] | None = None  # width_bucket number -> index in ``parts`` (-2: not asked for)
         if parts and parts[0] is None:
             bucket: sql.Composable = sql.SQL("0")
         elif self.column is None:
             bucket = sql.SQL("-1")
+        elif (by_bounds := self._bucket_by_bounds(parts)) is not None:
+            bucket, targets = by_bounds
         else:
             # ranges of partitions not asked for (``only``) still claim their rows, so DEFAULT gets only the rest
             for part in self.dest_info.partitions:
@@ -307,10 +311,49 @@ class _Checker:
             "{row} AS h FROM {t} AS t{pending}{fence}) AS s GROUP BY 1"
         ).format(b=bucket, excl=excl, row=self.row, t=self.source_table, pending=pending,
                  fence=fence)).fetchall()
-        out = {int(r[0]): (int(r[1]), str(r[2]), int(r[3])) for r in rows}
+        if targets is None:
+            out = {int(r[0]): (int(r[1]), str(r[2]), int(r[3])) for r in rows}
+        else:  # several buckets (a gap between partitions, below the first, above the last, NULL) may go to one
+            out = {}
+            for b, n, h, excluded in rows:
+                at = targets.get(b, default_at) if b is not None else default_at
+                was = out.get(at, (0, "0", 0))
+                out[at] = (was[0] + int(n), str(int(was[1]) + int(h)), was[2] + int(excluded))
         outside = out.pop(-1, (0, "0", 0))[0] if default_at == -1 else 0
         out.pop(-2, None)
         return out, outside
+
+    def _bucket_by_bounds(self, parts: Sequence[catalog.Partition | None]
+                          ) -> tuple[sql.Composable, dict[int, int]] | None:
+        """The source rows' partition as ``width_bucket`` over every partition bound (sorted by the server, in
+        the column's type), and which bucket is which partition; None when the column is not a date/timestamp.
+
+        Why not a CASE over the ranges: PostgreSQL aggregates a grouping on ``width_bucket`` in its parallel
+        workers (partial aggregation, one row per bucket and worker reaches the leader), while a CASE of 30
+        ranges made it sort all rows in the workers and aggregate them in the leader; it is also one binary
+        search per row instead of up to 30 comparisons."""
+        assert self.column is not None
+        col = self.dest_info.column(self.column)
+        kind = ColumnKind.from_type(col.type) if col is not None else None
+        ranged = [p for p in self.dest_info.partitions if not p.is_default and p.range_from is not None
+                  and p.range_to is not None]
+        if kind is None or not ranged or any(v.upper() in ("MINVALUE", "MAXVALUE") for p in ranged
+                                             for v in (p.range_from or "", p.range_to or "")):
+            return None
+        typ = sql.SQL(kind.value)
+        rows = self.conn.execute(sql.SQL(
+            "WITH b AS (SELECT array_agg(DISTINCT v ORDER BY v) AS a FROM unnest({all}::{t}[]) AS v) "
+            "SELECT b.a::text[], array_agg(width_bucket(lo, b.a) ORDER BY i) "
+            "FROM b, unnest({los}::{t}[]) WITH ORDINALITY AS p(lo, i) GROUP BY b.a"
+        ).format(all=sql.Literal([v for p in ranged for v in (p.range_from, p.range_to)]), t=typ,
+                 los=sql.Literal([p.range_from for p in ranged]))).fetchone()
+        assert rows is not None
+        bounds, numbers = rows
+        index = {p.name: i for i, p in enumerate(parts) if p is not None}
+        targets = {int(n): index.get(p.name, -2) for p, n in zip(ranged, numbers, strict=True)}
+        bucket = sql.SQL("width_bucket({c}, {a}::{t}[])").format(
+            c=sql.Identifier("t", self.column), a=sql.Literal(list(bounds)), t=typ)
+        return bucket, targets
 
     def dest_totals(self, parts: Sequence[catalog.Partition | None]) -> dict[int, tuple[int, str]]:
         """One scan of the destination grouped by ``tableoid``: {index in ``parts``: (rows, hash)}."""

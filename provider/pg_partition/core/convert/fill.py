@@ -462,6 +462,7 @@ def fill(
     if batch_size is not None:
         batch_size = bounded_int(batch_size, what="batch_size", bounds=BATCH_SIZE, fix="pass e.g. batch_size=10000")
     sleep_seconds = bounded_float(sleep_seconds, what="sleep_seconds", bounds=SLEEP_SECONDS)
+    sessions = bounded_int(sessions, what="sessions", bounds=FILL_SESSIONS, fix="pass e.g. sessions=2")
     conn = ex.conn
     if plan is None:
         if ex.dry_run and not state.ready(conn):
@@ -478,7 +479,7 @@ def fill(
             ex, list(group), lambda wex, it: _fill_one(wex, spec, plan, it, batch_size=batch_size,
                                                         sleep_seconds=sleep_seconds, throttle=pace,
                                                         progress_every=progress_every),
-            workers=max(1, int(sessions)), connect=connect)
+            workers=sessions, connect=connect)
         out = {"items": results, "rows": sum(r["rows"] for r in results),
                "batches": sum(r["batches"] for r in results), "resumed": any(r["resumed"] for r in results),
                "seconds": round(time.monotonic() - started, 3)}

@@ -218,7 +218,8 @@ SELECT extract(epoch FROM clock_timestamp())::float8,
        coalesce(array_agg(extract(epoch FROM clock_timestamp() - a.query_start)::float8 * 1000)
                 FILTER (WHERE a.state = 'active'), '{}')
   FROM pg_stat_activity a
- WHERE a.backend_type = 'client backend' AND a.datname = current_database() AND a.pid <> pg_backend_pid()
+ WHERE (a.backend_type = 'client backend' OR a.backend_type IS NULL)  -- NULL: a session hidden from this role
+   AND a.datname = current_database() AND a.pid <> pg_backend_pid()
    AND a.application_name IS DISTINCT FROM %s"""
 
 

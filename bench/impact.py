@@ -10,13 +10,20 @@ it), the slowest application transaction during the conversion (an upper bound o
 application statement saw; goal <= lock_timeout + the p99 before), and the swap's ACCESS EXCLUSIVE hold (from the
 grant to the end of the COMMIT; goal <= 100 ms). Per-transaction latencies come from pgbench's own log (``-l``).
 
-The trade-off curve: the same measurement with the throttle off and at each canary target of
-BENCH_THROTTLE_TARGETS (default "3,2,1.5": multiples of the canary's p90 before the conversion, see
-pg_partition.core.convert.throttle), each on a fresh copy of the table with its own "before" baseline in the same
-run; ``main()`` writes the curve's table and chart (conversion time vs application p99) next to the other results
-(BENCH_IMPACT_OUT names them). BENCH_IMPACT_BATCHES (e.g. "2500") adds throttle-off points with other fill batch
-sizes (default 10,000), to see whether the batch size itself is what hurts the application. BENCH_IMPACT_REVERSE=1
-measures the points in reverse order (throttled first), so two runs alternate the order.
+The trade-off curve: the same measurement with the throttle off and at each target of BENCH_THROTTLE_TARGETS
+(default "3,2,1.5": multiples of the judged signal's p90 before the conversion, see
+pg_partition.core.convert.throttle: the application's running statements when the throttle can see them, else the
+canary; "canary:1.5" forces the canary, to compare the two in one run), each on a fresh copy of the table with its
+own "before" baseline in the same run, and the workload once more "after" the conversion (BENCH_IMPACT_AFTER=0 skips
+it): a "before" and an "after" that disagree show the drift of a shared machine's load. ``main()`` writes the
+curve's table and chart (conversion time vs application p99) next to the other results (BENCH_IMPACT_OUT names
+them). BENCH_IMPACT_BATCHES (e.g. "2500") adds throttle-off points with other fill batch sizes (default 10,000).
+BENCH_IMPACT_REVERSE=1 measures the points in reverse order (throttled first), so two runs alternate the order.
+
+Which signal sees what the application feels: BENCH_IMPACT_SIGNALS=<file name> runs the workload alone and beside
+a synthetic fill at several duty cycles and session counts, samples every candidate signal (the sleeping canary,
+a burst canary, the running statements' age, Little's law) and writes each phase's application p50/p99 beside
+them (bench/results/<file name>).
 
 Run alone: ``.venv/bin/python -m bench.impact`` (BENCH_ROWS).
 """
@@ -199,9 +206,14 @@ def measure(env: BenchEnv, rows: int, seconds: int, clients: int, target_factor:
         if errors:
             raise errors[0]
         conversion_s = ended[0] - started
+        # the same workload once more after the conversion: on a shared machine the load of others drifts, and a
+        # "before" and an "after" that disagree say the ratio carries that drift, not the conversion's cost
+        after = Workload(env, db, rows, clients, Path(tmp))
+        if os.environ.get("BENCH_IMPACT_AFTER", "1") == "1":
+            after.run_for(seconds)
     with env.connect("postgres") as conn:
         conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
-    return {"before": before, "during": during, "result": result, "conversion_s": conversion_s,
+    return {"before": before, "during": during, "after": after, "result": result, "conversion_s": conversion_s,
             "factor": target_factor, "batch_size": batch_size, "signal": signal}
 
 
@@ -224,6 +236,9 @@ def _point(m: dict[str, Any]) -> dict[str, Any]:
             "factor": m["factor"], "conversion_s": m["conversion_s"],
             "p99_before": b.percentile(0.99), "p99_during": p99_during,
             "p99_ratio": p99_during / max(b.percentile(0.99), 1e-9),
+            "p99_after": m["after"].percentile(0.99),
+            "p99_ratio_both": p99_during / max((b.percentile(0.99) + m["after"].percentile(0.99)) / 2, 1e-9)
+            if m["after"].transactions else None,
             "p50_ratio": p50_during / max(b.percentile(0.5), 1e-9),
             "tps_ratio": d.tps / max(b.tps, 1e-9), "slowest_ms": max(d.latencies_us or [0]) / 1000.0,
             "paused_s": r.get("paused_s", 0.0), "canary_p90_before": canary.get("p90_ms"),
@@ -305,16 +320,17 @@ def write_curve(points: list[dict[str, Any]], rows: int, clients: int, stem: Pat
     import matplotlib.pyplot as plt
 
     off = points[0]
-    lines = ["| throttle | conversion s | x of off | app p99 before ms | during ms | p99 ratio | p50 ratio | tps "
-             "ratio | slowest ms | paused s (batches over target) | judged p90 before, target ms | swap lock ms "
-             "| drained before lock / keys under lock | verify |", "|" + "---|" * 14]
+    lines = ["| throttle | conversion s | x of off | app p99 before ms | during ms | after ms | p99 ratio | ratio to "
+             "mean(before, after) | p50 ratio | tps ratio | slowest ms | paused s (batches over target) | judged p90 "
+             "before, target ms | swap lock ms | drained before lock / keys under lock | verify |", "|" + "---|" * 16]
     for p in points:
         canary = (f"{p['signal_base'] or 0:.2f}, {p['target_ms']:.2f}"
                   if p["target_ms"] else "")
         paused = f"{p['paused_s']:.1f} ({p['over']}/{p['batches']})" if p["target_ms"] else f"{p['paused_s']:.1f}"
         lines.append(
             f"| {p['throttle']} | {p['conversion_s']:.1f} | {p['conversion_s'] / off['conversion_s']:.2f}x | "
-            f"{p['p99_before']:.1f} | {p['p99_during']:.1f} | {p['p99_ratio']:.2f}x | {p['p50_ratio']:.2f}x | "
+            f"{p['p99_before']:.1f} | {p['p99_during']:.1f} | {p['p99_after']:.1f} | {p['p99_ratio']:.2f}x | "
+            f"{p['p99_ratio_both'] or 0:.2f}x | {p['p50_ratio']:.2f}x | "
             f"{p['tps_ratio']:.2f}x | {p['slowest_ms']:.0f} | {paused} | {canary} | {p['lock_ms']:.1f} | "
             f"{p['drained']:,} / {p['locked_keys']} | {'ok' if p['verify_ok'] else p['verify_ok']} |")
     md = stem.with_suffix(".md")

@@ -1,37 +1,50 @@
-"""Pacing by the application's latency: a canary query sampled in the background, and a throttle that slows
-the fill, the replay, the index builds and verify down while the canary says the application is suffering.
+"""Pacing by the application's latency: a signal sampled in the background (the application's own running
+statements, or a canary query), and a throttle that slows the fill, the replay, the index builds and verify down
+while the signal says the application is suffering.
 
-Why a canary and not only replication lag: the application feels CPU, I/O and lock contention on the primary
-long before a standby falls behind. A canary run every ``interval`` seconds on its own connection measures what
-an application statement costs right now.
+**Which signal** (measured: bench/results/2026-11-29e-signals-run{1,2}.md). On a saturated 2-core server, four
+pgbench clients flat out and a synthetic fill at duty cycles 1.0/0.5/0.25: the application's p99 rose up to 2.6x,
+while
 
-Why not its p99: the canary is a sub-millisecond key lookup, and the p99 of ~100 samples is its single slowest
-one, which on a shared server is whatever the scheduler did that second (the bench read 6, 150 and 40 ms for the
-same baseline while the p50 stayed 0.3-0.6 ms). So the throttle judges a robust *level* instead:
+- the *sleeping canary* (one key lookup every 50 ms) read 0.4-1.6x, unrelated to the application: a process
+  waking from sleep gets the CPU at once, so it does not queue like busy sessions do;
+- a *burst canary* (:class:`BurstCanary`, 20 lookups pipelined back to back) did not do better (p50 0.4-1.0x, p90
+  0.7-1.4x); a likely reason (not measured): 20 lookups are still short next to a scheduler slice;
+- the **age of the application's running statements** (:class:`WorkloadMeter`: ``now() - query_start`` of every
+  active client session in ``pg_stat_activity`` that is not the conversion's, sampled 20 times a second) moved
+  with it: p90 1.1-3.6x where the application's p99 was 1.0-2.6x, and lowest in the phase the application felt least
+  in both runs. A sample lands
+  on a statement with a chance proportional to its duration, so the ages weigh the slow statements the p99 is made
+  of, and a statement stuck behind a lock shows while it waits;
+- Little's law (running statements / commits per second from ``pg_stat_database``) followed the mean, but the
+  statistics are flushed about once a second per backend: too slow and too coarse to steer batches of 0.1 s.
 
-- the **p90** of the window (the 10th slowest of 100 samples: one scheduling hiccup does not move it, a real
-  slowdown of a tenth of the statements does), or a probe still waiting longer than that (a lock queue is seen
-  while it lasts);
-- against a **baseline** measured once per conversion over BASELINE_SECONDS at twice the rate (hundreds of
-  samples), with a **floor**: the target is never under TARGET_FLOOR_MS nor closer than MIN_HEADROOM_MS to the
-  baseline, so a sub-millisecond baseline does not turn noise into violations;
-- with **hysteresis**: over the target the throttle backs off, under RELEASE (80%) of it it speeds up, in
-  between it holds;
-- and **AIMD** on the pause between batches (the pause is ``ratio`` times the last batch's duration, a duty
-  cycle): over the target the ratio doubles plus a step (the conversion's rate drops multiplicatively, fast,
-  like TCP on a loss); under the release mark it falls by one step (the rate comes back additively, slowly), so
-  the pace settles just under the target instead of stop/go oscillation. ``max_ratio`` bounds the cost: a
-  target the server cannot meet (load the conversion does not cause) slows the conversion at most
-  ``1 + max_ratio`` times instead of stalling it.
+So the throttle judges the **statement age p90** over the last second when the baseline saw enough application
+statements (MIN_APP_AGES), and falls back to the canary otherwise: no application was running, or it runs as
+another role and this role can see neither its state nor its query_start (a role that is neither superuser nor a
+member of ``pg_read_all_stats``, e.g. through ``pg_monitor``, which RDS's master user is; the baseline logs the
+hidden sessions and says so). The conversion's own sessions are left out by ``application_name = pg_partition``,
+which the hook sets on every connection. Limit: an application statement that is always long (a report running
+minutes) sits in the ages; the baseline holds it too, so the target rises with it rather than pausing forever.
+
+**The rule**, for either signal: its p90 (one scheduling hiccup does not move it; a real slowdown of a tenth of
+the statements does), against a target of ``max(ratio x baseline p90, baseline + MIN_HEADROOM_MS,
+TARGET_FLOOR_MS)``; the baseline measured once per conversion over BASELINE_SECONDS; **hysteresis** (over the
+target the throttle backs off, under RELEASE (80%) of it it speeds up, in between it holds) and **AIMD** on the
+pause between batches (the pause is ``ratio`` times the last batch's duration, a duty cycle): over the target the
+ratio doubles plus a step, under the release mark it falls by one step, so the pace settles just under the target.
+``max_ratio`` bounds the cost: a target the server cannot meet slows the conversion at most ``1 + max_ratio``
+times instead of stalling it (on a saturated server a 1.5x target may need more than the default 4: see
+tests/unit/core/convert/test_throttle.py's saturated-server model).
 
 The control rule is :class:`PauseController`, a pure function of the level series (unit-tested without a
 database or a clock). What a throttle cannot pace: the capture triggers run inside each application write and
 ANALYZE is one statement per partition; and a pause only spaces batches out, it does not shorten one (see
 bench/results/2026-11-29c-throttle.md for why the batch size is not shrunk here).
 
-The canary is read-only SQL the user chooses (``SELECT 1`` by default, or a typical application lookup); it runs
-in a READ ONLY transaction with a statement_timeout so it can neither change data nor hang. Dry runs never start
-it (the fill calls the throttle only when it really copies).
+The canary is read-only SQL the user chooses (``SELECT 1`` by default, or a typical application lookup); it and
+the meter run in READ ONLY sessions with a statement_timeout so they can neither change data nor hang. Dry runs
+never start them (the fill calls the throttle only when it really copies).
 """
 
 from __future__ import annotations

@@ -344,12 +344,26 @@ class WorkloadMeter:
     def p99(self) -> float:
         return percentile(self.ages(), 0.99)
 
+    def level_last(self, seconds: float) -> float | None:
+        """The level over the samples of the last ``seconds`` (a pause), leaving out its first two samples (their
+        statements may have queued behind the batch before it); None when that leaves fewer than four samples."""
+        n = int(seconds / self.interval) - 2
+        if n < 4:
+            return None
+        w = self._window()[-n:]
+        return percentile([a for t in w for a in t[4]], LEVEL_QUANTILE) if len(w) >= 4 else None
+
 
 class PauseController:
     """The control rule, pure: fed one latency level per batch, it returns the pause ratio (pause = ratio x the
     batch's duration). Over ``target_ms``: ratio = min(max_ratio, 2 x ratio + step) (multiplicative back-off).
     Under ``release`` x target: ratio = max(0, ratio - step) (additive recovery). In between: unchanged
-    (hysteresis: a level hovering at the target does not flip the pace every batch)."""
+    (hysteresis: a level hovering at the target does not flip the pace every batch).
+
+    Attribution: ``idle_ms``, when given, is the level measured during the pause before the batch, while the
+    conversion was not running. Over the target both during the batch and during the pause, the excess is load
+    the conversion does not cause (other sessions, other tenants, a noisy host): pausing more would slow the
+    conversion for nothing, so the ratio is held (counted in ``external``) instead of doubled."""
 
     def __init__(self, target_ms: float, *, max_ratio: float = 4.0, step: float = 0.25,
                  release: float = 0.8) -> None:
@@ -362,10 +376,14 @@ class PauseController:
         self.target_ms, self.max_ratio, self.step, self.release = target_ms, max_ratio, step, release
         self.ratio = 0.0
         self.over = 0  # how many levels were over the target (for the summary)
+        self.external = 0  # of which over the target during the pause too (held, not backed off)
 
-    def update(self, level_ms: float) -> float:
+    def update(self, level_ms: float, idle_ms: float | None = None) -> float:
         if level_ms > self.target_ms:
             self.over += 1
+            if idle_ms is not None and idle_ms > self.target_ms:
+                self.external += 1
+                return self.ratio
             self.ratio = min(self.max_ratio, self.ratio * 2 + self.step)
         elif level_ms < self.release * self.target_ms:
             self.ratio = max(0.0, self.ratio - self.step)
@@ -391,6 +409,7 @@ class LatencyThrottle:
         self.paused = 0.0
         self.calls = 0
         self._last: float | None = None
+        self._idle: float | None = None  # the level during the last pause, when the source can tell
 
     @property
     def ratio(self) -> float:
@@ -401,8 +420,9 @@ class LatencyThrottle:
         busy = now - self._last if self._last is not None else 0.0
         self.calls += 1
         current = self.canary.level()
-        ratio = self.control.update(current)
+        ratio = self.control.update(current, self._idle)
         pause = min(self.max_pause, ratio * busy)
+        self._idle = None
         if pause > 0:
             if self.calls % 50 == 1:
                 self.logger.info("throttle: %s %.1f ms (target %.1f ms), pausing %.0f ms per batch",
@@ -410,10 +430,13 @@ class LatencyThrottle:
             self.sleep(pause)
             self.paused += pause
             self.max_paused = max(self.max_paused, pause)
+            during_pause = getattr(self.canary, "level_last", None)  # a source that can tell the pause apart
+            self._idle = during_pause(pause) if during_pause is not None else None
         self._last = self.clock()
 
     def summary(self) -> str:
-        return (f"throttle: {self.calls} batches ({self.control.over} over target), paused {self.paused:.1f}s in "
+        return (f"throttle: {self.calls} batches ({self.control.over} over target, {self.control.external} of them "
+                f"over it during the pause too: held), paused {self.paused:.1f}s in "
                 f"total (longest pause {self.max_paused * 1000:.0f} ms), target {self.name} {self.target_ms:.1f} ms, "
                 f"last {self.canary.level():.1f} ms, p99 {self.canary.p99():.1f} ms, errors {self.canary.errors}")
 

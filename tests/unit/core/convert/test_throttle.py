@@ -235,3 +235,52 @@ def test_the_throttle_names_what_it_judges() -> None:
     thr()
     assert thr.name == "application statement age p90" and "application statement age p90" in thr.summary()
     assert LatencyThrottle(Series([1.0]), 10.0).name == "level"
+
+
+def test_controller_holds_when_the_level_was_over_the_target_during_the_pause_too() -> None:
+    c = PauseController(10.0)
+    assert c.update(30.0) == 0.25 and c.update(30.0, idle_ms=4.0) == 0.75  # quiet while paused: ours, back off
+    assert c.update(30.0, idle_ms=25.0) == 0.75  # as slow while paused: not ours, pausing more would not help
+    assert c.over == 3 and c.external == 1
+    assert c.update(2.0, idle_ms=25.0) == 0.5  # under the release mark: recover as before
+
+
+class PausedSeries(Series):
+    """A source that also tells the level during the last pause (as the workload meter does)."""
+
+    def __init__(self, levels: list[float], idle: float) -> None:
+        super().__init__(levels)
+        self.idle, self.asked = idle, []
+
+    def level_last(self, seconds: float) -> float:
+        self.asked.append(seconds)
+        return self.idle
+
+
+def test_throttle_measures_the_pause_and_stops_backing_off_for_load_it_does_not_cause() -> None:
+    clock, pauses = Clock(), []
+
+    def sleep(s: float) -> None:
+        pauses.append(s)
+        clock.now += s
+    src = PausedSeries([50.0] * 10, idle=50.0)  # as slow while the conversion pauses as while it runs
+    thr = LatencyThrottle(src, 10.0, sleep=sleep, clock=clock)
+    for _ in range(10):
+        clock.now += 1.0
+        thr()
+    # the first call has no batch to pace, the second backs off unjudged, the first pause shows the same slowness:
+    # held from then on, and the cost stays 1.75x instead of the cap's 5x
+    assert thr.ratio == 0.75 and thr.control.external == 8
+    assert src.asked == pytest.approx(pauses) and "8 of them over it during the pause too" in thr.summary()
+    ours = PausedSeries([50.0] * 10, idle=5.0)  # quiet while paused: the conversion is the load, back off
+    thr = LatencyThrottle(ours, 10.0, sleep=lambda s: None, clock=Clock())
+    for _ in range(5):
+        thr()
+    assert thr.ratio == thr.max_ratio and thr.control.external == 0
+
+
+def test_meter_level_during_a_pause_leaves_out_its_first_samples() -> None:
+    # 0.05 s samples: 20 slow ones (a batch), then 20 quiet ones (a 1 s pause)
+    meter = _meter([(i * 0.05, i, 1, 0, [40.0 if i < 20 else 1.0]) for i in range(40)])
+    assert meter.level() == 40.0 and meter.level_last(1.0) == 1.0
+    assert meter.level_last(0.2) is None  # too short a pause to judge

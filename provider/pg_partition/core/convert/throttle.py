@@ -2,28 +2,30 @@
 statements, or a canary query), and a throttle that slows the fill, the replay, the index builds and verify down
 while the signal says the application is suffering.
 
-**Which signal** (measured: bench/results/2026-11-29e-signals-run{1,2}.md). On a saturated 2-core server, four
+**Which signal** (measured: bench/results/2026-11-29e-signals-run{1,2,3}.md). On a saturated 2-core server, four
 pgbench clients flat out and a synthetic fill at duty cycles 1.0/0.5/0.25: the application's p99 rose up to 2.6x,
 while
 
 - the *sleeping canary* (one key lookup every 50 ms) read 0.4-1.6x, unrelated to the application: a process
   waking from sleep gets the CPU at once, so it does not queue like busy sessions do;
-- a *burst canary* (:class:`BurstCanary`, 20 lookups pipelined back to back) did not do better (p50 0.4-1.0x, p90
-  0.7-1.4x); a likely reason (not measured): 20 lookups are still short next to a scheduler slice;
+- a *burst canary* (:class:`BurstCanary`, 20 lookups pipelined back to back) did not do better (p50 0.4-1.75x,
+  p90 0.7-1.5x: up in one run, below 1x in the other two under the same kind of load); a likely reason (not
+  measured): 20 lookups are still short next to a scheduler slice;
 - the **age of the application's running statements** (:class:`WorkloadMeter`: ``now() - query_start`` of every
   active client session in ``pg_stat_activity`` that is not the conversion's, sampled 20 times a second) moved
-  with it: p90 1.1-3.6x where the application's p99 was 1.0-2.6x, and lowest in the phase the application felt least
-  in both runs. A sample lands
+  with it: p90 1.0-3.6x where the application's p99 was 1.0-2.6x, lowest in the phase the application felt least in
+  all three runs (though run 3 under-read: 1.03-1.41x where the application read 1.31-2.33x). A sample lands
   on a statement with a chance proportional to its duration, so the ages weigh the slow statements the p99 is made
   of, and a statement stuck behind a lock shows while it waits;
-- Little's law (running statements / commits per second from ``pg_stat_database``) followed the mean, but the
-  statistics are flushed about once a second per backend: too slow and too coarse to steer batches of 0.1 s.
+- Little's law (running statements / commits per second from ``pg_stat_database``) followed the application's
+  mean in all three runs (best of all in run 3), but the statistics are flushed about once a second per
+  backend: too slow and too coarse to steer batches of 0.1 s.
 
 So the throttle judges the **statement age p90** over the last second when the baseline saw enough application
 statements (MIN_APP_AGES), and falls back to the canary otherwise: no application was running, or it runs as
 another role and this role can see neither its state nor its query_start (a role that is neither superuser nor a
-member of ``pg_read_all_stats``, e.g. through ``pg_monitor``, which RDS's master user is; the baseline logs the
-hidden sessions and says so). The conversion's own sessions are left out by ``application_name = pg_partition``,
+member of ``pg_read_all_stats``, e.g. through ``pg_monitor``; the baseline logs the hidden sessions and says
+so). The conversion's own sessions are left out by ``application_name = pg_partition``,
 which the hook sets on every connection. Limit: an application statement that is always long (a report running
 minutes) sits in the ages; the baseline holds it too, so the target rises with it rather than pausing forever.
 

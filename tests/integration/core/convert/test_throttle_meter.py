@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+import pytest
 
 from pg_partition.core import convert
 from pg_partition.core.convert import throttle
@@ -152,3 +153,15 @@ def test_a_role_without_pg_read_all_stats_falls_back_to_the_canary(db, conn, cap
     finally:
         conn.execute(f"DROP OWNED BY {role}")
         conn.execute(f"DROP ROLE {role}")
+
+
+def test_burst_canary_times_whole_pipelined_bursts_and_cannot_write(db, conn) -> None:
+    """The burst canary (kept for the bench's signal comparison): one sample per burst of ``burst`` statements run
+    back to back in one READ ONLY transaction, so a burst of 5 x 20 ms sleeps takes at least 100 ms."""
+    with throttle.BurstCanary(_tagged(db.dsn), query="SELECT pg_sleep(0.02)", burst=5, interval=0.01,
+                              window=10) as canary:
+        _wait_for(lambda: len(canary.samples) >= 3)
+        assert min(list(canary.samples)) >= 100.0 and canary.errors == 0  # completed bursts (not the one running)
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        throttle.BurstCanary(_tagged(db.dsn), query="CREATE TABLE canary_wrote ()", burst=2).start()
+    assert conn.execute("SELECT to_regclass('public.canary_wrote')").fetchone() == (None,)

@@ -10,13 +10,20 @@ it), the slowest application transaction during the conversion (an upper bound o
 application statement saw; goal <= lock_timeout + the p99 before), and the swap's ACCESS EXCLUSIVE hold (from the
 grant to the end of the COMMIT; goal <= 100 ms). Per-transaction latencies come from pgbench's own log (``-l``).
 
-The trade-off curve: the same measurement with the throttle off and at each canary target of
-BENCH_THROTTLE_TARGETS (default "3,2,1.5": multiples of the canary's p90 before the conversion, see
-pg_partition.core.convert.throttle), each on a fresh copy of the table with its own "before" baseline in the same
-run; ``main()`` writes the curve's table and chart (conversion time vs application p99) next to the other results
-(BENCH_IMPACT_OUT names them). BENCH_IMPACT_BATCHES (e.g. "2500") adds throttle-off points with other fill batch
-sizes (default 10,000), to see whether the batch size itself is what hurts the application. BENCH_IMPACT_REVERSE=1
-measures the points in reverse order (throttled first), so two runs alternate the order.
+The trade-off curve: the same measurement with the throttle off and at each target of BENCH_THROTTLE_TARGETS
+(default "3,2,1.5": multiples of the judged signal's p90 before the conversion, see
+pg_partition.core.convert.throttle: the application's running statements when the throttle can see them, else the
+canary; "canary:1.5" forces the canary, to compare the two in one run), each on a fresh copy of the table with its
+own "before" baseline in the same run, and the workload once more "after" the conversion (BENCH_IMPACT_AFTER=0 skips
+it): a "before" and an "after" that disagree show the drift of a shared machine's load. ``main()`` writes the
+curve's table and chart (conversion time vs application p99) next to the other results (BENCH_IMPACT_OUT names
+them). BENCH_IMPACT_BATCHES (e.g. "2500") adds throttle-off points with other fill batch sizes (default 10,000).
+BENCH_IMPACT_REVERSE=1 measures the points in reverse order (throttled first), so two runs alternate the order.
+
+Which signal sees what the application feels: BENCH_IMPACT_SIGNALS=<file name> runs the workload alone and beside
+a synthetic fill at several duty cycles and session counts, samples every candidate signal (the sleeping canary,
+a burst canary, the running statements' age, Little's law) and writes each phase's application p50/p99 beside
+them (bench/results/<file name>).
 
 Run alone: ``.venv/bin/python -m bench.impact`` (BENCH_ROWS).
 """
@@ -33,10 +40,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from bench.common import RESULTS, BenchEnv, Figure, bench_env
 from pg_partition.core import convert
 from pg_partition.core.convert import capture, replay, throttle, verify
 from pg_partition.core.convert.spec import ConvertSpec
+from pg_partition.core.convert.throttle import percentile
 from pg_partition.core.db.execute import Executor
 from tools.seed import seed_activities
 
@@ -111,7 +121,8 @@ class Workload:
         return out
 
 
-def _convert(env: BenchEnv, db: str, batch_size: int, target_factor: float | None) -> dict[str, Any]:
+def _convert(env: BenchEnv, db: str, batch_size: int, target_factor: float | None,
+             signal: str | None = None) -> dict[str, Any]:
     """The whole conversion with change capture, step by step as the DAG runs it (prep, partitions, capture,
     plan, fill, deferred indexes, analyze, replay, verify, swap), through the same throttle wiring as the
     operators: with ``target_factor`` the canary's baseline is measured once after planning (kept in the state
@@ -123,12 +134,10 @@ def _convert(env: BenchEnv, db: str, batch_size: int, target_factor: float | Non
 
     def phase(name: str) -> None:
         phases.append((name, time.time()))
-    with env.connect(db) as conn:
-        conn.autocommit = True
+    def connect() -> Any:  # tagged as the hook tags the operators' sessions: the workload meter leaves them out
+        return psycopg.connect(env.dsn(db) + f" application_name={throttle.OWN_APPLICATION_NAME}", autocommit=True)
+    with connect() as conn:
         ex = Executor(conn, logger=logging.getLogger("pg_partition.bench"))
-
-        def connect() -> Any:
-            return env.connect(db)
 
         phase("prep, partitions, capture, plan")
         convert.prep(ex, spec)
@@ -140,10 +149,11 @@ def _convert(env: BenchEnv, db: str, batch_size: int, target_factor: float | Non
             t0 = time.monotonic()
             out["canary_before"] = throttle.measure_baseline(ex, spec, connect)
             out["baseline_s"] = time.monotonic() - t0
-        pacing = throttle.latency_throttle(ex, spec, connect, ratio=target_factor) if target_factor is not None \
-            else contextlib.nullcontext(None)
+        pacing = (throttle.latency_throttle(ex, spec, connect, ratio=target_factor, signal=signal)
+                  if target_factor is not None else contextlib.nullcontext(None))
         with pacing as thr:
             out["target_ms"] = thr.target_ms if thr else None
+            out["signal"] = thr.name if thr else None
             phase("fill")
             convert.fill(ex, spec, progress_every=3600, throttle=thr)
             phase("index builds")
@@ -163,7 +173,7 @@ def _convert(env: BenchEnv, db: str, batch_size: int, target_factor: float | Non
 
 
 def measure(env: BenchEnv, rows: int, seconds: int, clients: int, target_factor: float | None,
-            batch_size: int = 10_000) -> dict[str, Any]:
+            batch_size: int = 10_000, signal: str | None = None) -> dict[str, Any]:
     """One database, the workload alone, then the workload during a whole conversion."""
     db = env.new_database()
     with env.connect(db) as conn:
@@ -180,7 +190,7 @@ def measure(env: BenchEnv, rows: int, seconds: int, clients: int, target_factor:
 
         def conversion() -> None:
             try:
-                result.update(_convert(env, db, batch_size, target_factor))
+                result.update(_convert(env, db, batch_size, target_factor, signal))
             except BaseException as exc:
                 errors.append(exc)
             finally:
@@ -196,17 +206,23 @@ def measure(env: BenchEnv, rows: int, seconds: int, clients: int, target_factor:
         if errors:
             raise errors[0]
         conversion_s = ended[0] - started
+        # the same workload once more after the conversion: on a shared machine the load of others drifts, and a
+        # "before" and an "after" that disagree say the ratio carries that drift, not the conversion's cost
+        after = Workload(env, db, rows, clients, Path(tmp))
+        if os.environ.get("BENCH_IMPACT_AFTER", "1") == "1":
+            after.run_for(seconds)
     with env.connect("postgres") as conn:
         conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
-    return {"before": before, "during": during, "result": result, "conversion_s": conversion_s,
-            "factor": target_factor, "batch_size": batch_size}
+    return {"before": before, "during": during, "after": after, "result": result, "conversion_s": conversion_s,
+            "factor": target_factor, "batch_size": batch_size, "signal": signal}
 
 
 def _point(m: dict[str, Any]) -> dict[str, Any]:
     """One point of the trade-off curve."""
     b, d, r = m["before"], m["during"], m["result"]
     drain = r.get("drain_before_lock") or {}
-    name = "off" if m["factor"] is None else f"canary p90 <= {m['factor']:g}x"
+    name = "off" if m["factor"] is None else \
+        f"{'canary' if m['signal'] == 'canary' else 'statements'} p90 <= {m['factor']:g}x"
     if m["batch_size"] != 10_000:
         name += f", batch {m['batch_size']:,}"
     canary = r.get("canary_before") or {}
@@ -220,12 +236,17 @@ def _point(m: dict[str, Any]) -> dict[str, Any]:
             "factor": m["factor"], "conversion_s": m["conversion_s"],
             "p99_before": b.percentile(0.99), "p99_during": p99_during,
             "p99_ratio": p99_during / max(b.percentile(0.99), 1e-9),
+            "p99_after": m["after"].percentile(0.99),
+            "p99_ratio_both": p99_during / max((b.percentile(0.99) + m["after"].percentile(0.99)) / 2, 1e-9)
+            if m["after"].transactions else None,
             "p50_ratio": p50_during / max(b.percentile(0.5), 1e-9),
             "tps_ratio": d.tps / max(b.tps, 1e-9), "slowest_ms": max(d.latencies_us or [0]) / 1000.0,
             "paused_s": r.get("paused_s", 0.0), "canary_p90_before": canary.get("p90_ms"),
             "canary_p99_before": canary.get("p99_ms"), "canary_p50_before": canary.get("p50_ms"),
             "over": r.get("over", 0), "batches": r.get("batches", 0),
             "target_ms": r.get("target_ms"), "lock_ms": float(r["lock_ms"]),
+            "signal_base": canary.get("app_age_p90_ms" if m["signal"] != "canary" and canary.get("signal") ==
+                                      "statements" else "p90_ms"),
             "locked_keys": r.get("locked_keys", 0), "drained": drain.get("entries", 0),
             "failures": b.failures + d.failures, "verify_ok": r.get("verify_ok")}
 
@@ -233,10 +254,14 @@ def _point(m: dict[str, Any]) -> dict[str, Any]:
 def run(env: BenchEnv, rows: int) -> list[Figure]:
     seconds = int(os.environ.get("BENCH_IMPACT_SECONDS", str(max(3, min(20, rows // 50_000)))))
     clients = int(os.environ.get("BENCH_IMPACT_CLIENTS", "4"))
-    factors = [float(x) for x in os.environ.get("BENCH_THROTTLE_TARGETS", "3,2,1.5").split(",") if x.strip()]
+    # "1.5": the signal the baseline chooses (the application's statements when visible); "canary:1.5": the canary
+    targets = [x.strip().split(":") for x in os.environ.get("BENCH_THROTTLE_TARGETS", "3,2,1.5").split(",")
+               if x.strip()]
+    factors = [(float(t[-1]), t[0] if len(t) == 2 else None) for t in targets]
     batches = [int(x) for x in os.environ.get("BENCH_IMPACT_BATCHES", "").split(",") if x.strip()]
-    plan: list[tuple[float | None, int]] = [(None, 10_000), *((f, 10_000) for f in factors),
-                                            *((None, b) for b in batches)]
+    plan: list[tuple[float | None, int, str | None]] = [(None, 10_000, None),
+                                                        *((f, 10_000, sig) for f, sig in factors),
+                                                        *((None, b, None) for b in batches)]
     order = list(range(len(plan)))
     if os.environ.get("BENCH_IMPACT_REVERSE") == "1":
         order.reverse()
@@ -273,7 +298,8 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
                    baseline=p["p99_before"], baseline_name="p99 before", goal="<= 1.5x",
                    met=p["p99_ratio"] <= 1.5,
                    note=f"canary before p50/p90/p99 {p['canary_p50_before'] or 0:.2f}/{p['canary_p90_before'] or 0:.2f}"
-                   f"/{p['canary_p99_before'] or 0:.2f} ms, target p90 {p['target_ms'] or 0:.2f} ms; over target "
+                   f"/{p['canary_p99_before'] or 0:.2f} ms; judged signal's p90 before {p['signal_base'] or 0:.2f} ms, "
+                   f"target {p['target_ms'] or 0:.2f} ms; over target "
                    f"{p['over']} of {p['batches']} batches; paused {p['paused_s']:.1f}s in total; tps "
                    f"{p['tps_ratio']:.2f}x of before"),
             Figure(GROUP, f"conversion time, throttle {p['throttle']} (the cost)", p["conversion_s"], "s",
@@ -294,16 +320,17 @@ def write_curve(points: list[dict[str, Any]], rows: int, clients: int, stem: Pat
     import matplotlib.pyplot as plt
 
     off = points[0]
-    lines = ["| throttle | conversion s | x of off | app p99 before ms | during ms | p99 ratio | p50 ratio | tps "
-             "ratio | slowest ms | paused s (batches over target) | canary p90 / p99 before, target ms | swap lock ms "
-             "| drained before lock / keys under lock | verify |", "|" + "---|" * 14]
+    lines = ["| throttle | conversion s | x of off | app p99 before ms | during ms | after ms | p99 ratio | ratio to "
+             "mean(before, after) | p50 ratio | tps ratio | slowest ms | paused s (batches over target) | judged p90 "
+             "before, target ms | swap lock ms | drained before lock / keys under lock | verify |", "|" + "---|" * 16]
     for p in points:
-        canary = (f"{p['canary_p90_before']:.2f} / {p['canary_p99_before']:.2f}, {p['target_ms']:.2f}"
+        canary = (f"{p['signal_base'] or 0:.2f}, {p['target_ms']:.2f}"
                   if p["target_ms"] else "")
         paused = f"{p['paused_s']:.1f} ({p['over']}/{p['batches']})" if p["target_ms"] else f"{p['paused_s']:.1f}"
         lines.append(
             f"| {p['throttle']} | {p['conversion_s']:.1f} | {p['conversion_s'] / off['conversion_s']:.2f}x | "
-            f"{p['p99_before']:.1f} | {p['p99_during']:.1f} | {p['p99_ratio']:.2f}x | {p['p50_ratio']:.2f}x | "
+            f"{p['p99_before']:.1f} | {p['p99_during']:.1f} | {p['p99_after']:.1f} | {p['p99_ratio']:.2f}x | "
+            f"{p['p99_ratio_both'] or 0:.2f}x | {p['p50_ratio']:.2f}x | "
             f"{p['tps_ratio']:.2f}x | {p['slowest_ms']:.0f} | {paused} | {canary} | {p['lock_ms']:.1f} | "
             f"{p['drained']:,} / {p['locked_keys']} | {'ok' if p['verify_ok'] else p['verify_ok']} |")
     md = stem.with_suffix(".md")
@@ -339,10 +366,115 @@ def write_curve(points: list[dict[str, Any]], rows: int, clients: int, stem: Pat
     return md
 
 
+def _app_stats(w: Workload, start: float, stop: float) -> dict[str, float]:
+    lat = sorted(us / 1000.0 for us, t in zip(w.latencies_us, w.ended, strict=True) if start <= t < stop)
+    if not lat:
+        return {"n": 0, "p50": 0.0, "p99": 0.0, "mean": 0.0}
+    return {"n": len(lat), "p50": lat[len(lat) // 2], "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+            "mean": sum(lat) / len(lat)}
+
+
+def signals(env: BenchEnv, rows: int, seconds: float, clients: int) -> list[dict[str, Any]]:
+    """Which throttle signal sees what the application feels: the workload runs throughout while a synthetic
+    fill (INSERT ... SELECT of 10,000-row batches into a copy, tagged as the conversion) runs at several duty
+    cycles and session counts; every candidate signal samples all along, and per phase the application's
+    p50/p99/mean is set beside each signal's level. A good signal moves with the application's p99."""
+    db = env.new_database()
+    with env.connect(db) as conn:
+        seed_activities(conn, "public.activities", rows=rows, timestamptz=True)
+        conn.execute("VACUUM ANALYZE activities")
+        conn.execute("CREATE UNLOGGED TABLE sink (LIKE activities)")
+
+    def own() -> Any:
+        return psycopg.connect(env.dsn(db) + f" application_name={throttle.OWN_APPLICATION_NAME}", autocommit=True)
+    query = "SELECT id FROM activities ORDER BY id DESC LIMIT 1"
+    phases = [("app alone", 0, 0.0), ("1 session, duty 1.0", 1, 1.0), ("1 session, duty 0.5", 1, 0.5),
+              ("1 session, duty 0.25", 1, 0.25), ("2 sessions, duty 1.0", 2, 1.0), ("app alone again", 0, 0.0)]
+    out: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="pgp-bench-signals-") as tmp, \
+            throttle.Canary(own, query=query, interval=0.05, window=100_000) as sleeper, \
+            throttle.BurstCanary(own, query=query, burst=20, interval=0.1, window=100_000) as burst, \
+            throttle.WorkloadMeter(own, interval=0.05, window=100_000) as meter:
+        app = Workload(env, db, rows, clients, Path(tmp))
+        stop_app = threading.Event()
+
+        def app_loop() -> None:
+            while not stop_app.is_set():
+                app.run_for(2)
+        app_thread = threading.Thread(target=app_loop)
+        app_thread.start()
+        time.sleep(2)
+        for name, sessions, duty in phases:
+            stop_load = threading.Event()
+
+            def load(k: int, duty: float = duty, stop_load: threading.Event = stop_load) -> None:
+                with own() as c:
+                    lo = k * rows // 2
+                    while not stop_load.is_set():
+                        t0 = time.monotonic()
+                        c.execute("INSERT INTO sink SELECT * FROM activities WHERE id > %s AND id <= %s",
+                                  (lo, lo + 10_000))
+                        c.execute("TRUNCATE sink") if lo % 200_000 == 0 else None
+                        lo = (lo + 10_000) % rows
+                        busy = time.monotonic() - t0
+                        if duty < 1:
+                            stop_load.wait(busy * (1 - duty) / duty)
+            loaders = [threading.Thread(target=load, args=(k,)) for k in range(sessions)]
+            for t in loaders:
+                t.start()
+            time.sleep(1)  # let the phase settle
+            for src in (sleeper, burst):
+                with src._lock:
+                    src.samples.clear()
+            with meter._lock:
+                meter.ticks.clear()
+            start = time.time()
+            time.sleep(seconds)
+            stop = time.time()
+            point = {"phase": name, **_app_stats(app, start, stop),
+                     "sleeper_p50": percentile(sleeper.recent(), 0.5), "sleeper_p90": sleeper.level(),
+                     "burst_p50": percentile(burst.recent(), 0.5), "burst_p90": burst.level(),
+                     "age_p50": percentile(meter.ages(), 0.5), "age_p90": meter.level(),
+                     "active": meter.active(), "commits_s": meter.commits_per_s(), "little_ms": meter.little_ms()}
+            stop_load.set()
+            for t in loaders:
+                t.join()
+            out.append(point)
+            print(point, flush=True)
+        stop_app.set()
+        app_thread.join()
+    with env.connect("postgres") as conn:
+        conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
+    return out
+
+
+def write_signals(points: list[dict[str, Any]], rows: int, clients: int, path: Path) -> Path:
+    base = points[0]
+    cols = [("p99", "app p99"), ("mean", "app mean"), ("sleeper_p90", "sleeping canary p90"),
+            ("burst_p50", "burst canary p50"), ("burst_p90", "burst canary p90"), ("age_p90", "statement age p90"),
+            ("little_ms", "Little ms/commit"), ("commits_s", "commits/s")]
+    lines = ["| phase | " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for p in points:
+        cells = [f"{p[k]:.2f} ({p[k] / base[k]:.2f}x)" if base[k] else f"{p[k]:.2f}" for k, _ in cols]
+        lines.append(f"| {p['phase']} | " + " | ".join(cells) + " |")
+    path.write_text(f"# Throttle signals vs the application ({rows:,} rows, {clients} pgbench clients)\n\n"
+                    "Each cell: the phase's value (its ratio to the first phase, the application alone).\n\n"
+                    + "\n".join(lines) + "\n")
+    return path
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("pg_partition.bench").setLevel(logging.INFO)
     rows = int(os.environ.get("BENCH_ROWS", "1000000"))
+    if os.environ.get("BENCH_IMPACT_SIGNALS"):
+        with bench_env("pgp-bench-signals-") as env:
+            points = signals(env, rows, float(os.environ.get("BENCH_IMPACT_SECONDS", "8")),
+                             int(os.environ.get("BENCH_IMPACT_CLIENTS", "4")))
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            print(write_signals(points, rows, int(os.environ.get("BENCH_IMPACT_CLIENTS", "4")),
+                                RESULTS / os.environ["BENCH_IMPACT_SIGNALS"]))
+        return
     with bench_env("pgp-bench-impact-") as env:
         run(env, rows)
         print("\n".join(f.line() for f in env.figures), flush=True)

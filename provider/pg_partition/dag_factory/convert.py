@@ -138,16 +138,18 @@ def _params(default_conn_id: str) -> dict[str, Param]:
         "fill_sessions": required(2, "integer", "Database sessions per fill task, each copying one partition at a "
                                   "time (so at most fill_tasks x fill_sessions copy at once; 1 for the gentlest "
                                   "fill).", HOW_FAST, minimum=1, maximum=16),
-        "throttle_ratio": optional("number", "Gentle mode: keep a canary query's latency (its p90 over 5 s; a "
-                                   "primary-key lookup on the table, every 50 ms) under this multiple of its "
-                                   "p90 before the conversion (measured once over 10 s by plan_fill and kept "
-                                   "in the conversion's state; never under 3 ms), by pausing fill, replay, "
-                                   "index builds and verify between batches (at most 4x the batch time, 5 s "
-                                   "each). E.g. 1.5. Empty: no throttle.",
-                                   HOW_FAST, minimum=1, examples=[1.5, 2]),
-        "throttle_target_ms": optional("number", "Gentle mode with an absolute target: keep the canary's p90 under "
-                                       "this many milliseconds (overrides throttle_ratio). Empty: none.",
-                                       HOW_FAST, minimum=0.1, examples=[20]),
+        "throttle_ratio": optional("number", "Gentle mode: keep the application's latency, as the p90 age of its "
+                                   "running statements in pg_stat_activity over the last second (or, when no "
+                                   "application statement is visible to the conversion's role, e.g. without "
+                                   "pg_read_all_stats/pg_monitor, a canary query's p90 over 5 s: a primary-key "
+                                   "lookup on the table every 50 ms), under this multiple of its p90 before the "
+                                   "conversion (measured once over 10 s by plan_fill and kept in the conversion's "
+                                   "state; never under 3 ms), by pausing fill, replay, index builds and verify "
+                                   "between batches (at most 4x the batch time, 5 s each). E.g. 1.5. Empty: no "
+                                   "throttle.", HOW_FAST, minimum=1, examples=[1.5, 2]),
+        "throttle_target_ms": optional("number", "Gentle mode with an absolute target: keep the judged signal's p90 "
+                                       "(see throttle_ratio) under this many milliseconds (overrides "
+                                       "throttle_ratio). Empty: none.", HOW_FAST, minimum=0.1, examples=[20]),
         "dry_run": required(False, "boolean", "Log every statement, change nothing.", SAFETY),
         "lock_timeout": required("2s", "string", "lock_timeout of every DDL on a live table (swap, attach); "
                                  "each lock wait gives up after this and retries with backoff. "

@@ -4,7 +4,9 @@ A mixin, like the replication-lag one (:class:`pg_partition.sensors.lag.LagGated
 (``throttle_ratio``, ``throttle_target_ms``; both empty: no throttle) and opens
 :func:`pg_partition.core.convert.throttle.latency_throttle` on a connection of its own. The baseline the ratio
 applies to is measured once per conversion (by ``plan_fill``, before any copy) and kept in the conversion's
-state in PostgreSQL, so a retried or mapped task on another worker compares against the same number.
+state in PostgreSQL, so a retried or mapped task on another worker compares against the same number. What the
+throttle judges (the application's running statements when this role can see them, else the canary) is chosen by
+that baseline: see the module docstring of :mod:`pg_partition.core.convert.throttle`.
 """
 
 from __future__ import annotations

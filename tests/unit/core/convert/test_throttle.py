@@ -149,3 +149,138 @@ def test_throttle_ignores_the_hiccups_that_made_the_p99_throttle_stop_and_go() -
     target = throttle.target_for(level(base), 1.5)
     thr, pauses = _run([level(w) for w in windows], target=target)
     assert old_violations >= 10 and pauses == [] and thr.control.over == 0
+
+
+# --- the workload meter's statistics and the signal choice (synthetic pg_stat_activity samples) ------------------
+
+
+def _meter(ticks: list[tuple[float, int, int, int, list[float]]]) -> throttle.WorkloadMeter:
+    """A meter fed synthetic samples (unix time, commits counter, running statements, hidden sessions, ages ms);
+    never started, so it never connects."""
+    meter = throttle.WorkloadMeter(lambda: pytest.fail("a synthetic meter never connects"), window=10_000)
+    meter.ticks.extend(ticks)
+    return meter
+
+
+def test_meter_rate_leaves_out_its_own_sample_transactions_and_little_gives_the_time_per_commit() -> None:
+    # 21 samples, 0.05 s apart (1 s), 3 statements running in each, the counter up by 2,020: 2,000 application
+    # commits plus the meter's own 20 sample transactions
+    meter = _meter([(100.0 + 0.05 * i, 5_000 + 101 * i, 3, 0, [1.0, 2.0, 3.0]) for i in range(21)])
+    assert meter.commits_per_s() == pytest.approx(2_000.0)
+    assert meter.active() == pytest.approx(3.0)
+    assert meter.little_ms() == pytest.approx(1.5)  # 3 sessions / 2,000 commits/s
+    assert _meter([(1.0, 7, 0, 0, [])]).commits_per_s() == 0.0 and _meter([]).little_ms() == 0.0
+
+
+def test_meter_level_weighs_the_slow_statements_and_sees_a_stalled_one_while_it_waits() -> None:
+    rng = random.Random(7)
+    quiet = [(float(i), i, 3, 0, [rng.uniform(0.1, 2.0) for _ in range(3)]) for i in range(40)]
+    assert _meter(quiet).level() < 2.0
+    # one application statement waiting behind a lock: its age grows sample after sample and is seen before it ends
+    stalled = [(float(i), i, 4, 0, [*ages, 50.0 * (i + 1)]) for i, (_, _, _, _, ages) in enumerate(quiet)]
+    assert _meter(stalled).level() >= 50.0
+    # a tenth of the statements three times slower, as when the conversion takes the CPU: the p90 moves
+    slower = [(t, c, n, h, [a * 3 if j == 0 and i % 3 == 0 else a for j, a in enumerate(ages)])
+              for i, (t, c, n, h, ages) in enumerate(quiet)]
+    assert _meter(slower).level() > _meter(quiet).level()
+    assert _meter([(0.0, 0, 0, 5, [])]).hidden() == 5 and _meter([]).hidden() == 0
+    assert _meter([]).level() == 0.0  # no application running: nothing to protect, no pause
+
+
+def test_the_baseline_chooses_the_statements_when_it_saw_enough_of_them_else_the_canary() -> None:
+    seen = {"p90_ms": 1.0, "app_age_p90_ms": 8.0, "signal": "statements"}
+    assert throttle.signal_of(seen) == "statements"
+    assert throttle.target_from(seen, ratio=1.5, target_ms=None) == pytest.approx(12.0)  # 1.5 x the statements
+    assert throttle.signal_of(seen, "canary") == "canary"  # forced
+    assert throttle.target_from(seen, ratio=1.5, target_ms=None, signal="canary") == throttle.TARGET_FLOOR_MS
+    hidden = {"p90_ms": 4.0, "app_age_p90_ms": 0.0, "signal": "canary", "app_hidden": 4}
+    assert throttle.signal_of(hidden) == "canary" and throttle.signal_of(hidden, "statements") == "canary"
+    assert throttle.target_from(hidden, ratio=1.5, target_ms=None) == pytest.approx(6.0)
+    assert throttle.signal_of({"p90_ms": 2.0}) == "canary" and throttle.signal_of(None) == "canary"  # older rows
+    with pytest.raises(InvalidInputError):
+        throttle.signal_of(seen, "tps")
+
+
+def _saturated(target: float, slowdown: float, steps: int = 300) -> tuple[PauseController, list[float]]:
+    """A model of the bench's saturated server: the application's statement-age p90 grows with the conversion's
+    duty cycle d = 1 / (1 + ratio) (its share of the CPU): base x (1 + slowdown x d). The signal-comparison run
+    (bench/results/2026-11-29e-signals-run1.md) read 3.4x at full speed and 1.85x at d = 0.25."""
+    base, c, levels = 5.0, PauseController(target), []
+    for _ in range(steps):
+        lvl = base * (1 + slowdown / (1.0 + c.ratio))
+        levels.append(lvl)
+        c.update(lvl)
+    return c, levels
+
+
+def test_controller_holds_a_saturated_application_under_the_target_on_the_statement_age_signal() -> None:
+    # 3x at full speed, target 1.5x the base: reachable at d <= 0.25 (ratio >= 3), under the cap of 4
+    c, levels = _saturated(target=7.5, slowdown=2.0)
+    settled = levels[20:]
+    assert max(levels[:5]) > 7.5  # it starts over the target ...
+    assert all(lvl <= 7.5 for lvl in settled)  # ... and stays under it once settled
+    assert 3.0 <= c.ratio < c.max_ratio  # paced just enough: the cost is what the target needs, not the cap
+
+
+def test_controller_stops_at_its_cap_when_the_target_needs_more_than_the_cost_allows() -> None:
+    # 4x at full speed: 1.5x needs d <= 1/6 (ratio 5), more than max_ratio 4 allows; the cost stays bounded
+    # (at most 1 + max_ratio = 5x slower) and the level stays over the target: the bound the report states
+    c, levels = _saturated(target=7.5, slowdown=3.0)
+    assert c.ratio == c.max_ratio and min(levels[20:]) > 7.5
+
+
+def test_the_throttle_names_what_it_judges() -> None:
+    meter = _meter([(0.0, 0, 1, 0, [30.0])])
+    thr = LatencyThrottle(meter, 10.0, sleep=lambda s: None)
+    thr()
+    assert thr.name == "application statement age p90" and "application statement age p90" in thr.summary()
+    assert LatencyThrottle(Series([1.0]), 10.0).name == "level"
+
+
+def test_controller_holds_when_the_level_was_over_the_target_during_the_pause_too() -> None:
+    c = PauseController(10.0)
+    assert c.update(30.0) == 0.25 and c.update(30.0, idle_ms=4.0) == 0.75  # quiet while paused: ours, back off
+    assert c.update(30.0, idle_ms=25.0) == 0.75  # as slow while paused: not ours, pausing more would not help
+    assert c.over == 3 and c.external == 1
+    assert c.update(2.0, idle_ms=25.0) == 0.5  # under the release mark: recover as before
+
+
+class PausedSeries(Series):
+    """A source that also tells the level during the last pause (as the workload meter does)."""
+
+    def __init__(self, levels: list[float], idle: float) -> None:
+        super().__init__(levels)
+        self.idle, self.asked = idle, []
+
+    def level_last(self, seconds: float) -> float:
+        self.asked.append(seconds)
+        return self.idle
+
+
+def test_throttle_measures_the_pause_and_stops_backing_off_for_load_it_does_not_cause() -> None:
+    clock, pauses = Clock(), []
+
+    def sleep(s: float) -> None:
+        pauses.append(s)
+        clock.now += s
+    src = PausedSeries([50.0] * 10, idle=50.0)  # as slow while the conversion pauses as while it runs
+    thr = LatencyThrottle(src, 10.0, sleep=sleep, clock=clock)
+    for _ in range(10):
+        clock.now += 1.0
+        thr()
+    # the first call has no batch to pace, the second backs off unjudged, the first pause shows the same slowness:
+    # held from then on, and the cost stays 1.75x instead of the cap's 5x
+    assert thr.ratio == 0.75 and thr.control.external == 8
+    assert src.asked == pytest.approx(pauses) and "8 of them over it during the pause too" in thr.summary()
+    ours = PausedSeries([50.0] * 10, idle=5.0)  # quiet while paused: the conversion is the load, back off
+    thr = LatencyThrottle(ours, 10.0, sleep=lambda s: None, clock=Clock())
+    for _ in range(5):
+        thr()
+    assert thr.ratio == thr.max_ratio and thr.control.external == 0
+
+
+def test_meter_level_during_a_pause_leaves_out_its_first_samples() -> None:
+    # 0.05 s samples: 20 slow ones (a batch), then 20 quiet ones (a 1 s pause)
+    meter = _meter([(i * 0.05, i, 1, 0, [40.0 if i < 20 else 1.0]) for i in range(40)])
+    assert meter.level() == 40.0 and meter.level_last(1.0) == 1.0
+    assert meter.level_last(0.2) is None  # too short a pause to judge

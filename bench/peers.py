@@ -14,6 +14,24 @@ primary key + 4 indexes, monthly partitions covering the data + 3 future ones, b
 * **ours, the engine alone**: the same steps as the DAG, called in-process from ``pg_partition.core`` with the
   same options (``defer_indexes``), so the Airflow overhead is visible as the difference.
 
+How the DAG's ``airflow dags test`` wall time is split (each an exact definition, all wall clock, one process):
+
+* **Airflow's start-up**: from the ``airflow dags test`` process's launch to the moment our first operator's code
+  starts, i.e. when ``PartitionBaseOperator.pre_execute`` of the first task runs (Airflow calls it right before
+  ``execute``). It logs ``pg-partition task <id>: our code starts (started_at=<epoch s>, ...)`` at INFO on the
+  ``airflow.task.operators.pg_partition`` logger, which this bench lets through (``[logging] namespace_levels``)
+  while everything else stays at WARNING. It covers Python and Airflow's imports, the CLI, the parse of every
+  file in the DAGs folder (``dags test`` builds a DagBag of the whole folder), the DAG's serialization, the run's
+  creation and, inside the first task instance, Airflow's lazy start of its in-process Execution API server (its
+  FastAPI app: most of the first task's span) and its task runner. Our share of it (importing pg_partition and
+  building the DAGs at parse) is measured apart, see bench/results/2026-11-29e-startup.md.
+* **the run**: from there to the last task instance's end (``end_date`` in the metadata DB). Everything our code
+  does, plus Airflow's per-task work for tasks 2..n (scheduling, task runner, XCom, state updates). The goal ratio
+  (``<= 2x pgslice`` at 100k rows) uses this.
+* **the tail**: from the last task's end to the process's exit (Airflow's shutdown; reported, not counted).
+* the split used before 2026-11-29e is kept beside it: "before the first task" (launch to the first task
+  instance's ``start_date``) and "from the first task's start" (first ``start_date`` to last ``end_date``).
+
 ``dag indexes_during_fill`` and ``engine indexes_during_fill`` do the same with ``defer_indexes`` off (every index
 maintained during the copy, as pgslice does). ``BENCH_PEER_CONTESTANTS`` picks contestants by name (comma
 separated; default: all four and pgslice).
@@ -32,6 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import statistics
@@ -172,6 +191,8 @@ def airflow_env(env: BenchEnv, db: str) -> dict[str, str]:
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        # only our operators' INFO lines (one "our code starts" line per task, see run_dag) on top of WARNING
+        "AIRFLOW__LOGGING__NAMESPACE_LEVELS": "airflow.task.operators.pg_partition=INFO",
         "PG_PARTITION_CONFIG": str(REPO / "dags" / "pg_partition.yaml"),
         f"AIRFLOW_CONN_{CONN_ID.upper()}": postgres_conn_json(env.cluster.primary, db),
     })
@@ -223,6 +244,14 @@ def task_instances(env: BenchEnv) -> list[dict[str, Any]]:
     return [{"task": r[0], "map_index": r[1], "state": r[2], "start": _ts(r[3]), "end": _ts(r[4])} for r in rows]
 
 
+CODE_STARTS = re.compile(r"pg-partition task (\S+): our code starts \(started_at=([0-9.]+)")
+
+
+def code_starts(log: Path) -> list[tuple[str, float]]:
+    """(task id, epoch seconds) of every "our code starts" line that PartitionBaseOperator.pre_execute logged."""
+    return [(m[1], float(m[2])) for m in CODE_STARTS.finditer(log.read_text(errors="replace"))]
+
+
 def run_dag(env: BenchEnv, db: str, *, defer_indexes: bool | None = None) -> dict[str, Any]:
     """``defer_indexes=None``: the DAG's default."""
     conf: dict[str, Any] = {"conn_id": CONN_ID, "table": "public.activities", "column": "created_at",
@@ -240,8 +269,24 @@ def run_dag(env: BenchEnv, db: str, *, defer_indexes: bool | None = None) -> dic
     bad = [t for t in tis if t["state"] not in ("success", "skipped")]
     if res.returncode != 0 or bad:
         raise RuntimeError(f"airflow dags test failed (rc {res.returncode}, {bad[:3]}); log {log}")
-    ran = [t for t in tis if t["start"] and t["end"]]
+    starts = code_starts(log)
+    if not starts:
+        raise RuntimeError(f"no 'our code starts' line in {log}: cannot tell Airflow's start-up from the run")
+    return split_dag_times(tis, starts, wall_start, wall)
+
+
+def split_dag_times(tis: list[dict[str, Any]], starts: list[tuple[str, float]], wall_start: float,
+                    wall: float) -> dict[str, Any]:
+    """The module docstring's split of one ``dags test`` run, from its task instances (epoch ``start``/``end``)
+    and its "our code starts" lines."""
+    ran = [dict(t) for t in tis if t["start"] and t["end"]]
     first, last = min(t["start"] for t in ran), max(t["end"] for t in ran)
+    ours_first = min(ts for _task, ts in starts)
+    # Airflow's start-up inside the first task instance is not the run: its span starts where our code starts
+    # (its task runner, and under ``dags test`` the in-process Execution API server Airflow starts lazily there)
+    head = next(t for t in ran if t["start"] == first)
+    airflow_in_first = max(ours_first - head["start"], 0.0)
+    head["start"] = max(head["start"], ours_first)
     steps: dict[str, float] = defaultdict(float)
     spans: dict[str, list[float]] = {}
     for t in ran:  # a step's time is the span of its tasks (mapped fill tasks may overlap)
@@ -250,12 +295,27 @@ def run_dag(env: BenchEnv, db: str, *, defer_indexes: bool | None = None) -> dic
     for name, (a, b) in spans.items():
         steps[name] = b - a
     busy = sum(t["end"] - t["start"] for t in ran)
+    covered, reach = 0.0, ours_first  # the union of the task instances' spans (mapped fills overlap)
+    for t in sorted(ran, key=lambda t: t["start"]):
+        if t["end"] > reach:
+            covered += t["end"] - max(t["start"], reach)
+            reach = t["end"]
     per_task: dict[str, float] = defaultdict(float)
     for t in ran:
         per_task[t["task"]] += t["end"] - t["start"]
-    return {"total": last - first, "wall": wall, "before_first_task": first - wall_start,
-            "after_last_task": wall_start + wall - last,
+    # Airflow's time inside each task instance before our code starts (task 2..n: the per-task overhead in the run)
+    by_task: dict[str, float] = {}
+    for t in sorted(ran, key=lambda t: t["start"]):
+        mine = [ts for task, ts in starts if task == t["task"] and t["start"] <= ts <= t["end"]]
+        if mine:
+            by_task.setdefault(t["task"], 0.0)
+            by_task[t["task"]] += min(mine) - t["start"]
+    return {"total": last - ours_first, "wall": wall, "airflow_startup": ours_first - wall_start,
+            "first_task_airflow": airflow_in_first, "from_first_task": last - first,
+            "before_first_task": first - wall_start, "after_last_task": wall_start + wall - last,
+            "airflow_in_tasks": sum(v for k, v in by_task.items() if k != head["task"]),
             "steps": dict(steps), "tasks": len(ran), "task_seconds": busy, "per_task": dict(per_task),
+            "gaps": last - ours_first - covered,
             "fill_tasks": sum(1 for t in ran if t["task"] == "fill")}
 
 
@@ -346,7 +406,11 @@ def run_size(env: BenchEnv, rows: int, rounds: int, skip_pgslice: str | None) ->
             finally:
                 drop(env, db)
             results[who].append(out)
-            extra = (f" (wall {out['wall']:.1f}s, {out['before_first_task']:.1f}s before the first task, "
+            extra = (f" (wall {out['wall']:.1f}s = Airflow start-up {out['airflow_startup']:.1f}s + run "
+                     f"{out['total']:.1f}s + tail {out['after_last_task']:.1f}s; previous split: "
+                     f"{out['before_first_task']:.1f}s before the first task, {out['from_first_task']:.1f}s from its "
+                     f"start, of which {out['first_task_airflow']:.1f}s Airflow inside the first task; Airflow "
+                     f"inside tasks 2..n {out['airflow_in_tasks']:.1f}s; "
                      f"{out['tasks']} tasks busy {out['task_seconds']:.1f}s)") if who.startswith("dag") else ""
             print(f"  round {r + 1} {who}: {out['total']:.1f}s{extra}; "
                   + ", ".join(f"{k} {v:.1f}" for k, v in out["steps"].items()), flush=True)
@@ -367,7 +431,8 @@ def figures_for(rows: int, results: dict[str, list[dict[str, Any]]], skip: str |
     ours = [w for w in results if w != "pgslice"]
     figs: list[Figure] = []
     for who in ours:
-        label = ("DAG run (Airflow start-up excluded)" if who.startswith("dag") else "engine alone (no Airflow)")
+        label = ("DAG run (from our first operator's code to the last task's end; Airflow start-up excluded)"
+                 if who.startswith("dag") else "engine alone (no Airflow)")
         variant = ", indexes during the fill" if who.endswith("indexes_during_fill") else ", defaults"
         figs.append(Figure(group, f"whole conversion, {label}{variant}", med[who], "s", baseline=peer,
                            baseline_name=base_name, goal=goal if peer else "",
@@ -378,10 +443,22 @@ def figures_for(rows: int, results: dict[str, list[dict[str, Any]]], skip: str |
         xs = results[who]
         figs.append(Figure(group, f"{who}: airflow dags test wall time (start-up included)",
                            _median([x["wall"] for x in xs]), "s", baseline=peer, baseline_name=base_name))
-        figs.append(Figure(group, f"{who}: Airflow start-up before the first task (imports, DAG parse, run creation)",
-                           _median([x["before_first_task"] for x in xs]), "s",
+        figs.append(Figure(group, f"{who}: Airflow start-up (process launch to our first operator's code)",
+                           _median([x["airflow_startup"] for x in xs]), "s",
                            note=f"{xs[0]['tasks']} task instances ({xs[0]['fill_tasks']} mapped fill), "
                            f"busy {_median([x['task_seconds'] for x in xs]):.1f}s of the run"))
+        figs.append(Figure(group, f"{who}: of which inside the first task instance (Airflow's in-process "
+                           "Execution API server and task runner start)",
+                           _median([x["first_task_airflow"] for x in xs]), "s"))
+        figs.append(Figure(group, f"{who}: Airflow inside tasks 2..n before our code (sum, part of the run)",
+                           _median([x["airflow_in_tasks"] for x in xs]), "s"))
+        figs.append(Figure(group, f"{who}: tail after the last task (Airflow's shutdown, not counted)",
+                           _median([x["after_last_task"] for x in xs]), "s"))
+        figs.append(Figure(group, f"{who}: previous split: before the first task's start_date",
+                           _median([x["before_first_task"] for x in xs]), "s"))
+        figs.append(Figure(group, f"{who}: previous split: first task's start_date to the last task's end",
+                           _median([x["from_first_task"] for x in xs]), "s", baseline=peer,
+                           baseline_name=base_name))
     for s in STEPS:
         for who in ours:
             figs.append(Figure(group, f"step {s} ({who})", step_med[who][s], "s",
@@ -407,7 +484,8 @@ def figures_for(rows: int, results: dict[str, list[dict[str, Any]]], skip: str |
             if _median(secs) >= 0.1:
                 figs.append(Figure(prof, f"{who}: task {k} (sum over its task instances)", _median(secs), "s"))
         figs.append(Figure(prof, f"{who}: time between task instances (scheduling, task start-up)",
-                           _median([x["total"] - x["task_seconds"] for x in results[who]]), "s"))
+                           _median([x["gaps"] for x in results[who]]), "s",
+                           note="the run minus the union of the task instances' spans (the first from our code on)"))
     return figs
 
 

@@ -13,6 +13,8 @@ from airflow.providers.postgres.hooks.postgres import PostgresHook
 from psycopg.rows import tuple_row
 
 APPLICATION_NAME = "pg_partition"
+SESSION_SETTINGS = ("SELECT set_config('application_name', %s, false), "
+                    "set_config('standard_conforming_strings', 'on', false), set_config('row_security', 'off', false)")
 
 # botocore at DEBUG logs every request's headers and the string it signs: the access key id (Credential=...), the
 # signature and, with temporary credentials, the session token itself. A deployment that turns DEBUG on to see our
@@ -71,12 +73,13 @@ class PartitionHook(PostgresHook):
         try:
             conn.row_factory = tuple_row  # type: ignore[assignment]
             conn.autocommit = autocommit
-            conn.execute("SELECT set_config('application_name', %s, false)", (APPLICATION_NAME,))
-            # literals we print (validated filters, bounds) are meant to be read the standard way
-            conn.execute("SET standard_conforming_strings = on")
-            # a table with FORCE ROW LEVEL SECURITY would silently hide rows from its owner's fill, verify or
-            # copy-back; with row_security off such a query fails instead of returning fewer rows
-            conn.execute("SET row_security = off")
+            # One round trip for the three session settings (every task opens at least one connection):
+            # - application_name: DBAs tell our sessions apart in pg_stat_activity and lock reports;
+            # - standard_conforming_strings on: literals we print (validated filters, bounds) are meant to be read
+            #   the standard way;
+            # - row_security off: a table with FORCE ROW LEVEL SECURITY would silently hide rows from its owner's
+            #   fill, verify or copy-back; with it off such a query fails instead of returning fewer rows.
+            conn.execute(SESSION_SETTINGS, (APPLICATION_NAME,))
             if not autocommit:
                 conn.commit()
             yield conn

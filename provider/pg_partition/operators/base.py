@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -38,6 +39,13 @@ def _fail_without_retry() -> Iterator[None]:
         raise
 
 
+def _process_created() -> float:
+    """When this process started (epoch seconds; psutil, which Airflow's task supervisor already imports)."""
+    import psutil  # at task run time only, not at DAG parse
+
+    return float(psutil.Process().create_time())
+
+
 class PartitionBaseOperator(BaseOperator):
     """Base for operators that act on one table through ``pg_partition.core``.
 
@@ -67,6 +75,16 @@ class PartitionBaseOperator(BaseOperator):
         self.dry_run = dry_run
         self.lock_timeout = lock_timeout
         self.lock_retries = lock_retries
+
+    def pre_execute(self, context: Any) -> None:
+        """One INFO line marking where Airflow's own start-up of this task ends and our code begins: Airflow calls
+        ``pre_execute`` right before ``execute``, after its task runner, the DAG parse, the connection to the API
+        server and the template rendering. ``started_at`` is the wall clock (epoch seconds, what bench/peers.py
+        reads as the end of Airflow's start-up) and ``process_age`` how long this task's process had been alive
+        (for ``airflow dags test``, the whole CLI process): the operator's view of Airflow's start-up cost."""
+        now = time.time()
+        self.log.info("pg-partition task %s: our code starts (started_at=%.3f, process_age=%.2fs)", self.task_id,
+                      now, now - _process_created())
 
     @property
     def is_dry_run(self) -> bool:

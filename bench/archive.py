@@ -52,6 +52,9 @@ def _child(dsn: str, endpoint: str, bucket: str, fmt: str, verify: bool, table: 
     from pg_partition.core.db.execute import Executor
 
     if fmt == "parquet":  # loaded once per worker process in real use: module loading is not export throughput
+        from pg_partition.core.archive import arrow_copy
+
+        arrow_copy.load_pyarrow()  # as the export's first pyarrow import would (it picks Arrow's allocator)
         import adbc_driver_manager  # noqa: F401
         import adbc_driver_postgresql  # noqa: F401
         import pyarrow.parquet  # noqa: F401

@@ -36,6 +36,7 @@ from psycopg import sql
 
 from bench.common import BenchEnv, Figure, bench_env, timer
 from pg_partition.core import archive
+from pg_partition.core.archive.policy import MiB
 from pg_partition.core.db.catalog import QualifiedName
 from tools.seed import seed_activities
 
@@ -44,7 +45,8 @@ TABLE = QualifiedName("public", "activities_202401")
 RSS_GOAL_MB = 200.0
 
 
-def _child(dsn: str, endpoint: str, bucket: str, fmt: str, verify: bool, table: QualifiedName = TABLE) -> None:
+def _child(dsn: str, endpoint: str, bucket: str, fmt: str, verify: bool, table: QualifiedName = TABLE,
+           codec: str = "") -> None:
     """Runs in a fresh process: archive one table to S3 (and optionally verify it); prints JSON timings."""
     import boto3
     import psycopg
@@ -79,7 +81,8 @@ def _child(dsn: str, endpoint: str, bucket: str, fmt: str, verify: bool, table: 
     s3 = TimesComplete()
     with psycopg.connect(dsn, autocommit=True) as conn:
         policy = archive.ArchivePolicy.build({"bucket": bucket, "format": fmt,
-                                              "prefix": f"bench-{uuid.uuid4().hex[:6]}"})
+                                              "prefix": f"bench-{uuid.uuid4().hex[:6]}",
+                                              **({"parquet_compression": codec} if codec else {})})
         start = time.perf_counter()
         manifest = archive.archive_table(Executor(conn), s3, archive.ArchiveTarget(table, label="2024-01"), policy)
         upload_s = time.perf_counter() - start
@@ -100,10 +103,10 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _archive_in_child(env: BenchEnv, db: str, bucket: str, fmt: str, verify: bool = False,
-                      table: QualifiedName = TABLE) -> tuple[dict[str, Any], float, float]:
+                      table: QualifiedName = TABLE, codec: str = "") -> tuple[dict[str, Any], float, float]:
     """Run the archive in a fresh process: (its JSON report + CPU seconds of it and of the S3 server, wall, RSS)."""
     cmd = ["/usr/bin/time", "-f", "%M %U %S", sys.executable, "-m", "bench.archive", "--child", env.dsn(db),
-           env.s3.endpoint, bucket, fmt, "verify" if verify else "-", str(table)]
+           env.s3.endpoint, bucket, fmt, "verify" if verify else "-", str(table), codec]
     assert env.s3.proc is not None
     moto_before = _cpu_seconds(env.s3.proc.pid)
     with timer() as t:
@@ -124,6 +127,22 @@ def _pg_dump_devnull(env: BenchEnv, db: str) -> tuple[float, float]:
                              stdout=devnull, stderr=subprocess.PIPE, text=True, check=True)
     user, system = res.stderr.strip().splitlines()[-1].split()
     return t[0], float(user) + float(system)
+
+
+def _upload_only(env: BenchEnv, bucket: str, size: int) -> tuple[float, float]:
+    """(seconds, S3 server CPU seconds) to upload ``size`` bytes already in memory through the same multipart
+    path (8 MiB parts, 1 in flight): what the S3 endpoint alone costs the Parquet export on this machine."""
+    data = os.urandom(MiB) * max(1, size // MiB)
+    client = env.s3.client()
+    assert env.s3.proc is not None
+    moto_before = _cpu_seconds(env.s3.proc.pid)
+    with timer() as t, archive.MultipartUpload(client, bucket, f"upload-only-{uuid.uuid4().hex[:6]}",
+                                                expected_size=len(data), max_inflight=1) as up:
+        view = memoryview(data)
+        for i in range(0, len(data), MiB):
+            up.write(view[i:i + MiB])
+        up.complete()
+    return t[0], _cpu_seconds(env.s3.proc.pid) - moto_before
 
 
 def _copy_binary_discard(env: BenchEnv, db: str) -> float:
@@ -198,39 +217,61 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
             "MB/s (table size / time)", baseline=mb / med_base, baseline_name="pg_dump > /dev/null",
             note="for information: verification reads the whole object back before anything is dropped"))
 
+    codecs = [c.strip() for c in os.environ.get("BENCH_PARQUET_CODECS", "zstd,snappy").split(",") if c.strip()]
     copy_s: list[float] = []
-    pq_s: list[float] = []
+    upload_s: list[float] = []
+    pq_s: dict[str, list[float]] = {c: [] for c in codecs}
     pq_rss: list[float] = []
-    pq_completes: list[float] = []
-    pq_info: dict[str, Any] = {}
+    pq_completes: dict[str, list[float]] = {c: [] for c in codecs}
+    pq_info: dict[str, dict[str, Any]] = {}
+    moto_upload = 0.0
     for i in range(rounds):
         copy_s.append(_copy_binary_discard(env, db))
-        pq_info, _, rss = _archive_in_child(env, db, bucket, "parquet")
-        pq_s.append(pq_info["upload_s"])
-        pq_completes.append(pq_info["complete_s"])
-        pq_rss.append(rss)
-        print(f"round {i + 1}: binary COPY read and discarded {copy_s[-1]:.2f}s, Parquet export {pq_s[-1]:.2f}s "
-              f"(its CPU {pq_info['cpu_s']:.1f}s, S3 server CPU {pq_info['s3_server_cpu_s']:.1f}s, peak RSS "
-              f"{rss:.0f} MB)", flush=True)
-    med_copy, med_pq = statistics.median(copy_s), statistics.median(pq_s)
+        order = codecs if i % 2 == 0 else codecs[::-1]  # alternate which codec runs right after the baseline
+        for codec in order:
+            info, _, rss = _archive_in_child(env, db, bucket, "parquet", codec=codec)
+            pq_info[codec] = info
+            pq_s[codec].append(info["upload_s"])
+            pq_completes[codec].append(info["complete_s"])
+            pq_rss.append(rss)
+            print(f"round {i + 1}: Parquet ({codec}) export {info['upload_s']:.2f}s, {info['bytes'] / MiB:,.0f} MiB "
+                  f"(its CPU {info['cpu_s']:.1f}s, S3 server CPU {info['s3_server_cpu_s']:.1f}s, peak RSS "
+                  f"{rss:.0f} MB)", flush=True)
+        seconds, moto_upload = _upload_only(env, bucket, int(pq_info[codecs[0]]["bytes"]))
+        upload_s.append(seconds)
+        print(f"round {i + 1}: binary COPY read and discarded {copy_s[-1]:.2f}s; the same {codecs[0]} object's "
+              f"bytes uploaded from memory {seconds:.2f}s (S3 server CPU {moto_upload:.1f}s)", flush=True)
+    med_copy = statistics.median(copy_s)
+    for codec in codecs:
+        med_pq = statistics.median(pq_s[codec])
+        info = pq_info[codec]
+        figures.append(Figure(
+            GROUP, f"Parquet export ({codec})", info["rows"] / med_pq, "rows/s", goal=">= 0.8x",
+            met=med_copy / med_pq >= 0.8, baseline=rows / med_copy,
+            baseline_name="the same table's binary COPY stream read in Python and discarded",
+            note=f"binary COPY -> ADBC Arrow record batches -> ParquetWriter -> S3 (moto) multipart; "
+            f"{info['bytes'] / MiB:,.0f} MiB Parquet ({codec}) in {info['parts']} parts; median of {rounds} "
+            f"alternating rounds (all: ours {[round(x, 2) for x in pq_s[codec]]} s, baseline "
+            f"{[round(x, 2) for x in copy_s]} s); CPU in the last round: process {info['cpu_s']:.1f} s, S3 server "
+            f"{info['s3_server_cpu_s']:.1f} s"))
+        stream_pq = statistics.median(o - c for o, c in zip(pq_s[codec], pq_completes[codec], strict=True))
+        figures.append(Figure(
+            GROUP, f"Parquet export ({codec}) without CompleteMultipartUpload", info["rows"] / stream_pq, "rows/s",
+            baseline=rows / med_copy, baseline_name="the same table's binary COPY stream read in Python and discarded",
+            note=f"for information: the same rounds minus CompleteMultipartUpload (median "
+            f"{statistics.median(pq_completes[codec]):.1f} s), which moto answers by assembling the object in "
+            "Python here"))
     figures.append(Figure(
-        GROUP, "Parquet export", pq_info["rows"] / med_pq, "rows/s", goal=">= 0.8x", met=med_copy / med_pq >= 0.8,
-        baseline=rows / med_copy, baseline_name="the same table's binary COPY stream read in Python and discarded",
-        note=f"binary COPY -> ADBC Arrow record batches -> ParquetWriter -> S3; {pq_info['bytes'] / 1024**2:,.0f} "
-        f"MB Parquet (snappy) in {pq_info['parts']} parts; median of {rounds} alternating rounds (all: ours "
-        f"{[round(x, 2) for x in pq_s]} s, baseline {[round(x, 2) for x in copy_s]} s); CPU in the last round: "
-        f"process {pq_info['cpu_s']:.1f} s, S3 server {pq_info['s3_server_cpu_s']:.1f} s"))
-    stream_pq = statistics.median(o - c for o, c in zip(pq_s, pq_completes, strict=True))
-    figures.append(Figure(
-        GROUP, "Parquet export streaming (without CompleteMultipartUpload)", pq_info["rows"] / stream_pq, "rows/s",
-        baseline=rows / med_copy, baseline_name="the same table's binary COPY stream read in Python and discarded",
-        note=f"for information: the same rounds minus CompleteMultipartUpload (median "
-        f"{statistics.median(pq_completes):.1f} s), which moto answers by assembling the object in Python here"))
+        GROUP, f"upload only: the {codecs[0]} object's bytes from memory to S3 (moto)",
+        rows / statistics.median(upload_s), "rows/s (table rows / time)", baseline=rows / med_copy,
+        baseline_name="the same table's binary COPY stream read in Python and discarded",
+        note=f"for information, the second baseline: what the S3 endpoint alone costs on this machine "
+        f"(all rounds {[round(x, 2) for x in upload_s]} s; moto's CPU in the last {moto_upload:.1f} s)"))
     figures.append(Figure(
         GROUP, "peak RSS of the Parquet export process", max(pq_rss), "MB", goal=f"< {RSS_GOAL_MB:.0f} MB",
         met=max(pq_rss) < RSS_GOAL_MB,
-        note="row groups of about 4 MB of Arrow data, ADBC batches of about 1 MB (1 queued); includes pyarrow, "
-        "the ADBC driver and boto3"))
+        note="row groups of about 4 MB of Arrow data, ADBC batches of about 1 MB (1 queued), 2 reused 8 MiB part "
+        "buffers, Arrow on jemalloc; includes pyarrow, the ADBC driver and boto3 (about 113 MB before any work)"))
     sizes = [int(x) for x in os.environ.get("BENCH_ARCHIVE_SIZES", "").split(",") if x.strip()]
     if sizes:
         figures += _rss_by_size(env, db, bucket, sizes)
@@ -275,7 +316,7 @@ def _rss_by_size(env: BenchEnv, db: str, bucket: str, sizes: list[int]) -> list[
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "verify",
-               QualifiedName.parse(sys.argv[7]))
+               QualifiedName.parse(sys.argv[7]), sys.argv[8] if len(sys.argv) > 8 else "")
         return
     rows = int(os.environ.get("BENCH_ARCHIVE_ROWS", "3200000"))
     with bench_env("pgp-bench-archive-") as env:

@@ -217,7 +217,7 @@ def _to_target(batch: Any, schema: Any) -> Any:
 
 
 def write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
-                  columns: list[ExportColumn], *, compression: str = "snappy", snapshot: str | None = None,
+                  columns: list[ExportColumn], *, compression: str = "zstd", snapshot: str | None = None,
                   block_size: int = MiB, group_bytes: int = 4 * MiB) -> int:
     """Stream the table as Parquet into ``sink``; returns rows written. Must run inside :func:`snapshot`'s
     transaction, whose exported id is ``snapshot``.

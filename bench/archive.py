@@ -285,7 +285,7 @@ def _rss_by_size(env: BenchEnv, db: str, bucket: str, sizes: list[int]) -> list[
 
     The table grows in place (rows appended) to each size in ``BENCH_ARCHIVE_SIZES`` (rows), so the seeding costs
     only the largest size. Memory should not grow with the table: the part size is 8 MiB up to ~27 GB of
-    relation, and parts beyond 32 MiB (larger tables) are spooled to disk (the unit test
+    relation, and larger parts (larger tables) are spooled to disk (the unit test
     ``test_s3_parts.py`` streams a 3 GiB body told it is 1.5 TiB, which the real path cannot hold here).
     """
     from tools.seed import create_activities, insert_rows

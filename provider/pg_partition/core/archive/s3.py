@@ -53,9 +53,12 @@ S3_MAX_OBJECT = 5 * 1024 * 1024 * MiB  # 5 TiB: the largest object S3 stores
 # Output may be larger than the relation it came from (text forms of timestamps and numbers in CSV/pg_dump): the
 # part size leaves this much room before the 10,000-part limit.
 SIZE_HEADROOM = 3
-# Parts up to this size are held in memory; larger ones (objects beyond ~50 GiB) are spooled to a temporary file,
-# so the process's memory stays flat whatever the table size.
-MEMORY_PART_LIMIT = 32 * MiB
+# Parts up to this size are held in memory; larger ones (relations beyond ~27 GB, where the part size grows past
+# the 8 MiB default) are spooled to a temporary file (the page cache holds them, not the process), so the
+# upload's share of the process's memory is at most (max_inflight + 1) x 8 MiB whatever the table size. It was
+# 32 MiB: a 27-107 GB table then held up to 2-3 parts of 9-32 MiB, which would take a Parquet export (about
+# 145 MB without its parts) past 200 MB.
+MEMORY_PART_LIMIT = 8 * MiB
 
 
 def part_size_for(expected_bytes: int | None, base: int = 8 * MiB) -> int:

@@ -153,7 +153,7 @@ def _footer_per_group(groups: int = 10_000) -> Figure:
         GROUP, "Parquet writer memory per row group (footer metadata kept until close)", info["bytes_per_group"],
         "bytes", note=f"for information: {info['grown_mb']:.0f} MB after {groups:,} row groups of the bench "
         "table's 11 columns (about 900 bytes per column chunk, statistics on or off). A row group holds about "
-        "4 MiB of Arrow data (about 20,000 rows of this table), so this grows by roughly 1.5-2 MB per GB of table: "
+        "4 MiB of Arrow data, so this grows by roughly 1.5-2 MB per GB of table: "
         "under 200 MB up to roughly 15-20 GB, not for a terabyte (that needs several Parquet objects per table)")
 
 

@@ -50,7 +50,7 @@ _MIN_TIMESTAMP_US = _MIN_DATE_DAYS * 86_400_000_000
 
 
 ARROW_POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
-_pool_warned = False
+_pool_checked = False
 
 
 def load_pyarrow() -> Any:
@@ -65,16 +65,20 @@ def load_pyarrow() -> Any:
     ``import pyarrow``; every pyarrow import in the archive code goes through here. When pyarrow was already
     loaded with another allocator, the export still works and says once how to get the lower peak.
     """
-    global _pool_warned
+    global _pool_checked
+    if _pool_checked:  # called per record batch: the pool is looked at once per process
+        import pyarrow as pa
+
+        return pa
     if "pyarrow" not in sys.modules:
         os.environ.setdefault(ARROW_POOL_ENV, "jemalloc")
     import pyarrow as pa
 
+    _pool_checked = True
     backend = pa.default_memory_pool().backend_name
     if backend == "jemalloc":
         pa.jemalloc_set_decay_ms(0)  # freed pages go back to the OS at once instead of after a second
-    elif not _pool_warned and os.environ.get(ARROW_POOL_ENV) is None:
-        _pool_warned = True
+    elif os.environ.get(ARROW_POOL_ENV) is None:
         log.info("pyarrow was loaded before pg-partition with the %s allocator, which keeps freed memory "
                  "resident (about 25 MB more peak RSS in a Parquet export); set %s=jemalloc in the worker's "
                  "environment to avoid it", backend, ARROW_POOL_ENV)

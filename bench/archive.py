@@ -173,7 +173,7 @@ def _footer_per_group(groups: int = 10_000) -> Figure:
         "bytes", note=f"for information: {info['grown_mb']:.0f} MB after {groups:,} row groups of the bench "
         "table's 11 columns (about 900 bytes per column chunk, statistics on or off). Row groups hold about 4 MiB "
         "of Arrow data, so this part of the export's memory grows with the table (the size series shows it: "
-        "about +10 MB from 0.08 to 3.26 GiB on 2026-11-29); one Parquet object per terabyte table cannot stay "
+        "about +10-13 MB from 0.08 to 3.26 GiB on 2026-11-29); one Parquet object per terabyte table cannot stay "
         "under 200 MB, that needs several objects per table")
 
 

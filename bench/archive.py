@@ -36,6 +36,7 @@ from psycopg import sql
 
 from bench.common import BenchEnv, Figure, bench_env, timer
 from pg_partition.core import archive
+from pg_partition.core.archive.policy import MiB
 from pg_partition.core.db.catalog import QualifiedName
 from tools.seed import seed_activities
 
@@ -44,14 +45,18 @@ TABLE = QualifiedName("public", "activities_202401")
 RSS_GOAL_MB = 200.0
 
 
-def _child(dsn: str, endpoint: str, bucket: str, fmt: str, verify: bool, table: QualifiedName = TABLE) -> None:
+def _child(dsn: str, endpoint: str, bucket: str, fmt: str, verify: bool, table: QualifiedName = TABLE,
+           codec: str = "") -> None:
     """Runs in a fresh process: archive one table to S3 (and optionally verify it); prints JSON timings."""
     import boto3
     import psycopg
 
     from pg_partition.core.db.execute import Executor
 
-    if fmt == "parquet":  # loaded once per worker process in real use: module loading is not export throughput
+    if fmt.startswith("parquet"):  # loaded once per worker process in real use: module loading is not throughput
+        from pg_partition.core.archive import arrow_copy
+
+        arrow_copy.load_pyarrow()  # as the export's first pyarrow import would (it picks Arrow's allocator)
         import adbc_driver_manager  # noqa: F401
         import adbc_driver_postgresql  # noqa: F401
         import pyarrow.parquet  # noqa: F401
@@ -73,10 +78,30 @@ def _child(dsn: str, endpoint: str, bucket: str, fmt: str, verify: bool, table: 
             finally:
                 completing[0] += time.perf_counter() - start
 
+    class DiscardingS3(TimesComplete):
+        """Stand-in for S3 (named so) for the "without S3" rounds: the multipart upload's parts are read (their
+        length checked) and dropped; the small manifest still goes to the real endpoint."""
+
+        def create_multipart_upload(self, **kwargs: Any) -> Any:
+            return {"UploadId": "discarded"}
+
+        def upload_part(self, **kwargs: Any) -> Any:
+            assert len(kwargs["Body"]) == kwargs["ContentLength"]
+            return {"ETag": f'"{kwargs["PartNumber"]}"'}
+
+        def complete_multipart_upload(self, **kwargs: Any) -> Any:
+            return {"ETag": '"discarded"'}
+
+        def abort_multipart_upload(self, **kwargs: Any) -> Any:
+            return {}
+
     s3 = TimesComplete()
+    if fmt == "parquet-nos3":
+        fmt, s3 = "parquet", DiscardingS3()
     with psycopg.connect(dsn, autocommit=True) as conn:
         policy = archive.ArchivePolicy.build({"bucket": bucket, "format": fmt,
-                                              "prefix": f"bench-{uuid.uuid4().hex[:6]}"})
+                                              "prefix": f"bench-{uuid.uuid4().hex[:6]}",
+                                              **({"parquet_compression": codec} if codec else {})})
         start = time.perf_counter()
         manifest = archive.archive_table(Executor(conn), s3, archive.ArchiveTarget(table, label="2024-01"), policy)
         upload_s = time.perf_counter() - start
@@ -89,6 +114,69 @@ def _child(dsn: str, endpoint: str, bucket: str, fmt: str, verify: bool, table: 
                       "bytes": manifest["bytes"], "rows": manifest["rows"], "parts": manifest["parts"]}))
 
 
+def _footer_child(groups: int) -> None:
+    """Runs in a fresh process: RSS growth of a ParquetWriter per row group written (the footer metadata it keeps
+    until close), with the bench table's 11 columns, tiny row groups and a discarding sink; prints JSON."""
+    from pg_partition.core.archive import arrow_copy
+
+    pa = arrow_copy.load_pyarrow()
+    import pyarrow.parquet as pq
+
+    def rss_mb() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB
+
+    n = 100
+    ints = pa.array(range(n), pa.int64())
+    texts = pa.array([f"text {i}" for i in range(n)])
+    stamps = pa.array(range(n), pa.timestamp("us"))
+    table = pa.table({"id": ints, "trackable_type": texts, "trackable_id": ints, "owner_type": texts,
+                      "owner_id": ints, "key": texts, "parameters": texts, "recipient_type": texts,
+                      "recipient_id": ints, "created_at": stamps, "updated_at": stamps})
+
+    class Discard:
+        closed = False
+        size = 0
+
+        def write(self, data: Any) -> int:
+            self.size += len(data)
+            return len(data)
+
+        def tell(self) -> int:
+            return self.size
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+        def writable(self) -> bool:
+            return True
+
+    writer = pq.ParquetWriter(pa.PythonFile(Discard(), mode="w"), table.schema, compression="zstd",
+                              write_statistics=True, version="2.6")
+    before = rss_mb()
+    for _ in range(groups):
+        writer.write_table(table, row_group_size=n)
+    grown = rss_mb() - before
+    writer.close()
+    print(json.dumps({"groups": groups, "grown_mb": grown, "bytes_per_group": grown * MiB / groups}))
+
+
+def _footer_per_group(groups: int = 10_000) -> Figure:
+    """The Parquet writer's memory per row group (kept until close), measured in a fresh process."""
+    res = subprocess.run([sys.executable, "-m", "bench.archive", "--footer", str(groups)], capture_output=True,
+                         text=True, env=dict(os.environ), check=True)
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    return Figure(
+        GROUP, "Parquet writer memory per row group (footer metadata kept until close)", info["bytes_per_group"],
+        "bytes", note=f"for information: {info['grown_mb']:.0f} MB after {groups:,} row groups of the bench "
+        "table's 11 columns (about 900 bytes per column chunk, statistics on or off). Row groups hold about 4 MiB "
+        "of Arrow data, so this part of the export's memory grows with the table (the size series shows it: "
+        "about +10-13 MB from 0.08 to 3.26 GiB on 2026-11-29); one Parquet object per terabyte table cannot stay "
+        "under 200 MB, that needs several objects per table")
+
+
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of a process (and its waited-for children) from /proc, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -97,10 +185,10 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _archive_in_child(env: BenchEnv, db: str, bucket: str, fmt: str, verify: bool = False,
-                      table: QualifiedName = TABLE) -> tuple[dict[str, Any], float, float]:
+                      table: QualifiedName = TABLE, codec: str = "") -> tuple[dict[str, Any], float, float]:
     """Run the archive in a fresh process: (its JSON report + CPU seconds of it and of the S3 server, wall, RSS)."""
     cmd = ["/usr/bin/time", "-f", "%M %U %S", sys.executable, "-m", "bench.archive", "--child", env.dsn(db),
-           env.s3.endpoint, bucket, fmt, "verify" if verify else "-", str(table)]
+           env.s3.endpoint, bucket, fmt, "verify" if verify else "-", str(table), codec]
     assert env.s3.proc is not None
     moto_before = _cpu_seconds(env.s3.proc.pid)
     with timer() as t:
@@ -121,6 +209,22 @@ def _pg_dump_devnull(env: BenchEnv, db: str) -> tuple[float, float]:
                              stdout=devnull, stderr=subprocess.PIPE, text=True, check=True)
     user, system = res.stderr.strip().splitlines()[-1].split()
     return t[0], float(user) + float(system)
+
+
+def _upload_only(env: BenchEnv, bucket: str, size: int) -> tuple[float, float]:
+    """(seconds, S3 server CPU seconds) to upload ``size`` bytes already in memory through the same multipart
+    path (8 MiB parts, 1 in flight): what the S3 endpoint alone costs the Parquet export on this machine."""
+    data = os.urandom(MiB) * max(1, size // MiB)
+    client = env.s3.client()
+    assert env.s3.proc is not None
+    moto_before = _cpu_seconds(env.s3.proc.pid)
+    with timer() as t, archive.MultipartUpload(client, bucket, f"upload-only-{uuid.uuid4().hex[:6]}",
+                                                expected_size=len(data), max_inflight=1) as up:
+        view = memoryview(data)
+        for i in range(0, len(data), MiB):
+            up.write(view[i:i + MiB])
+        up.complete()
+    return t[0], _cpu_seconds(env.s3.proc.pid) - moto_before
 
 
 def _copy_binary_discard(env: BenchEnv, db: str) -> float:
@@ -195,39 +299,73 @@ def run(env: BenchEnv, rows: int) -> list[Figure]:
             "MB/s (table size / time)", baseline=mb / med_base, baseline_name="pg_dump > /dev/null",
             note="for information: verification reads the whole object back before anything is dropped"))
 
+    codecs = [c.strip() for c in os.environ.get("BENCH_PARQUET_CODECS", "zstd,snappy").split(",") if c.strip()]
     copy_s: list[float] = []
-    pq_s: list[float] = []
+    upload_s: list[float] = []
+    pq_s: dict[str, list[float]] = {c: [] for c in codecs}
     pq_rss: list[float] = []
-    pq_completes: list[float] = []
-    pq_info: dict[str, Any] = {}
+    pq_completes: dict[str, list[float]] = {c: [] for c in codecs}
+    pq_info: dict[str, dict[str, Any]] = {}
+    moto_upload = 0.0
+    nos3_s: list[float] = []
     for i in range(rounds):
         copy_s.append(_copy_binary_discard(env, db))
-        pq_info, _, rss = _archive_in_child(env, db, bucket, "parquet")
-        pq_s.append(pq_info["upload_s"])
-        pq_completes.append(pq_info["complete_s"])
-        pq_rss.append(rss)
-        print(f"round {i + 1}: binary COPY read and discarded {copy_s[-1]:.2f}s, Parquet export {pq_s[-1]:.2f}s "
-              f"(its CPU {pq_info['cpu_s']:.1f}s, S3 server CPU {pq_info['s3_server_cpu_s']:.1f}s, peak RSS "
-              f"{rss:.0f} MB)", flush=True)
-    med_copy, med_pq = statistics.median(copy_s), statistics.median(pq_s)
+        order = codecs if i % 2 == 0 else codecs[::-1]  # alternate which codec runs right after the baseline
+        for codec in order:
+            info, _, rss = _archive_in_child(env, db, bucket, "parquet", codec=codec)
+            pq_info[codec] = info
+            pq_s[codec].append(info["upload_s"])
+            pq_completes[codec].append(info["complete_s"])
+            pq_rss.append(rss)
+            print(f"round {i + 1}: Parquet ({codec}) export {info['upload_s']:.2f}s, {info['bytes'] / MiB:,.0f} MiB "
+                  f"(its CPU {info['cpu_s']:.1f}s, S3 server CPU {info['s3_server_cpu_s']:.1f}s, peak RSS "
+                  f"{rss:.0f} MB)", flush=True)
+        info, _, rss = _archive_in_child(env, db, bucket, "parquet-nos3", codec=codecs[0])
+        nos3_s.append(info["upload_s"])
+        print(f"round {i + 1}: Parquet ({codecs[0]}) export without S3 (parts discarded) {info['upload_s']:.2f}s "
+              f"(its CPU {info['cpu_s']:.1f}s, peak RSS {rss:.0f} MB)", flush=True)
+        seconds, moto_upload = _upload_only(env, bucket, int(pq_info[codecs[0]]["bytes"]))
+        upload_s.append(seconds)
+        print(f"round {i + 1}: binary COPY read and discarded {copy_s[-1]:.2f}s; the same {codecs[0]} object's "
+              f"bytes uploaded from memory {seconds:.2f}s (S3 server CPU {moto_upload:.1f}s)", flush=True)
+    med_copy = statistics.median(copy_s)
+    for codec in codecs:
+        med_pq = statistics.median(pq_s[codec])
+        info = pq_info[codec]
+        figures.append(Figure(
+            GROUP, f"Parquet export ({codec})", info["rows"] / med_pq, "rows/s", goal=">= 0.8x",
+            met=med_copy / med_pq >= 0.8, baseline=rows / med_copy,
+            baseline_name="the same table's binary COPY stream read in Python and discarded",
+            note=f"binary COPY -> ADBC Arrow record batches -> ParquetWriter -> S3 (moto) multipart; "
+            f"{info['bytes'] / MiB:,.0f} MiB Parquet ({codec}) in {info['parts']} parts; median of {rounds} "
+            f"alternating rounds (all: ours {[round(x, 2) for x in pq_s[codec]]} s, baseline "
+            f"{[round(x, 2) for x in copy_s]} s); CPU in the last round: process {info['cpu_s']:.1f} s, S3 server "
+            f"{info['s3_server_cpu_s']:.1f} s"))
+        stream_pq = statistics.median(o - c for o, c in zip(pq_s[codec], pq_completes[codec], strict=True))
+        figures.append(Figure(
+            GROUP, f"Parquet export ({codec}) without CompleteMultipartUpload", info["rows"] / stream_pq, "rows/s",
+            baseline=rows / med_copy, baseline_name="the same table's binary COPY stream read in Python and discarded",
+            note=f"for information: the same rounds minus CompleteMultipartUpload (median "
+            f"{statistics.median(pq_completes[codec]):.1f} s), which moto answers by assembling the object in "
+            "Python here"))
     figures.append(Figure(
-        GROUP, "Parquet export", pq_info["rows"] / med_pq, "rows/s", goal=">= 0.8x", met=med_copy / med_pq >= 0.8,
-        baseline=rows / med_copy, baseline_name="the same table's binary COPY stream read in Python and discarded",
-        note=f"binary COPY -> ADBC Arrow record batches -> ParquetWriter -> S3; {pq_info['bytes'] / 1024**2:,.0f} "
-        f"MB Parquet (snappy) in {pq_info['parts']} parts; median of {rounds} alternating rounds (all: ours "
-        f"{[round(x, 2) for x in pq_s]} s, baseline {[round(x, 2) for x in copy_s]} s); CPU in the last round: "
-        f"process {pq_info['cpu_s']:.1f} s, S3 server {pq_info['s3_server_cpu_s']:.1f} s"))
-    stream_pq = statistics.median(o - c for o, c in zip(pq_s, pq_completes, strict=True))
+        GROUP, f"Parquet export ({codecs[0]}) without S3", rows / statistics.median(nos3_s), "rows/s",
+        goal=">= 0.8x", met=med_copy / statistics.median(nos3_s) >= 0.8, baseline=rows / med_copy,
+        baseline_name="the same table's binary COPY stream read in Python and discarded",
+        note=f"the whole export (snapshot, count, ADBC, Parquet, sha256, part buffers) into a stand-in S3 that "
+        f"discards the parts; rounds {[round(x, 2) for x in nos3_s]} s"))
     figures.append(Figure(
-        GROUP, "Parquet export streaming (without CompleteMultipartUpload)", pq_info["rows"] / stream_pq, "rows/s",
-        baseline=rows / med_copy, baseline_name="the same table's binary COPY stream read in Python and discarded",
-        note=f"for information: the same rounds minus CompleteMultipartUpload (median "
-        f"{statistics.median(pq_completes):.1f} s), which moto answers by assembling the object in Python here"))
+        GROUP, f"upload only: the {codecs[0]} object's bytes from memory to S3 (moto)",
+        rows / statistics.median(upload_s), "rows/s (table rows / time)", baseline=rows / med_copy,
+        baseline_name="the same table's binary COPY stream read in Python and discarded",
+        note=f"for information, the second baseline: what the S3 endpoint alone costs on this machine "
+        f"(all rounds {[round(x, 2) for x in upload_s]} s; moto's CPU in the last {moto_upload:.1f} s)"))
     figures.append(Figure(
         GROUP, "peak RSS of the Parquet export process", max(pq_rss), "MB", goal=f"< {RSS_GOAL_MB:.0f} MB",
         met=max(pq_rss) < RSS_GOAL_MB,
-        note="row groups of about 4 MB of Arrow data, ADBC batches of about 1 MB (1 queued); includes pyarrow, "
-        "the ADBC driver and boto3"))
+        note="row groups of about 4 MB of Arrow data, ADBC batches of about 1 MB (1 queued), 2 reused 8 MiB part "
+        "buffers, Arrow on jemalloc; includes pyarrow, the ADBC driver and boto3 (about 113 MB before any work)"))
+    figures.append(_footer_per_group())
     sizes = [int(x) for x in os.environ.get("BENCH_ARCHIVE_SIZES", "").split(",") if x.strip()]
     if sizes:
         figures += _rss_by_size(env, db, bucket, sizes)
@@ -241,7 +379,7 @@ def _rss_by_size(env: BenchEnv, db: str, bucket: str, sizes: list[int]) -> list[
 
     The table grows in place (rows appended) to each size in ``BENCH_ARCHIVE_SIZES`` (rows), so the seeding costs
     only the largest size. Memory should not grow with the table: the part size is 8 MiB up to ~27 GB of
-    relation, and parts beyond 32 MiB (larger tables) are spooled to disk (the unit test
+    relation, and larger parts (larger tables) are spooled to disk (the unit test
     ``test_s3_parts.py`` streams a 3 GiB body told it is 1.5 TiB, which the real path cannot hold here).
     """
     from tools.seed import create_activities, insert_rows
@@ -270,9 +408,12 @@ def _rss_by_size(env: BenchEnv, db: str, bucket: str, sizes: list[int]) -> list[
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--footer":
+        _footer_child(int(sys.argv[2]))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "verify",
-               QualifiedName.parse(sys.argv[7]))
+               QualifiedName.parse(sys.argv[7]), sys.argv[8] if len(sys.argv) > 8 else "")
         return
     rows = int(os.environ.get("BENCH_ARCHIVE_ROWS", "3200000"))
     with bench_env("pgp-bench-archive-") as env:

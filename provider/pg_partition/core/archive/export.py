@@ -109,7 +109,7 @@ def export_columns(conn: psycopg.Connection[Any], table: QualifiedName) -> list[
 
 
 def arrow_schema(columns: list[ExportColumn]) -> Any:
-    import pyarrow as pa
+    pa = arrow_copy.load_pyarrow()
 
     def arrow_type(c: ExportColumn) -> Any:
         if c.as_text:
@@ -176,7 +176,7 @@ def _csv_read_plan(columns: list[ExportColumn]) -> tuple[sql.Composable, dict[st
     numerics keep every digit, floats print shortest-exact. Where Arrow's parser needs help the server reshapes
     the value: timestamptz AT TIME ZONE 'UTC' (then tagged UTC), time as microseconds, bytea as hex.
     """
-    import pyarrow as pa
+    pa = arrow_copy.load_pyarrow()
 
     items: list[sql.Composable] = []
     types: dict[str, Any] = {}
@@ -203,7 +203,7 @@ def _csv_read_plan(columns: list[ExportColumn]) -> tuple[sql.Composable, dict[st
 
 def _to_target(batch: Any, schema: Any) -> Any:
     """A parsed CSV batch -> the archive's Arrow schema (UTC tag, time64, binary from hex, nullability)."""
-    import pyarrow as pa
+    pa = arrow_copy.load_pyarrow()
 
     arrays = []
     for i, f in enumerate(schema):
@@ -216,31 +216,8 @@ def _to_target(batch: Any, schema: Any) -> Any:
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-@contextlib.contextmanager
-def _arrow_pool() -> Iterator[Any]:
-    """Arrow allocations from jemalloc with immediate decay for the export, when this pyarrow has jemalloc.
-
-    Why: the default allocators keep freed blocks cached, so a long export's RSS creeps far above what it
-    actually holds (measured: ~200-340 MB vs ~170 MB for the same export); the previous default is restored.
-    """
-    import pyarrow as pa
-
-    previous = pa.default_memory_pool()
-    try:
-        pool = pa.jemalloc_memory_pool()
-        pa.jemalloc_set_decay_ms(0)
-    except (NotImplementedError, pa.ArrowNotImplementedError):
-        yield previous
-        return
-    pa.set_memory_pool(pool)
-    try:
-        yield pool
-    finally:
-        pa.set_memory_pool(previous)
-
-
 def write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
-                  columns: list[ExportColumn], *, compression: str = "snappy", snapshot: str | None = None,
+                  columns: list[ExportColumn], *, compression: str = "zstd", snapshot: str | None = None,
                   block_size: int = MiB, group_bytes: int = 4 * MiB) -> int:
     """Stream the table as Parquet into ``sink``; returns rows written. Must run inside :func:`snapshot`'s
     transaction, whose exported id is ``snapshot``.
@@ -251,21 +228,20 @@ def write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: Mul
     STDOUT (FORMAT csv)`` is cut into blocks of about ``block_size`` whole rows, each parsed by Arrow's C++ CSV
     parser. Either way rows are written as row groups of about ``group_bytes`` of Arrow data.
     """
-    with _arrow_pool():
-        reason = "no exported snapshot id was given" if snapshot is None else arrow_copy.driver_missing()
-        if snapshot is not None and reason is None:
-            try:
-                return _write_parquet_adbc(conn, table, sink, columns, snapshot, compression=compression,
-                                           group_bytes=group_bytes)
-            except arrow_copy.AdbcUnavailable as exc:
-                reason = str(exc)
-        log.info("Parquet export of %s parses CSV COPY instead of ADBC's binary COPY: %s", table, reason)
-        return _write_parquet(conn, table, sink, columns, compression=compression, block_size=block_size,
-                              group_bytes=group_bytes)
+    reason = "no exported snapshot id was given" if snapshot is None else arrow_copy.driver_missing()
+    if snapshot is not None and reason is None:
+        try:
+            return _write_parquet_adbc(conn, table, sink, columns, snapshot, compression=compression,
+                                       group_bytes=group_bytes)
+        except arrow_copy.AdbcUnavailable as exc:
+            reason = str(exc)
+    log.info("Parquet export of %s parses CSV COPY instead of ADBC's binary COPY: %s", table, reason)
+    return _write_parquet(conn, table, sink, columns, compression=compression, block_size=block_size,
+                          group_bytes=group_bytes)
 
 
 def _parquet_writer(sink: MultipartUpload, schema: Any, compression: str) -> Any:
-    import pyarrow as pa
+    pa = arrow_copy.load_pyarrow()
     import pyarrow.parquet as pq
 
     return pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, compression=compression,
@@ -311,7 +287,7 @@ def _write_parquet_adbc(conn: psycopg.Connection[Any], table: QualifiedName, sin
 
 def _write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
                    columns: list[ExportColumn], *, compression: str, block_size: int, group_bytes: int) -> int:
-    import pyarrow as pa
+    pa = arrow_copy.load_pyarrow()
     import pyarrow.csv as pacsv
 
     schema = arrow_schema(columns)
@@ -369,7 +345,7 @@ def _write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: Mu
 
 
 def _write_group(writer: Any, batches: list[Any]) -> int:
-    import pyarrow as pa
+    pa = arrow_copy.load_pyarrow()
 
     tbl = pa.Table.from_batches(batches)
     writer.write_table(tbl, row_group_size=max(tbl.num_rows, 1))

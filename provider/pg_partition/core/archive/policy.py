@@ -70,7 +70,7 @@ class ArchivePolicy(BaseModel):
     part_size: int = Field(8 * MiB, ge=S3_MIN_PART, le=S3_MAX_PART, description="Multipart upload part size, bytes.")
     max_inflight: int = Field(2, ge=1, le=64, description="Parts uploaded at once.")
     parquet_compression: Literal["snappy", "zstd", "gzip", "lz4", "brotli", "none"] = Field(
-        "snappy", description="Parquet codec.")
+        "zstd", description="Parquet codec (zstd: about half snappy's bytes for the same CPU).")
     region: str | None = Field(None, description="AWS region of the bucket (rds mode).")
 
     @field_validator("format", mode="before")

@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pg_partition.core.archive import arrow_copy
 from pg_partition.core.archive.manifest import get_manifest
 from pg_partition.core.archive.policy import DEFAULT_PREFIX, MARKER, RESTORE_SCHEMA
 from pg_partition.core.archive.readers import Hashing, S3RangeReader, dump_copy_data, s3_chunks
@@ -145,7 +146,7 @@ def _load(ex: Executor, s3: S3Client, manifest: dict[str, Any], target: Qualifie
             loaded = int(cur.rowcount)
         _check_hash(hashing, manifest)
     elif fmt == "parquet":
-        import pyarrow as pa
+        pa = arrow_copy.load_pyarrow()
         import pyarrow.parquet as pq
 
         reader = S3RangeReader(s3, bucket, key, int(manifest["bytes"]), etag)

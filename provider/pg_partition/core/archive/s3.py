@@ -7,6 +7,7 @@ import hashlib
 import logging
 import math
 import tempfile
+import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -52,9 +53,12 @@ S3_MAX_OBJECT = 5 * 1024 * 1024 * MiB  # 5 TiB: the largest object S3 stores
 # Output may be larger than the relation it came from (text forms of timestamps and numbers in CSV/pg_dump): the
 # part size leaves this much room before the 10,000-part limit.
 SIZE_HEADROOM = 3
-# Parts up to this size are held in memory; larger ones (objects beyond ~50 GiB) are spooled to a temporary file,
-# so the process's memory stays flat whatever the table size.
-MEMORY_PART_LIMIT = 32 * MiB
+# Parts up to this size are held in memory; larger ones (relations beyond ~27 GB, where the part size grows past
+# the 8 MiB default) are spooled to a temporary file (the page cache holds them, not the process), so the
+# upload's share of the process's memory is at most (max_inflight + 1) x 8 MiB whatever the table size. It was
+# 32 MiB: a 27-107 GB table then held up to 2-3 parts of 9-32 MiB, which would take a Parquet export (about
+# 145 MB without its parts) past 200 MB.
+MEMORY_PART_LIMIT = 8 * MiB
 
 
 def part_size_for(expected_bytes: int | None, base: int = 8 * MiB) -> int:
@@ -80,16 +84,46 @@ class UploadResult:
     parts: int
 
 
-class _Part:
-    """One part being filled: one buffer in memory (small parts) or a temporary file (large parts).
+class _Buffers:
+    """The in-memory part buffers, allocated once and reused: one per part in flight plus the one being filled.
 
-    The in-memory buffer is allocated once at the part size and handed to the upload as is (botocore takes a
-    bytearray): no second copy of the part exists at any time.
+    Why: a fresh ``bytearray(part size)`` per part zero-fills 8 MiB each time and, freed from the upload thread,
+    lets glibc's heap grow and fragment (glibc raises its mmap threshold after the first large free, so later
+    parts came from the main heap). Reusing the same few buffers keeps the upload's memory a fixed
+    ``(max_inflight + 1) x part size``. A buffer goes back to the free list only at its full capacity (the short
+    last part is trimmed and dropped).
     """
 
-    def __init__(self, spool: bool, capacity: int = 0) -> None:
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, capacity: int) -> bytearray:
+        with self._lock:
+            while self._free:
+                buf = self._free.pop()
+                if len(buf) == capacity:
+                    return buf
+        return bytearray(capacity)
+
+    def give(self, buf: bytearray) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+class _Part:
+    """One part being filled: a reused buffer in memory (small parts) or a temporary file (large parts).
+
+    The in-memory buffer has exactly the part's capacity and is handed to the upload as is (botocore takes a
+    bytearray): no second copy of the part exists at any time. Writers never overfill it (``MultipartUpload.write``
+    splits at the part boundary), so a full part's buffer is reused for a later part.
+    """
+
+    def __init__(self, spool: bool, capacity: int = 0, buffers: _Buffers | None = None) -> None:
         self.size = 0
-        self.buf = bytearray(0 if spool else capacity)
+        self.capacity = capacity
+        self._buffers = buffers
+        self.buf = bytearray(0) if spool else (buffers.take(capacity) if buffers else bytearray(capacity))
         # closed by close() once the part is uploaded (a part outlives any with-block here)
         self.file: IO[bytes] | None = tempfile.TemporaryFile(prefix="pgp-part-") if spool else None  # noqa: SIM115
 
@@ -97,7 +131,7 @@ class _Part:
         if self.file is not None:
             self.file.write(data)
         else:
-            self.buf[self.size:self.size + len(data)] = data  # in place; past the capacity it extends
+            self.buf[self.size:self.size + len(data)] = data  # in place (never past the capacity)
         self.size += len(data)
 
     def body(self) -> bytearray | IO[bytes]:
@@ -105,7 +139,8 @@ class _Part:
             self.file.flush()
             self.file.seek(0)
             return self.file
-        del self.buf[self.size:]  # shrinks in place (a last part is shorter than the capacity)
+        if self.size < len(self.buf):
+            del self.buf[self.size:]  # shrinks in place (the last part is shorter than the capacity)
         return self.buf
 
     def md5(self) -> str:
@@ -121,7 +156,9 @@ class _Part:
         return digest.hexdigest()
 
     def close(self) -> None:
-        self.buf = bytearray()
+        buf, self.buf = self.buf, bytearray()
+        if self._buffers is not None and self.capacity and len(buf) == self.capacity:
+            self._buffers.give(buf)
         if self.file is not None:
             self.file.close()
 
@@ -159,6 +196,7 @@ class MultipartUpload:
         self.sha = hashlib.sha256()
         self.size = 0
         self._part: _Part | None = None
+        self._buffers = _Buffers()
         self._parts: list[dict[str, Any]] = []
         self._futures: list[Future[dict[str, Any]]] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -226,13 +264,18 @@ class MultipartUpload:
             return 0
         self.sha.update(data)
         self.size += n
-        # Parts need not be equal (only >= 5 MiB except the last), so a part ends at the first write that fills it.
-        if self._part is None:
-            size = self._part_size()
-            self._part = _Part(spool=size > MEMORY_PART_LIMIT, capacity=size)
-        self._part.write(data)
-        if self._part.size >= self._part_size():
-            self._submit(self._take())
+        # A write is split at the part boundary: every part but the last has exactly the part size, so its
+        # buffer never grows (no reallocation copy) and is reused for a later part.
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            if self._part is None:
+                size = self._part_size()
+                self._part = _Part(spool=size > MEMORY_PART_LIMIT, capacity=size, buffers=self._buffers)
+            room = self._part.capacity - self._part.size
+            self._part.write(view[:room])
+            view = view[room:]
+            if self._part.size >= self._part.capacity:
+                self._submit(self._take())
         self.progress.add(n)
         return n
 

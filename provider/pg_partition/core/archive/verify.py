@@ -12,6 +12,7 @@ from typing import IO, Any
 import psycopg
 from psycopg import sql
 
+from pg_partition.core.archive import arrow_copy
 from pg_partition.core.archive.policy import MiB
 from pg_partition.core.archive.readers import Hashing, IterReader, S3RangeReader, dump_copy_data, s3_chunks
 from pg_partition.core.archive.s3 import S3Client
@@ -124,7 +125,7 @@ def _raise_if_hash_differs(hashing: Hashing, manifest: dict[str, Any], where: st
 
 def _parquet_rows(s3: S3Client, bucket: str, key: str, size: int, etag: str | None,
                   manifest: dict[str, Any]) -> int:
-    import pyarrow as pa
+    pa = arrow_copy.load_pyarrow()
     import pyarrow.parquet as pq
 
     meta = pq.ParquetFile(pa.PythonFile(S3RangeReader(s3, bucket, key, size, etag), mode="r")).metadata

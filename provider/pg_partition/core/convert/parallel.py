@@ -93,16 +93,24 @@ def serialized(throttle: Callable[[], None] | None) -> Callable[[], None] | None
 
 def run_bounded(ex: Executor, statements: list[sql.Composed], *, workers: int = DEFAULT_WORKERS,
                 connect: Callable[[], psycopg.Connection[Any]] | None = None,
-                throttle: Callable[[], None] | None = None) -> None:
+                throttle: Callable[[], None] | None = None,
+                local_settings: dict[str, str] | None = None) -> None:
     """Run independent statements (one partition each) on up to ``workers`` sessions at once
     (:func:`map_sessions`); ``throttle`` is called before each statement (latency pacing). Every statement is
-    logged by an Executor sharing ``ex``'s logger."""
+    logged by an Executor sharing ``ex``'s logger. ``local_settings`` are set for each statement only (its own
+    transaction, ``set_config(..., is_local => true)``), so no session, the caller's included, keeps them."""
     pace = serialized(throttle)
 
     def one(wex: Executor, stmt: sql.Composed) -> None:
         if pace is not None and not wex.dry_run:
             pace()
-        wex.run(stmt)
+        if not local_settings or wex.dry_run:
+            wex.run(stmt)
+            return
+        with wex.conn.transaction():
+            for name, value in local_settings.items():
+                wex.conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+            wex.run(stmt)
 
     map_sessions(ex, statements, one, workers=workers, connect=connect)
 

@@ -13,6 +13,7 @@ import pytest
 
 from pg_partition.core import convert
 from pg_partition.core.convert.parallel import run_bounded, sibling_connection
+from pg_partition.core.convert.prep import BUILD_SETTINGS
 from pg_partition.core.convert.spec import ConvertSpec
 from pg_partition.core.convert.throttle import Canary, LatencyThrottle, p99
 from pg_partition.core.db import catalog
@@ -92,6 +93,24 @@ def test_run_bounded_raises_the_first_failure_and_logs_every_statement(db, conn,
     assert {"SQL: CREATE INDEX t_v ON t (v)", "SQL: CREATE UNIQUE INDEX t_u ON t (v)"} <= {
         r.getMessage() for r in caplog.records}
     assert catalog.describe(conn, QualifiedName("public", "t")).indexes  # the good one was built
+
+
+def test_run_bounded_local_settings_hold_for_each_statement_only(conn) -> None:
+    """Index builds run with their own settings (no parallel maintenance workers, no commit flush wait); they
+    apply inside each statement and no session keeps them, the caller's included (one worker: its own session)."""
+    conn.execute("CREATE TABLE seen (worker int, synchronous_commit text)")
+    conn.execute("CREATE FUNCTION note_settings() RETURNS int LANGUAGE sql AS $$ INSERT INTO seen VALUES "
+                 "(current_setting('max_parallel_maintenance_workers')::int, "
+                 "current_setting('synchronous_commit')) RETURNING 1 $$")
+    conn.execute("SET synchronous_commit = on")  # the session's own setting (the test cluster's default is off)
+    before = conn.execute("SHOW max_parallel_maintenance_workers").fetchone()[0]
+    stmts = [psycopg.sql.SQL("SELECT note_settings()")] * 3
+    for workers in (1, 2):
+        run_bounded(Executor(conn), stmts, workers=workers, local_settings=BUILD_SETTINGS)
+    assert conn.execute("SELECT DISTINCT worker, synchronous_commit FROM seen").fetchall() == [(0, "off")]
+    assert conn.execute("SELECT count(*) FROM seen").fetchone()[0] == 6
+    assert conn.execute("SHOW max_parallel_maintenance_workers").fetchone()[0] == before != "0"
+    assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
 
 
 def test_sibling_connection_reaches_the_same_database_as_another_session(conn) -> None:

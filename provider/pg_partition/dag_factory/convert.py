@@ -132,7 +132,7 @@ def _params(default_conn_id: str) -> dict[str, Param]:
                                   "indexes per partition after it, 2 at a time (a much faster fill; off: every "
                                   "index is maintained during the fill, as pgslice does).", HOW_FAST),
         "fill_tasks": required(2, "integer", "At most this many fill tasks: the partitions are packed, "
-                               "neighbours together and balanced by rows, one task per 1,000,000 rows (a small "
+                               "neighbours together and balanced by rows, one task per 5,000,000 rows (a smaller "
                                "table gets one). Under a scheduler the tasks run side by side.", HOW_FAST,
                                minimum=1, maximum=64),
         "fill_sessions": required(2, "integer", "Database sessions per fill task, each copying one partition at a "

@@ -336,7 +336,7 @@ def plan_fill(
 # --- work groups (fewer, fatter fill tasks) -------------------------------------------------------------------
 
 DEFAULT_FILL_TASKS = 2
-DEFAULT_ROWS_PER_TASK = 1_000_000
+DEFAULT_ROWS_PER_TASK = 5_000_000  # a smaller table is one task: its sessions copy it in seconds
 DEFAULT_FILL_SESSIONS = 2  # sessions per fill task (fill(sessions=...)); tasks x sessions copy at once
 FILL_SESSIONS = (1, 16)
 

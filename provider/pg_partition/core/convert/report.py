@@ -33,8 +33,13 @@ def _count(conn: psycopg.Connection[Any], table: QualifiedName, exact: bool) -> 
     return int(row[0]) if row else 0
 
 
-def report(conn: psycopg.Connection[Any], spec: ConvertSpec, *, exact_below: int = 5_000_000) -> dict[str, Any]:
-    """Rows and size before/after, per-partition rows and bytes, time per step, swap lock time, rows left out."""
+def report(conn: psycopg.Connection[Any], spec: ConvertSpec, *, exact_below: int = 1_000_000) -> dict[str, Any]:
+    """Rows and size before/after, per-partition rows and bytes, time per step, swap lock time, rows left out.
+
+    Rows are counted exactly for tables estimated below ``exact_below`` rows and read from the statistics above
+    that (``rows_exact``; fresh, since the conversion analyzed the new table): two full scans only to print
+    counts cost as much as a tenth of a 2M-row conversion, and the exact per-partition equality was already
+    proven by verify (the gate before the swap)."""
     swapped = is_swapped(conn, spec)
     new = spec.table if swapped else spec.intermediate
     old = spec.retired if swapped else spec.table
@@ -71,14 +76,17 @@ def format_report(rep: dict[str, Any]) -> str:
     """The report as a few readable lines for task logs and ``make demo``."""
     lines = [f"conversion of {rep['table']} ({'swapped' if rep['swapped'] else 'not swapped'})"]
     b, a = rep.get("before"), rep.get("after")
+    def rows(side: dict[str, Any], n: int) -> str:
+        return f"{n:,} rows" if side.get("rows_exact", True) else f"~{n:,} rows (estimated)"
+
     if b:
-        lines.append(f"  before: {b['table']}: {b['rows']:,} rows, {b['bytes'] / 2**20:,.1f} MiB")
+        lines.append(f"  before: {b['table']}: {rows(b, b['rows'])}, {b['bytes'] / 2**20:,.1f} MiB")
     if a:
-        lines.append(f"  after:  {a['table']}: {a['rows']:,} rows, {a['bytes'] / 2**20:,.1f} MiB, "
+        lines.append(f"  after:  {a['table']}: {rows(a, a['rows'])}, {a['bytes'] / 2**20:,.1f} MiB, "
                      f"{len(a['partitions'])} partitions")
         for p in a["partitions"]:
             if p["rows"]:
-                lines.append(f"    {p['name']}: {p['rows']:,} rows, {p['bytes'] / 2**20:,.1f} MiB")
+                lines.append(f"    {p['name']}: {rows(a, p['rows'])}, {p['bytes'] / 2**20:,.1f} MiB")
     if rep.get("capture"):
         lines.append(f"  change capture: {'on' if rep['capture']['capture'] else 'off'} ({rep['capture']['reason']})")
     fill_info = rep.get("fill") or {}

@@ -63,6 +63,12 @@ def test_full_conversion_timestamptz_with_public_activity_indexes(db, conn) -> N
     assert sum(p["rows"] for p in rep["after"]["partitions"]) == ROWS
     assert "swap" in rep["timings"] and "prep" in rep["timings"]
     assert "partitions" in convert.format_report(rep)
+    assert rep["after"]["rows_exact"] and "~" not in convert.format_report(rep)
+    # above exact_below the counts come from the statistics (fresh after the conversion's ANALYZE), marked so
+    est = convert.report(conn, spec, exact_below=1)
+    assert est["before"]["rows_exact"] is False and est["after"]["rows_exact"] is False
+    assert abs(est["after"]["rows"] - ROWS) <= ROWS // 10
+    assert f"~{est['after']['rows']:,} rows (estimated)" in convert.format_report(est)
 
 
 def test_composite_key_timestamp_column_deferred_indexes(conn) -> None:

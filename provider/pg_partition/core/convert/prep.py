@@ -389,7 +389,7 @@ def build_indexes(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WOR
         parts = [p.name for p in parent.partitions] if parent else []
         have = {i.name: i for i in parent.indexes} if parent else {}
         timings: list[dict[str, Any]] = []
-        builds: list[sql.Composed] = []
+        builds: list[tuple[int, sql.Composed]] = []  # (partition's position, CREATE INDEX)
         attaches: list[sql.Composed] = []
         for m in deferred:
             # after the swap the parent's index already carries the source's name
@@ -405,18 +405,22 @@ def build_indexes(ex: Executor, spec: ConvertSpec, *, workers: int = DEFAULT_WOR
                 """SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
                    WHERE i.inhparent = to_regclass(%s)""", (parent_name.sibling(name).ident.as_string(conn),))}
             n = 0
-            for part in parts:
+            for at, part in enumerate(parts):
                 child = part.sibling(fit_identifier(f"{part.name}_{m['source']}", ""))
                 if child.name in attached:
                     continue
-                builds.append(sql.SQL("CREATE {}INDEX IF NOT EXISTS {} ON {} {}").format(
-                    unique, sql.Identifier(child.name), part.ident, sql.SQL(m["tail"])))
+                builds.append((at, sql.SQL("CREATE {}INDEX IF NOT EXISTS {} ON {} {}").format(
+                    unique, sql.Identifier(child.name), part.ident, sql.SQL(m["tail"]))))
                 attaches.append(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
                     parent_name.sibling(name).ident, child.ident))
                 n += 1
             timings.append({"index": name, "partitions": n})
         started = time.monotonic()
-        run_bounded(ex, builds, workers=workers, connect=connect, throttle=throttle, local_settings=BUILD_SETTINGS)
+        # partition by partition (a stable sort keeps the index order within one): a partition's builds follow
+        # each other, so its heap is read while still cached, and an autovacuum of it is cancelled by our
+        # ShareLock (after deadlock_timeout) once, not once per index
+        ordered = [stmt for _, stmt in sorted(builds, key=lambda b: b[0])]
+        run_bounded(ex, ordered, workers=workers, connect=connect, throttle=throttle, local_settings=BUILD_SETTINGS)
         for stmt in attaches:
             ex.run(stmt)
         seconds = round(time.monotonic() - started, 3)

@@ -3,11 +3,11 @@
 For each partition of the destination, the matching range of the source (rows whose partition column falls in
 the partition's bounds; for a DEFAULT partition, rows in no other partition) and the partition itself are
 compared by row count and an order-independent content hash: the exact sum (``sum(bigint)`` returns numeric and
-accumulates in 128 bits, so it cannot overflow and is several times cheaper than summing numerics) of a 64-bit
-hash of each row's text over every column, by name, in the source's column order. A sum, unlike XOR, also
-catches a row duplicated an even number of times. When a partition differs and the key is an integer, the key
-space is bisected (16 buckets per level, same hash) down to the exact differing keys, and the report names the
-partition and up to ``max_ranges`` differing key ranges.
+accumulates in 128 bits, so it cannot overflow and is cheaper than summing numerics) of a 64-bit hash of each
+row over every column, by name, in the source's column order (of its values where every type can be hashed, else
+of its text: :func:`row_hash`). A sum, unlike XOR, also catches a row duplicated an even number of times. When
+a partition differs and the key is an integer, the key space is bisected (16 buckets per level, same hash) down
+to the exact differing keys, and the report names the partition and up to ``max_ranges`` differing key ranges.
 
 Consistency while the application writes: the whole comparison is one REPEATABLE READ READ ONLY transaction
 that reads the source once and the destination once (each grouped by partition: a CASE over the bounds on the
@@ -177,7 +177,7 @@ def row_hash(conn: psycopg.Connection[Any], table: QualifiedName, columns: Seque
     way. Both sides of a comparison always use the same form (chosen from the source's columns). Whether every
     type hashes is asked of PostgreSQL itself: the expression is evaluated once on a row of NULLs of the
     table's types (the type cache refuses a type without a hash function, json or point for example, even for a
-    NULL), in a subtransaction, so a refusal costs nothing but the choice."""
+    NULL), in its own transaction (a savepoint inside the caller's), so a refusal costs nothing but the choice."""
     cols = sql.SQL(", ").join(sql.Identifier("t", c) for c in columns)
     binary = sql.SQL("hash_record_extended(ROW({}), 0)").format(cols)
     if conn.info.server_version >= 140000:

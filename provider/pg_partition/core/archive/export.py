@@ -259,30 +259,19 @@ def _write_parquet_adbc(conn: psycopg.Connection[Any], table: QualifiedName, sin
             first = next(batches, None)  # the result schema is checked here, before the writer's first byte
             log.info("Parquet export of %s reads binary COPY as Arrow record batches (ADBC) in snapshot %s",
                      table, snapshot)
-            total = 0
             progress = Progress(f"parquet export of {table}", None, logger=log)
             writer = _parquet_writer(sink, schema, compression)
             try:
-                pending: list[Any] = []
-                pending_bytes = 0
+                groups = _RowGroups(writer, group_bytes, progress)
                 for batch in itertools.chain([] if first is None else [first], batches):
-                    pending.append(batch)
-                    pending_bytes += batch.nbytes
-                    if pending_bytes >= group_bytes:
-                        written = _write_group(writer, pending)
-                        total += written
-                        progress.add(written)
-                        pending, pending_bytes = [], 0
-                if pending:
-                    written = _write_group(writer, pending)
-                    total += written
-                    progress.add(written)
+                    groups.add(batch)
+                groups.flush()
             finally:
                 writer.close()
         finally:
             batches.close()
     progress.add(0, force=True)
-    return total
+    return groups.rows
 
 
 def _write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
@@ -298,25 +287,15 @@ def _write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: Mu
     convert_options = pacsv.ConvertOptions(column_types=read_types, true_values=["t"], false_values=["f"],
                                            null_values=[""], strings_can_be_null=True,
                                            quoted_strings_can_be_null=False)
-    total = 0
     progress = Progress(f"parquet export of {table}", None, logger=log)
     writer = _parquet_writer(sink, schema, compression)
-    pending: list[Any] = []
-    pending_bytes = 0
+    groups = _RowGroups(writer, group_bytes, progress)
 
     def parse(rows: list[bytes]) -> None:
-        nonlocal pending_bytes, total
         block = pacsv.read_csv(pa.py_buffer(b"".join(rows)), read_options=read_options,
                                parse_options=parse_options, convert_options=convert_options)
         for batch in block.to_batches():
-            pending.append(_to_target(batch, schema))
-            pending_bytes += batch.nbytes
-        if pending_bytes >= group_bytes:
-            written = _write_group(writer, pending)
-            total += written
-            progress.add(written)
-            pending.clear()
-            pending_bytes = 0
+            groups.add(_to_target(batch, schema))
 
     try:
         # PostgreSQL sends each row of COPY TO as its own CopyData message, so every chunk psycopg yields is
@@ -334,22 +313,38 @@ def _write_parquet(conn: psycopg.Connection[Any], table: QualifiedName, sink: Mu
                     rows, size = [], 0
             if rows:
                 parse(rows)
-        if pending:
-            written = _write_group(writer, pending)
-            total += written
-            progress.add(written)
+        groups.flush()
     finally:
         writer.close()
     progress.add(0, force=True)
-    return total
+    return groups.rows
 
 
-def _write_group(writer: Any, batches: list[Any]) -> int:
-    pa = arrow_copy.load_pyarrow()
+class _RowGroups:
+    """Record batches gathered into row groups of about ``group_bytes`` (Arrow bytes) and written when full or
+    flushed, so both Parquet paths (ADBC and CSV) cut row groups, count rows and report progress alike."""
 
-    tbl = pa.Table.from_batches(batches)
-    writer.write_table(tbl, row_group_size=max(tbl.num_rows, 1))
-    return int(tbl.num_rows)
+    def __init__(self, writer: Any, group_bytes: int, progress: Progress) -> None:
+        self.writer, self.group_bytes, self.progress = writer, group_bytes, progress
+        self.pending: list[Any] = []
+        self.pending_bytes = 0
+        self.rows = 0
+
+    def add(self, batch: Any) -> None:
+        self.pending.append(batch)
+        self.pending_bytes += batch.nbytes
+        if self.pending_bytes >= self.group_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        pa = arrow_copy.load_pyarrow()
+        tbl = pa.Table.from_batches(self.pending)
+        self.writer.write_table(tbl, row_group_size=max(tbl.num_rows, 1))
+        self.rows += int(tbl.num_rows)
+        self.progress.add(int(tbl.num_rows))
+        self.pending, self.pending_bytes = [], 0
 
 
 def write_csv_gzip(conn: psycopg.Connection[Any], table: QualifiedName, sink: MultipartUpload,
